@@ -1,0 +1,480 @@
+"""YAML configuration -> frozen dataclasses; every problem reported at once, with key paths and the file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+RESERVED_LABELS = frozenset(
+    {"model", "protocol", "token_type", "fee_item", "streamed", "finish_reason", "le", "source", "job", "instance"}
+)
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+REDACTED = "<redacted>"
+
+Format = Literal["json", "regex", "plain"]
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run; `problems` lists every one, each naming its key path."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration in {source}:\n{listing}")
+
+
+@dataclass(frozen=True)
+class ZenMuxConfig:
+    base_url: str = "https://zenmux.ai"
+    generation_path: str = "/api/v1/generation"
+    api_key: str = field(default="", repr=False)
+    api_key_file: str = ""
+    connect_timeout_seconds: float = 5.0
+    timeout_seconds: float = 10.0
+    concurrency: int = 16
+    max_requests_per_second: float = 20.0
+    max_response_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ResolveConfig:
+    billing_delay_seconds: float = 240.0
+    retry_initial_seconds: float = 30.0
+    retry_max_seconds: float = 300.0
+    give_up_after_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: Literal["file", "udp"]
+    name: str
+    format: Format = "json"
+    id_field: str = "generation_id"
+    pattern: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    # file
+    path: str = ""
+    start_at: Literal["end", "beginning"] = "end"
+    poll_interval_seconds: float = 0.25
+    max_line_bytes: int = 64 * 1024
+    # udp
+    listen: str = "127.0.0.1:9467"
+    receive_buffer_bytes: int = 4 * 1024 * 1024
+    max_datagram_bytes: int = 65507
+    max_buffered_ids: int = 100_000
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    path: str = "zenmux-exporter.db"
+    dedupe_window_seconds: float = 7 * 24 * 3600.0
+    max_pending: int = 2_000_000
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "0.0.0.0:9466"
+    max_models: int = 200
+    max_label_values: int = 100
+    max_label_value_length: int = 128
+    extra_labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    exporter: Literal["none", "console", "otlp"] = "none"
+    service_name: str = "zenmux-exporter"
+    sample_ratio: float = 1.0
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+@dataclass(frozen=True)
+class Config:
+    zenmux: ZenMuxConfig = field(default_factory=ZenMuxConfig)
+    resolve: ResolveConfig = field(default_factory=ResolveConfig)
+    sources: tuple[SourceConfig, ...] = ()
+    state: StateConfig = field(default_factory=StateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks a parsed YAML tree, converting values and collecting problems instead of raising."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self.problems: list[str] = []
+        self.environ = environ
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    def section(self, data: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.problem(path, f"must be a mapping, got {type(value).__name__}")
+            return {}
+        return value
+
+    def unknown_keys(self, data: Mapping[str, Any], known: set[str], path: str) -> None:
+        for key in data:
+            if key not in known:
+                where = f"{path}.{key}" if path else str(key)
+                self.problem(where, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def string(self, data: Mapping[str, Any], key: str, path: str, default: str) -> str:
+        value = data.get(key, default)
+        if not isinstance(value, str):
+            self.problem(f"{path}.{key}", f"must be a string, got {type(value).__name__}")
+            return default
+        return self.interpolate(value, f"{path}.{key}")
+
+    def interpolate(self, value: str, path: str) -> str:
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in self.environ:
+                self.problem(path, f"environment variable {name} is not set")
+                return ""
+            return self.environ[name]
+
+        return ENV_REF.sub(replace, value)
+
+    def number(
+        self,
+        data: Mapping[str, Any],
+        key: str,
+        path: str,
+        default: float,
+        *,
+        minimum: float = 0.0,
+        exclusive_minimum: bool = False,
+        maximum: float | None = None,
+    ) -> float:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(f"{path}.{key}", f"must be a number, got {value!r}")
+            return default
+        too_small = value <= minimum if exclusive_minimum else value < minimum
+        if too_small or (maximum is not None and value > maximum):
+            low = f"> {minimum}" if exclusive_minimum else f">= {minimum}"
+            high = f" and <= {maximum}" if maximum is not None else ""
+            self.problem(f"{path}.{key}", f"must be {low}{high}, got {value!r}")
+            return default
+        return float(value)
+
+    def integer(self, data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 1) -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(f"{path}.{key}", f"must be an integer, got {value!r}")
+            return default
+        if value < minimum:
+            self.problem(f"{path}.{key}", f"must be >= {minimum}, got {value}")
+            return default
+        return value
+
+    def choice(self, data: Mapping[str, Any], key: str, path: str, default: T, choices: tuple[T, ...]) -> T:
+        value = data.get(key, default)
+        if value not in choices:
+            self.problem(f"{path}.{key}", f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+            return default
+        return value  # type: ignore[no-any-return]
+
+    def host_port(self, value: str, path: str) -> None:
+        _host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            self.problem(path, f"must be host:port, got {value!r}")
+
+
+def _zenmux(r: _Reader, data: dict[str, Any]) -> ZenMuxConfig:
+    d = ZenMuxConfig()
+    p = "zenmux"
+    r.unknown_keys(data, {f.name for f in dataclasses.fields(ZenMuxConfig)}, p)
+    base_url = r.string(data, "base_url", p, d.base_url).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", base_url):
+        r.problem(f"{p}.base_url", f"must be an http(s) URL, got {base_url!r}")
+    path = r.string(data, "generation_path", p, d.generation_path)
+    if not path.startswith("/"):
+        r.problem(f"{p}.generation_path", f"must start with '/', got {path!r}")
+    api_key = r.string(data, "api_key", p, "")
+    api_key_file = r.string(data, "api_key_file", p, "")
+    if api_key and api_key_file:
+        r.problem(p, "set api_key or api_key_file, not both")
+    elif "api_key" not in data and "api_key_file" not in data:
+        r.problem(p, "one of api_key or api_key_file is required")
+    return ZenMuxConfig(
+        base_url=base_url,
+        generation_path=path,
+        api_key=api_key,
+        api_key_file=api_key_file,
+        connect_timeout_seconds=r.number(
+            data, "connect_timeout_seconds", p, d.connect_timeout_seconds, exclusive_minimum=True
+        ),
+        timeout_seconds=r.number(data, "timeout_seconds", p, d.timeout_seconds, exclusive_minimum=True),
+        concurrency=r.integer(data, "concurrency", p, d.concurrency),
+        max_requests_per_second=r.number(
+            data, "max_requests_per_second", p, d.max_requests_per_second, exclusive_minimum=True
+        ),
+        max_response_bytes=r.integer(data, "max_response_bytes", p, d.max_response_bytes, minimum=1024),
+    )
+
+
+def _resolve(r: _Reader, data: dict[str, Any]) -> ResolveConfig:
+    d = ResolveConfig()
+    p = "resolve"
+    r.unknown_keys(data, {f.name for f in dataclasses.fields(ResolveConfig)}, p)
+    cfg = ResolveConfig(
+        billing_delay_seconds=r.number(data, "billing_delay_seconds", p, d.billing_delay_seconds),
+        retry_initial_seconds=r.number(
+            data, "retry_initial_seconds", p, d.retry_initial_seconds, exclusive_minimum=True
+        ),
+        retry_max_seconds=r.number(data, "retry_max_seconds", p, d.retry_max_seconds, exclusive_minimum=True),
+        give_up_after_seconds=r.number(
+            data, "give_up_after_seconds", p, d.give_up_after_seconds, exclusive_minimum=True
+        ),
+    )
+    if cfg.retry_max_seconds < cfg.retry_initial_seconds:
+        r.problem(f"{p}.retry_max_seconds", "must be >= resolve.retry_initial_seconds")
+    return cfg
+
+
+_SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceConfig)}
+_FILE_ONLY = {"path", "start_at", "poll_interval_seconds", "max_line_bytes"}
+_UDP_ONLY = {"listen", "receive_buffer_bytes", "max_datagram_bytes", "max_buffered_ids"}
+
+
+def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) -> SourceConfig | None:
+    p = f"sources[{index}]"
+    if not isinstance(data, dict):
+        r.problem(p, "must be a mapping")
+        return None
+    kind: Literal["file", "udp"] | None = r.choice(data, "type", p, None, ("file", "udp"))
+    if kind is None:
+        return None
+    other_only = _UDP_ONLY if kind == "file" else _FILE_ONLY
+    r.unknown_keys(data, _SOURCE_KEYS - other_only, p)
+    d = SourceConfig(type=kind, name=kind)
+    fmt: Format = r.choice(data, "format", p, "json" if kind == "file" else "plain", ("json", "regex", "plain"))
+    pattern = r.string(data, "pattern", p, "")
+    if fmt == "regex":
+        if not pattern:
+            r.problem(f"{p}.pattern", "is required when format is regex")
+        else:
+            try:
+                if "id" not in re.compile(pattern).groupindex:
+                    r.problem(f"{p}.pattern", "must have a named group (?P<id>...)")
+            except re.error as err:
+                r.problem(f"{p}.pattern", f"is not a valid regular expression: {err}")
+    labels_raw = data.get("labels", {}) or {}
+    labels: dict[str, str] = {}
+    if not isinstance(labels_raw, dict):
+        r.problem(f"{p}.labels", "must be a mapping of label name to field (json) or group (regex)")
+    else:
+        for name, origin in labels_raw.items():
+            where = f"{p}.labels.{name}"
+            if not isinstance(name, str) or not LABEL_NAME.match(name):
+                r.problem(where, "is not a valid Prometheus label name")
+            elif name not in extra_labels:
+                r.problem(where, "must also be listed in metrics.extra_labels")
+            elif not isinstance(origin, str) or not origin:
+                r.problem(where, "must name a field (json) or a named group (regex)")
+            else:
+                labels[name] = origin
+        if labels and fmt == "plain":
+            r.problem(f"{p}.labels", "plain lines carry no fields; use json or regex to extract labels")
+    source = SourceConfig(
+        type=kind,
+        name=r.string(data, "name", p, kind),
+        format=fmt,
+        id_field=r.string(data, "id_field", p, d.id_field),
+        pattern=pattern,
+        labels=labels,
+        path=r.string(data, "path", p, ""),
+        start_at=r.choice(data, "start_at", p, d.start_at, ("end", "beginning")),
+        poll_interval_seconds=r.number(
+            data, "poll_interval_seconds", p, d.poll_interval_seconds, exclusive_minimum=True
+        ),
+        max_line_bytes=r.integer(data, "max_line_bytes", p, d.max_line_bytes, minimum=256),
+        listen=r.string(data, "listen", p, d.listen),
+        receive_buffer_bytes=r.integer(data, "receive_buffer_bytes", p, d.receive_buffer_bytes, minimum=4096),
+        max_datagram_bytes=r.integer(data, "max_datagram_bytes", p, d.max_datagram_bytes, minimum=64),
+        max_buffered_ids=r.integer(data, "max_buffered_ids", p, d.max_buffered_ids),
+    )
+    if kind == "file" and not source.path:
+        r.problem(f"{p}.path", "is required for a file source")
+    if kind == "udp":
+        r.host_port(source.listen, f"{p}.listen")
+    if fmt == "regex" and pattern and labels:
+        try:
+            groups = re.compile(pattern).groupindex
+        except re.error:
+            groups = {}
+        for name, group in labels.items():
+            if groups and group not in groups:
+                r.problem(f"{p}.labels.{name}", f"names group {group!r}, which the pattern does not have")
+    return source
+
+
+def _sources(r: _Reader, data: Any, extra_labels: tuple[str, ...]) -> tuple[SourceConfig, ...]:
+    if data is None:
+        data = []
+    if not isinstance(data, list):
+        r.problem("sources", "must be a list")
+        return ()
+    if not data:
+        r.problem("sources", "needs at least one source (type: file or type: udp)")
+    sources = [s for i, item in enumerate(data) if (s := _source(r, item, i, extra_labels)) is not None]
+    seen: set[str] = set()
+    for i, s in enumerate(sources):
+        if s.name in seen:
+            r.problem(f"sources[{i}].name", f"duplicate source name {s.name!r}; give each source a unique name")
+        seen.add(s.name)
+    return tuple(sources)
+
+
+def _simple(r: _Reader, data: dict[str, Any], path: str, cls: type[T], **checks: Callable[[Any], str]) -> T:
+    """Reads a flat section whose fields are numbers, strings or choices, using the dataclass defaults."""
+    r.unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, path)  # type: ignore[arg-type]
+    default = cls()
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        current = getattr(default, f.name)
+        if f.name not in data or isinstance(current, bool):
+            values[f.name] = current
+        elif isinstance(current, int):
+            values[f.name] = r.integer(data, f.name, path, current)
+        elif isinstance(current, float):
+            values[f.name] = r.number(data, f.name, path, current)
+        elif f.name in checks:
+            values[f.name] = data[f.name]
+            message = checks[f.name](data[f.name])
+            if message:
+                r.problem(f"{path}.{f.name}", message)
+                values[f.name] = current
+        else:
+            values[f.name] = r.string(data, f.name, path, current)
+    return cls(**values)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    return lambda v: "" if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
+
+
+def _extra_labels(r: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
+    raw = data.get("extra_labels", []) or []
+    if not isinstance(raw, list):
+        r.problem("metrics.extra_labels", "must be a list of label names")
+        return ()
+    names: list[str] = []
+    for i, name in enumerate(raw):
+        where = f"metrics.extra_labels[{i}]"
+        if not isinstance(name, str) or not LABEL_NAME.match(name) or name.startswith("__"):
+            r.problem(where, f"{name!r} is not a valid Prometheus label name")
+        elif name in RESERVED_LABELS:
+            r.problem(where, f"{name!r} is reserved by the exporter")
+        elif name in names:
+            r.problem(where, f"{name!r} is listed twice")
+        else:
+            names.append(name)
+    return tuple(names)
+
+
+def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Builds a Config from parsed YAML; raises ConfigError listing every problem."""
+    r = _Reader(os.environ if environ is None else environ)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): must be a mapping"])
+    known = {f.name for f in dataclasses.fields(Config)}
+    r.unknown_keys(data, known, "")
+    metrics_data = r.section(data, "metrics", "metrics")
+    extra = _extra_labels(r, metrics_data)
+    metrics = _simple(r, {k: v for k, v in metrics_data.items() if k != "extra_labels"}, "metrics", MetricsConfig)
+    r.host_port(metrics.listen, "metrics.listen")
+    config = Config(
+        zenmux=_zenmux(r, r.section(data, "zenmux", "zenmux")),
+        resolve=_resolve(r, r.section(data, "resolve", "resolve")),
+        sources=_sources(r, data.get("sources"), extra),
+        state=_simple(r, r.section(data, "state", "state"), "state", StateConfig),
+        metrics=dataclasses.replace(metrics, extra_labels=extra),
+        tracing=_simple(
+            r,
+            r.section(data, "tracing", "tracing"),
+            "tracing",
+            TracingConfig,
+            exporter=_one_of("none", "console", "otlp"),
+        ),
+        shutdown=_simple(r, r.section(data, "shutdown", "shutdown"), "shutdown", ShutdownConfig),
+        log=_simple(
+            r,
+            r.section(data, "log", "log"),
+            "log",
+            LogConfig,
+            level=_one_of("debug", "info", "warning", "error"),
+            format=_one_of("text", "json"),
+        ),
+    )
+    if not 0.0 <= config.tracing.sample_ratio <= 1.0:
+        r.problem("tracing.sample_ratio", "must be between 0 and 1")
+    if r.problems:
+        raise ConfigError(source, r.problems)
+    return config
+
+
+def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
+    """Reads and validates a YAML config file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(str(path), [f"(file): cannot read: {err.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [f"(yaml): {err}"]) from None
+    return parse_config(data, str(path), environ)
+
+
+def read_api_key(config: ZenMuxConfig) -> str:
+    """The key itself: inline, or read (stripped) from the mounted secret file."""
+    if config.api_key:
+        return config.api_key
+    try:
+        return Path(config.api_key_file).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise ConfigError("zenmux.api_key_file", [f"zenmux.api_key_file: cannot read: {err.strerror}"]) from None
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, with secrets replaced."""
+    data = dataclasses.asdict(config)
+    if data["zenmux"]["api_key"]:
+        data["zenmux"]["api_key"] = REDACTED
+    data["metrics"]["extra_labels"] = list(config.metrics.extra_labels)
+    data["sources"] = [dict(s, labels=dict(s["labels"])) for s in data["sources"]]
+    return data
