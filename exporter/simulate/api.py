@@ -418,6 +418,7 @@ class SimulatedZenMux:
         self._config = config
         self._faults = [(kind, getattr(config.faults, kind)) for kind in _EXCLUSIVE_FAULT_ORDER]
         self._faults = [(kind, ratio) for kind, ratio in self._faults if ratio > 0]
+        self._any_fault = bool(self._faults) or config.faults.slow > 0
         self._buckets.clear()
 
     # -- in-process API ---------------------------------------------------------------------------------
@@ -555,7 +556,7 @@ class SimulatedZenMux:
             return self._rate_limited(management)
         generation_id = request.query.get("id", "")
         stored = self._records.get(generation_id)
-        if self._faults:
+        if self._any_fault:
             if self._config.faults.slow > 0 and self._rng.random() < self._config.faults.slow:
                 self._fault_stats["slow"] += 1
                 await asyncio.sleep(self._config.faults.slow_seconds)

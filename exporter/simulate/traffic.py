@@ -21,8 +21,6 @@ log = logging.getLogger(__name__)
 DEFAULT_FEATURES = ("chat", "search", "summarize")
 # Past this much lateness the generator stops catching up, like a real app that simply served fewer requests.
 MAX_BACKLOG_SECONDS = 1.0
-_REGIONS = ("eu-west-1", "us-east-1", "ap-southeast-1")
-_ROUTES = {"chat": "/v1/chat/send", "search": "/v1/search/answer", "summarize": "/v1/docs/summarize"}
 
 
 class _AppLog:
@@ -49,26 +47,23 @@ class _AppLog:
         self._file.close()
 
 
-def log_line(rng: Random, generation_id: str, model: str, api: str, feature: str, total_tokens: int) -> bytes:
+def log_line(rng: Random, generation_id: str, model: str, feature: str, total_tokens: int) -> bytes:
     """One application log line (~250 bytes) announcing a generation id among ordinary noise fields."""
     now = datetime.now(UTC)
     entry = {
         "ts": now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z",
         "level": "info",
-        "logger": "app.llm",
         "msg": "llm call completed",
         "generation_id": generation_id,
         "model": model,
-        "protocol": api,
         "feature": feature,
-        "route": _ROUTES.get(feature, f"/v1/{feature}"),
         "user_id": f"u_{rng.randrange(1, 50_000):05d}",
-        "trace_id": f"{rng.getrandbits(128):032x}",
         "tokens": total_tokens,
         "duration_ms": rng.randrange(180, 9000),
-        "region": rng.choice(_REGIONS),
+        "status": 200,
     }
-    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+    # Default separators: what json.dumps-based app loggers actually write ("key": "value").
+    return json.dumps(entry).encode() + b"\n"
 
 
 def _total_tokens(usage: object) -> int:
@@ -153,9 +148,7 @@ async def generate_traffic(
             if to_log:
                 assert app_log is not None
                 tokens = _total_tokens(created.get("usage"))
-                app_log.write(
-                    log_line(rng, generation_id, str(created.get("model")), str(created.get("api")), feature, tokens)
-                )
+                app_log.write(log_line(rng, generation_id, str(created.get("model")), feature, tokens))
             elif sock is not None and udp_addr is not None:
                 await loop.sock_sendto(sock, generation_id.encode(), udp_addr)
             ids.append(generation_id)
