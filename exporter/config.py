@@ -460,6 +460,12 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
     return parse_config(data, str(path), environ)
 
 
+def split_host_port(listen: str) -> tuple[str, int]:
+    """("host", port) from a validated host:port; an empty host means every interface."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
 def read_api_key(config: ZenMuxConfig) -> str:
     """The key itself: inline, or read (stripped) from the mounted secret file."""
     if config.api_key:

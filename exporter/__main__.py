@@ -1,0 +1,251 @@
+"""Command line: run, check-config, lookup, fake-api and demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from exporter import __version__
+from exporter.config import Config, ConfigError, LogConfig, load_config, parse_config, read_api_key, redacted
+from exporter.config import split_host_port as host_port
+from exporter.state import StateError
+from exporter.telemetry import configure_logging
+
+log = logging.getLogger("exporter")
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_exporter(config: Config, api_key: str) -> int:
+    from exporter.app import Exporter
+
+    exporter = Exporter(config, api_key=api_key)
+    try:
+        await exporter.start()
+    except StateError as err:
+        log.error("%s", err)
+        return 1
+    except OSError as err:
+        log.error("cannot start: %s", err)
+        return 1
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    await stop.wait()
+    log.info("stopping: draining for up to %.0fs", config.shutdown.drain_seconds)
+    report = await exporter.stop()
+    log.info(
+        "stopped: %d ids resolved while draining, %d left pending, %.1fs",
+        report.resolved_during_drain,
+        report.left_pending,
+        report.seconds,
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        api_key = read_api_key(config.zenmux)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    configure_logging(config.log, [api_key])
+    return asyncio.run(run_exporter(config, api_key))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+        if config.zenmux.api_key_file:
+            read_api_key(config.zenmux)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"# {args.config}: valid. Effective configuration (secrets redacted):")
+    print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
+    return 0
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from exporter.zenmux import ZenMuxClient
+
+    try:
+        config = load_config(args.config)
+        api_key = read_api_key(config.zenmux)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+    async def lookup() -> dict[str, Any]:
+        client = ZenMuxClient(config.zenmux, api_key)
+        try:
+            result = await client.lookup(args.id)
+        finally:
+            await client.aclose()
+        out = {k: v for k, v in dataclasses.asdict(result).items() if k != "record"}
+        out["outcome"] = result.outcome.value
+        out["record"] = dataclasses.asdict(result.record) if result.record else None
+        return out
+
+    print(json.dumps(asyncio.run(lookup()), indent=2))
+    return 0
+
+
+def cmd_fake_api(args: argparse.Namespace) -> int:
+    from exporter.simulate.api import Faults, SimConfig, SimulatedZenMux, serve
+
+    ratios: dict[str, Any] = {name: float(value) for name, value in (f.split("=", 1) for f in args.fault)}
+    faults = Faults(**ratios)
+    sim_config = SimConfig(
+        billing_delay_seconds=args.billing_delay,
+        not_ready_mode=args.not_ready_mode,
+        envelope=args.envelope,
+        rate_limit_per_second=args.rate_limit,
+        faults=faults,
+    )
+    configure_logging(LogConfig(), [])
+
+    async def main() -> None:
+        host, port = host_port(args.listen)
+        server = await serve(SimulatedZenMux(sim_config), host, port)
+        print(f"simulated ZenMux API on http://{host}:{server.port} (keys: sk-ai-v1-demo, sk-ss-v1-demo, "
+              "sk-mg-v1-demo)", flush=True)
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await stop.wait()
+        await server.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def demo_config(api_url: str, directory: Path, listen: str) -> Config:
+    """The embedded default: every part of the product, on loopback, with a billing delay of seconds."""
+    return parse_config(
+        {
+            "zenmux": {"base_url": api_url, "api_key": "sk-ai-v1-demo", "concurrency": 8},
+            "resolve": {"billing_delay_seconds": 3, "retry_initial_seconds": 1, "retry_max_seconds": 4},
+            "sources": [
+                {
+                    "type": "file",
+                    "name": "app-log",
+                    "path": str(directory / "app.log"),
+                    "format": "json",
+                    "start_at": "beginning",
+                    "labels": {"feature": "feature"},
+                },
+                {"type": "udp", "name": "udp", "listen": "127.0.0.1:0", "format": "plain"},
+            ],
+            "state": {"path": str(directory / "state.db")},
+            "metrics": {"listen": listen, "extra_labels": ["feature"]},
+            "shutdown": {"drain_seconds": 0},
+        },
+        "demo",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from exporter.app import Exporter
+    from exporter.simulate.api import SimConfig, SimulatedZenMux, serve
+    from exporter.simulate.traffic import generate_traffic
+
+    configure_logging(LogConfig(), [])
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory(prefix="zenmux-demo-") as tmp:
+            directory = Path(tmp)
+            api = await serve(SimulatedZenMux(SimConfig(billing_delay_seconds=2.0)), "127.0.0.1", 0)
+            api_url = f"http://127.0.0.1:{api.port}"
+            exporter = Exporter(demo_config(api_url, directory, args.listen), api_key="sk-ai-v1-demo")
+            await exporter.start()
+            host, _ = host_port(args.listen)
+            stop = asyncio.Event()
+            _stop_on_signals(stop)
+            traffic = asyncio.create_task(
+                generate_traffic(
+                    api_url,
+                    "sk-ai-v1-demo",
+                    rate_per_second=args.rate,
+                    stop=stop,
+                    log_path=directory / "app.log",
+                    udp_target=("127.0.0.1", exporter.udp_sources[0].port),
+                )
+            )
+            print(
+                f"\nzenmux-exporter demo\n"
+                f"  metrics:        http://{host}:{exporter.metrics_port}/metrics\n"
+                f"  simulated API:  {api_url}  (ground truth: {api_url}/_sim/records)\n"
+                f"  app log:        {directory / 'app.log'}  (and UDP 127.0.0.1:{exporter.udp_sources[0].port})\n"
+                f"Generations are billed after ~2 s; cost and tokens by model appear on /metrics within seconds.\n"
+                f"Try: curl -s http://{host}:{exporter.metrics_port}/metrics | grep zenmux_cost_usd_total\n"
+                f"Ctrl-C stops everything.\n",
+                flush=True,
+            )
+            await stop.wait()
+            await traffic
+            await exporter.stop(drain_seconds=0)
+            await api.close()
+        print("demo stopped", flush=True)
+
+    asyncio.run(main())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="zenmux-exporter", description=__doc__)
+    top.add_argument("--version", action="version", version=f"zenmux-exporter {__version__}")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the exporter")
+    run.add_argument("--config", required=True, type=Path)
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and print it, secrets redacted")
+    check.add_argument("--config", required=True, type=Path)
+    check.set_defaults(func=cmd_check_config)
+
+    lookup = sub.add_parser("lookup", help="look one generation id up and print the parsed result")
+    lookup.add_argument("--config", required=True, type=Path)
+    lookup.add_argument("id")
+    lookup.set_defaults(func=cmd_lookup)
+
+    fake = sub.add_parser("fake-api", help="serve the simulated ZenMux API")
+    fake.add_argument("--listen", default="127.0.0.1:8990")
+    fake.add_argument("--billing-delay", type=float, default=3.0, help="seconds until a record is billed")
+    fake.add_argument("--not-ready-mode", choices=["404", "partial"], default="404")
+    fake.add_argument("--envelope", choices=["bare", "data", "success"], default="bare")
+    fake.add_argument("--rate-limit", type=float, default=None, help="requests per second before 429")
+    fake.add_argument("--fault", action="append", default=[], metavar="KIND=RATIO",
+                      help="e.g. server_error=0.1, slow=0.05, malformed=0.01, reset=0.01")
+    fake.set_defaults(func=cmd_fake_api)
+
+    demo = sub.add_parser("demo", help="simulated API + traffic + exporter, all on loopback")
+    demo.add_argument("--listen", default="127.0.0.1:9466")
+    demo.add_argument("--rate", type=float, default=5.0, help="generations per second")
+    demo.set_defaults(func=cmd_demo)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

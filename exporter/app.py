@@ -1,0 +1,193 @@
+"""Wires config, sources, state, resolver, ledger and HTTP together; owns start-up, shutdown and the drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import httpx
+import prometheus_client
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
+
+from exporter.clock import Clock, SystemClock
+from exporter.config import Config, split_host_port
+from exporter.endpoints import Endpoints
+from exporter.ids import parser_for
+from exporter.ingest import Ingest
+from exporter.ledger import LabelLimiter, Ledger, LedgerCollector, LedgerShape
+from exporter.resolver import Resolver
+from exporter.sources.file import FileSource
+from exporter.sources.udp import UdpSource
+from exporter.state import StateStore
+from exporter.telemetry import QueueCollector, SelfMetrics, tracer_provider
+from exporter.web import HttpServer
+from exporter.zenmux import ZenMuxClient
+
+log = logging.getLogger(__name__)
+
+HOUSEKEEPING_SECONDS = 1.0
+FORGET_EVERY_SECONDS = 3600.0
+LOOKUP_GRACE_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    resolved_during_drain: int
+    left_pending: int
+    seconds: float
+
+
+class Exporter:
+    """One running exporter. Collaborators that tests replace (registry, tracer, transport, clock, rng) are
+    passed in; everything else is built from the config."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        api_key: str,
+        registry: CollectorRegistry | None = None,
+        tracing: TracerProvider | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self._api_key = api_key
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.tracing = tracing if tracing is not None else tracer_provider(config.tracing)
+        self._transport = transport
+        self.clock = clock or SystemClock()
+        self._rng = rng or random.Random()
+        self.metrics = SelfMetrics(self.registry)
+        self._stop_sources = asyncio.Event()
+        self._stop_resolver = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._source_tasks: list[asyncio.Task[None]] = []
+        self._oldest_age = 0.0
+        self._started = False
+        self._draining = False
+        self.udp_sources: list[UdpSource] = []
+        self.file_sources: list[FileSource] = []
+
+    async def start(self) -> None:
+        """Opens the state (raising StateError if unusable), then starts lookups, sources and HTTP."""
+        config = self.config
+        self.state = StateStore(config.state.path, max_pending=config.state.max_pending)
+        shape = LedgerShape(config.metrics.extra_labels)
+        limiter = LabelLimiter(
+            config.metrics.max_models, config.metrics.max_label_values, config.metrics.max_label_value_length
+        )
+        self.ledger = Ledger(shape, limiter)
+        self.ledger.load(self.state.ledger_rows())
+        self.registry.register(LedgerCollector(self.ledger))
+        self.registry.register(QueueCollector(lambda: self.state.pending, lambda: self._oldest_age))
+        self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
+        self.resolver = Resolver(
+            self.state,
+            self.ledger,
+            self.client,
+            config.resolve,
+            concurrency=config.zenmux.concurrency,
+            max_requests_per_second=config.zenmux.max_requests_per_second,
+            metrics=self.metrics,
+            tracer=self.tracing.get_tracer("zenmux-exporter"),
+            clock=self.clock,
+            rng=self._rng,
+        )
+        ingest = Ingest(
+            self.state, self.metrics, self.clock, config.resolve.billing_delay_seconds, self.resolver.wake
+        )
+        host, port = split_host_port(config.metrics.listen)
+        endpoints = Endpoints(self.registry, healthy=lambda: None, ready=self._not_ready_reason)
+        self.http = HttpServer(endpoints.handle, host, port)
+        await self.http.start()
+        for source in config.sources:
+            parse = parser_for(source)
+            if source.type == "udp":
+                udp = UdpSource(source, parse, ingest, self.metrics)
+                await udp.start()
+                self.udp_sources.append(udp)
+                self._source_tasks.append(asyncio.create_task(udp.serve(self._stop_sources)))
+            else:
+                tail = FileSource(source, parse, ingest, self.state, self.metrics)
+                self.file_sources.append(tail)
+                self._source_tasks.append(asyncio.create_task(tail.run(self._stop_sources)))
+        self._tasks.append(asyncio.create_task(self.resolver.run(self._stop_resolver)))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._started = True
+        log.info(
+            "zenmux-exporter serving /metrics on %s:%d; %d pending ids in %s",
+            host,
+            self.http.port,
+            self.state.pending,
+            config.state.path,
+        )
+
+    @property
+    def metrics_port(self) -> int:
+        return self.http.port
+
+    def _not_ready_reason(self) -> str | None:
+        if not self._started:
+            return "starting"
+        if self._draining:
+            return "draining"
+        return None
+
+    async def _housekeeping(self) -> None:
+        last_forget = 0.0
+        while not self._stop_resolver.is_set():
+            now = self.clock.time()
+            oldest = self.state.oldest_pending()
+            self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
+            if now - last_forget >= FORGET_EVERY_SECONDS:
+                forgotten = self.state.forget_finished(now - self.config.state.dedupe_window_seconds)
+                if forgotten:
+                    log.info("forgot %d resolved ids older than the dedupe window", forgotten)
+                last_forget = now
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_resolver.wait(), HOUSEKEEPING_SECONDS)
+
+    async def stop(self, drain_seconds: float | None = None) -> DrainReport:
+        """Stops reading sources, resolves what is pending for up to `drain_seconds`, then shuts down.
+
+        Whatever is still pending stays in the state database and is resolved by the next start.
+        """
+        drain = self.config.shutdown.drain_seconds if drain_seconds is None else drain_seconds
+        started = time.monotonic()
+        self._draining = True
+        self.metrics.draining.set(1)
+        self._stop_sources.set()
+        await asyncio.gather(*self._source_tasks, return_exceptions=True)
+        pending_at_start = self.state.pending
+        if drain > 0 and pending_at_start:
+            log.info("draining: %d ids pending, waiting up to %.0fs", pending_at_start, drain)
+            self.resolver.draining = True
+            self.resolver.wake()
+            deadline = started + drain
+            while self.state.pending and (remaining := deadline - time.monotonic()) > 0:
+                self.resolver.settled.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.resolver.settled.wait(), remaining)
+        self._stop_resolver.set()
+        await self.resolver.finish(LOOKUP_GRACE_SECONDS)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        report = DrainReport(pending_at_start - self.state.pending, self.state.pending, time.monotonic() - started)
+        if report.left_pending:
+            log.warning(
+                "shutting down with %d ids not yet resolved; they stay in %s for the next start",
+                report.left_pending,
+                self.config.state.path,
+            )
+        await self.http.close()
+        await self.client.aclose()
+        self.state.close()
+        self.tracing.shutdown()
+        return report

@@ -1,0 +1,136 @@
+"""What a valid generation id is, and the pure parsers that find ids (and labels) in lines and datagrams."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from exporter.config import SourceConfig
+
+VALID_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+
+# Rejection reasons: the `reason` label of zenmux_exporter_ids_rejected_total.
+INVALID_ID = "invalid_id"
+NO_ID = "no_id"
+NOT_JSON = "not_json"
+LINE_TOO_LONG = "line_too_long"
+DATAGRAM_TOO_LARGE = "datagram_too_large"
+QUEUE_FULL = "queue_full"
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def is_valid_id(candidate: str) -> bool:
+    return VALID_ID.fullmatch(candidate) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Sighting:
+    """A generation id seen by a source, with the extra label values found beside it."""
+
+    id: str
+    labels: Labels = ()
+
+
+# A parser turns one line (without its newline) into a Sighting or a rejection reason.
+LineParser = Callable[[bytes], Sighting | str]
+
+
+def _label_text(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float):
+        return str(value)
+    return None
+
+
+def _dig(document: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(document, dict):
+            return None
+        document = document.get(key)
+    return document
+
+
+def json_parser(id_field: str, labels: dict[str, str]) -> LineParser:
+    """Lines are JSON objects; the id (and each label) sits at a dotted path."""
+    id_path = tuple(id_field.split("."))
+    label_paths = [(name, tuple(origin.split("."))) for name, origin in sorted(labels.items())]
+
+    def parse(line: bytes) -> Sighting | str:
+        try:
+            document = json.loads(line)
+        except (ValueError, RecursionError):
+            return NOT_JSON
+        if not isinstance(document, dict):
+            return NOT_JSON
+        value = _dig(document, id_path)
+        if value is None:
+            return NO_ID
+        if not isinstance(value, str) or not is_valid_id(value):
+            return INVALID_ID
+        found = tuple(
+            (name, text) for name, path in label_paths if (text := _label_text(_dig(document, path))) is not None
+        )
+        return Sighting(value, found)
+
+    return parse
+
+
+def regex_parser(pattern: str, labels: dict[str, str]) -> LineParser:
+    """Lines match a regular expression with a named group `id` (and groups for labels)."""
+    compiled = re.compile(pattern)
+    label_groups = sorted(labels.items())
+
+    def parse(line: bytes) -> Sighting | str:
+        text = line.decode("utf-8", "replace")
+        match = compiled.search(text)
+        if match is None or match.group("id") is None:
+            return NO_ID
+        value = match.group("id")
+        if not is_valid_id(value):
+            return INVALID_ID
+        found = tuple((name, v) for name, group in label_groups if (v := match.group(group)) is not None)
+        return Sighting(value, found)
+
+    return parse
+
+
+def plain_parser() -> LineParser:
+    """The whole line, stripped, is the id."""
+
+    def parse(line: bytes) -> Sighting | str:
+        value = line.strip().decode("utf-8", "replace")
+        if not value:
+            return NO_ID
+        if not is_valid_id(value):
+            return INVALID_ID
+        return Sighting(value)
+
+    return parse
+
+
+def parser_for(source: SourceConfig) -> LineParser:
+    if source.format == "json":
+        return json_parser(source.id_field, dict(source.labels))
+    if source.format == "regex":
+        return regex_parser(source.pattern, dict(source.labels))
+    return plain_parser()
+
+
+def split_lines(data: bytes) -> Iterator[bytes]:
+    """Non-blank lines of a datagram or a buffer, CRLF tolerated."""
+    for line in data.split(b"\n"):
+        line = line.rstrip(b"\r")
+        if line.strip():
+            yield line
+
+
+def parse_datagram(data: bytes, parse: LineParser, max_bytes: int) -> list[Sighting | str]:
+    """Every id in one datagram (one per line), or a single rejection for an oversized datagram."""
+    if len(data) > max_bytes:
+        return [DATAGRAM_TOO_LARGE]
+    return [parse(line) for line in split_lines(data)]

@@ -1,0 +1,58 @@
+"""The one path from any source into the durable queue: due times, dedupe, bounds and their counters."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from exporter.clock import Clock
+from exporter.ids import QUEUE_FULL, Sighting
+from exporter.state import Enqueued, FilePosition, StateStore
+from exporter.telemetry import SelfMetrics
+
+
+class Ingest:
+    """Sources hand parsed lines here; ids become pending, due after the billing delay."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        metrics: SelfMetrics,
+        clock: Clock,
+        billing_delay_seconds: float,
+        on_new_ids: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._state = state
+        self._metrics = metrics
+        self._clock = clock
+        self._delay = billing_delay_seconds
+        self._on_new_ids = on_new_ids
+
+    @property
+    def full(self) -> bool:
+        return self._state.pending >= self._state.max_pending
+
+    def submit(
+        self, source: str, parsed: Iterable[Sighting | str], position: FilePosition | None = None
+    ) -> Enqueued:
+        """Queues the sightings and counts the rejections; the position is saved in the same transaction."""
+        sightings: list[Sighting] = []
+        rejected: Counter[str] = Counter()
+        for item in parsed:
+            if isinstance(item, Sighting):
+                sightings.append(item)
+            else:
+                rejected[item] += 1
+        now = self._clock.time()
+        result = self._state.enqueue(source, sightings, now, now + self._delay, position)
+        if result.rejected:
+            rejected[QUEUE_FULL] += result.rejected
+        for reason, count in rejected.items():
+            self._metrics.ids_rejected.labels(source, reason).inc(count)
+        if sightings:
+            self._metrics.ids_received.labels(source).inc(len(sightings) - result.rejected)
+        if result.duplicates:
+            self._metrics.ids_duplicate.labels(source).inc(result.duplicates)
+        if result.accepted:
+            self._on_new_ids()
+        return result

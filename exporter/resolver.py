@@ -1,0 +1,298 @@
+"""Scheduling lookups: due ids, bounded concurrency, a token bucket, backoff, give-up, and settling results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping
+
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from exporter.clock import Clock
+from exporter.config import ResolveConfig
+from exporter.ledger import Contribution, Ledger, contribution
+from exporter.state import Abandon, PendingId, Resolved, Retry, Settlement, StateStore
+from exporter.telemetry import SelfMetrics
+from exporter.zenmux import GenerationRecord, LookupResult, Outcome, ZenMuxClient
+
+log = logging.getLogger(__name__)
+
+AUTH_PAUSE_SECONDS = 30.0
+RATE_LIMIT_PAUSE_SECONDS = 1.0
+DRAIN_RETRY_CAP_SECONDS = 2.0
+STATE_ERROR_PAUSE_SECONDS = 1.0
+MAX_WAIT_SECONDS = 5.0
+# OpenMetrics caps an exemplar's label names and values at 128 characters in all.
+EXEMPLAR_MAX_CHARS = 128
+
+
+def backoff(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
+    """Exponential backoff with equal jitter: half fixed, half random, so retries of a burst spread out."""
+    ceiling = min(maximum, initial * 2.0 ** max(attempt - 1, 0))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
+    labels = {"generation_id": generation_id}
+    if trace_id is not None:
+        labels["trace_id"] = trace_id
+    while labels and sum(len(k) + len(v) for k, v in labels.items()) > EXEMPLAR_MAX_CHARS:
+        labels.popitem()
+    return labels
+
+
+class TokenBucket:
+    """At most `rate` acquisitions a second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._last = time.monotonic()
+
+    async def acquire(self) -> None:
+        while True:
+            now = time.monotonic()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return
+            await asyncio.sleep((1 - self._tokens) / self._rate)
+
+
+class Resolver:
+    """Looks up due ids and settles each result in the state database, in batches."""
+
+    def __init__(
+        self,
+        state: StateStore,
+        ledger: Ledger,
+        client: ZenMuxClient,
+        config: ResolveConfig,
+        *,
+        concurrency: int,
+        max_requests_per_second: float,
+        metrics: SelfMetrics,
+        tracer: Tracer,
+        clock: Clock,
+        rng: random.Random,
+    ) -> None:
+        self._state = state
+        self._ledger = ledger
+        self._client = client
+        self._config = config
+        self._concurrency = concurrency
+        self._bucket = TokenBucket(max_requests_per_second, max(1.0, min(max_requests_per_second, concurrency)))
+        self._metrics = metrics
+        self._tracer = tracer
+        self._clock = clock
+        self._rng = rng
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self.settled = asyncio.Event()  # set after every batch of results is recorded
+        self._settling: list[Settlement] = []
+        self._flush_scheduled = False
+        self._paused_until = 0.0
+        self._overflows_reported: dict[str, int] = {}
+        self._warned: set[str] = set()
+        self.draining = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatches due ids until `stop` is set; in-flight lookups are left to `finish`."""
+        while not stop.is_set():
+            self._wake.clear()
+            now = self._clock.time()
+            if now >= self._paused_until:
+                free = self._concurrency - len(self._inflight)
+                if free > 0:
+                    for pending in self._state.due(now, free, set(self._inflight)):
+                        await self._bucket.acquire()
+                        if stop.is_set() or self._clock.time() < self._paused_until:
+                            break
+                        self._inflight[pending.id] = asyncio.create_task(self._attempt(pending))
+                        self._metrics.inflight.set(len(self._inflight))
+            await self._sleep(stop, self._seconds_to_next_work())
+
+    def _seconds_to_next_work(self) -> float:
+        now = self._clock.time()
+        if now < self._paused_until:
+            return min(self._paused_until - now, MAX_WAIT_SECONDS)
+        if len(self._inflight) >= self._concurrency:
+            return MAX_WAIT_SECONDS  # a finishing lookup wakes us
+        due = self._state.next_due(set(self._inflight))
+        if due is None:
+            return MAX_WAIT_SECONDS
+        return min(max(due - now, 0.0), MAX_WAIT_SECONDS)
+
+    async def _sleep(self, stop: asyncio.Event, seconds: float) -> None:
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def finish(self, grace_seconds: float) -> int:
+        """Waits for in-flight lookups; those still running after the grace are cancelled and stay pending."""
+        tasks = list(self._inflight.values())
+        if tasks:
+            _done, running = await asyncio.wait(tasks, timeout=grace_seconds)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+        self._flush()
+        return len(tasks)
+
+    async def _attempt(self, pending: PendingId) -> None:
+        attempt = pending.attempts + 1
+        started = time.monotonic()
+        try:
+            with self._tracer.start_as_current_span(
+                "zenmux.generation.lookup",
+                kind=SpanKind.CLIENT,
+                attributes={
+                    "zenmux.generation.id": pending.id,
+                    "zenmux.attempt": attempt,
+                    "zenmux.source": pending.source,
+                },
+                record_exception=True,
+            ) as span:
+                result = await self._client.lookup(pending.id)
+                _annotate(span, result)
+                context = span.get_span_context()
+                sampled = context.is_valid and context.trace_flags.sampled
+                trace_id = format(context.trace_id, "032x") if sampled else None
+            duration = time.monotonic() - started
+            self._metrics.lookups.labels(result.outcome.value).inc()
+            self._metrics.lookup_duration.labels(result.outcome.value).observe(duration)
+            self._settle(self._decide(pending, attempt, result, trace_id))
+        finally:
+            self._inflight.pop(pending.id, None)
+            self._metrics.inflight.set(len(self._inflight))
+            self._wake.set()
+
+    def _decide(self, pending: PendingId, attempt: int, result: LookupResult, trace_id: str | None) -> Settlement:
+        now = self._clock.time()
+        outcome = result.outcome
+        if outcome is Outcome.UNAUTHORIZED:
+            self._metrics.auth_failing.set(1)
+            self._warn_once(
+                "auth",
+                "ZenMux rejects the API key (%s, request id %s): ids stay pending until the key is fixed",
+                result.detail,
+                result.request_id,
+            )
+            self._pause(now + AUTH_PAUSE_SECONDS)
+            return Retry(pending.id, now + AUTH_PAUSE_SECONDS, pending.attempts)
+        if outcome in (Outcome.RESOLVED, Outcome.NOT_READY) and "auth" in self._warned:
+            log.info("ZenMux accepts the API key again")
+            self._metrics.auth_failing.set(0)
+            self._warned.discard("auth")
+        if outcome is Outcome.RESOLVED:
+            assert result.record is not None
+            return Resolved(pending.id, self._contribution(result.record, pending, trace_id))
+        if outcome is Outcome.MALFORMED:
+            log.warning("malformed response for %s (request id %s): %s", pending.id, result.request_id, result.detail)
+        if now - pending.first_seen >= self._config.give_up_after_seconds:
+            metering = result.record if outcome is Outcome.NOT_READY else None
+            return Abandon(
+                pending.id,
+                outcome.value,
+                None if metering is None else self._contribution(metering, pending, trace_id),
+            )
+        if outcome is Outcome.RATE_LIMITED:
+            wait = result.retry_after if result.retry_after is not None else RATE_LIMIT_PAUSE_SECONDS
+            self._pause(now + wait)
+            return Retry(pending.id, now + wait, pending.attempts)
+        delay = backoff(attempt, self._config.retry_initial_seconds, self._config.retry_max_seconds, self._rng)
+        if result.retry_after is not None:
+            delay = max(delay, result.retry_after)
+        if self.draining:
+            delay = min(delay, DRAIN_RETRY_CAP_SECONDS)
+        return Retry(pending.id, now + delay, attempt)
+
+    def _contribution(self, record: GenerationRecord, pending: PendingId, trace_id: str | None) -> Contribution:
+        extra: Mapping[str, str] = dict(pending.labels)
+        return contribution(
+            record, extra, self._ledger.shape, self._ledger.limiter, exemplar_labels(pending.id, trace_id)
+        )
+
+    def _pause(self, until: float) -> None:
+        self._paused_until = max(self._paused_until, until)
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def _settle(self, settlement: Settlement) -> None:
+        self._settling.append(settlement)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            # Results that finish in the same loop iteration share one transaction.
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._settling = self._settling, []
+        if not batch:
+            return
+        try:
+            applied = self._state.settle(batch, self._ledger, self._clock.time())
+        except Exception as err:
+            # Nothing was written: the ids are still pending and will be looked up again.
+            self._metrics.state_errors.labels("settle").inc()
+            log.error("cannot record %d lookup results in the state database: %s", len(batch), err)
+            self._pause(self._clock.time() + STATE_ERROR_PAUSE_SECONDS)
+            return
+        self.settled.set()
+        for item in applied:
+            if isinstance(item, Resolved) and not _has_cost(item.contribution):
+                self._metrics.billing_unavailable.labels("subscription_key").inc()
+                self._warn_once(
+                    "subscription",
+                    "the API key is a subscription key: ZenMux gives it tokens but no billing, so cost "
+                    "metrics stay empty (tokens, latency and retries are exported)",
+                )
+            elif isinstance(item, Abandon):
+                self._metrics.abandoned.labels(item.reason).inc()
+                if item.contribution is not None:
+                    self._metrics.billing_unavailable.labels("gave_up_waiting").inc()
+        for label, count in self._ledger.limiter.overflows.items():
+            reported = self._overflows_reported.get(label, 0)
+            if count > reported:
+                self._metrics.label_overflow.labels(label).inc(count - reported)
+                self._overflows_reported[label] = count
+
+
+def _has_cost(item: Contribution) -> bool:
+    return any(inc.metric == "zenmux_cost_usd" for inc in item.increments)
+
+
+def _annotate(span: object, result: LookupResult) -> None:
+    from opentelemetry.trace import Span
+
+    assert isinstance(span, Span)
+    span.set_attribute("zenmux.outcome", result.outcome.value)
+    if result.status is not None:
+        span.set_attribute("http.response.status_code", result.status)
+    if result.request_id:
+        span.set_attribute("zenmux.request_id", result.request_id[:128])
+    if result.record is not None:
+        span.set_attribute("gen_ai.request.model", result.record.model[:256])
+        span.set_attribute("zenmux.protocol", result.record.protocol[:64])
+    if result.outcome not in (Outcome.RESOLVED, Outcome.NOT_READY):
+        span.set_status(Status(StatusCode.ERROR, f"{result.outcome.value}: {result.detail}"[:256]))

@@ -1,0 +1,1 @@
+"""Where generation ids come from: a tailed log file or a UDP socket."""

@@ -1,0 +1,242 @@
+"""Tails a log file: follows rename+create and copytruncate rotation, resumes from its persisted position."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from exporter.config import SourceConfig
+from exporter.ids import LINE_TOO_LONG, LineParser, Sighting
+from exporter.ingest import Ingest
+from exporter.state import FilePosition, StateStore
+from exporter.telemetry import SelfMetrics
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1024 * 1024
+CHUNKS_PER_POLL = 8
+FINGERPRINT_BYTES = 256
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
+def fingerprint(handle: BinaryIO, length: int) -> bytes:
+    """Identifies a file by its first bytes, so a reused inode or a truncated-and-refilled file is noticed."""
+    handle.seek(0)
+    head = handle.read(min(length, FINGERPRINT_BYTES))
+    return len(head).to_bytes(2, "big") + hashlib.sha256(head).digest()[:16]
+
+
+def matches(handle: BinaryIO, position: FilePosition) -> bool:
+    length = int.from_bytes(position.fingerprint[:2], "big")
+    return fingerprint(handle, length) == position.fingerprint
+
+
+@dataclass
+class _Open:
+    handle: BinaryIO
+    device: int
+    inode: int
+    offset: int  # end of the last complete line consumed
+
+
+class FileSource:
+    """Reads new lines from one file path, in chunks, and hands them to the ingest with the new position.
+
+    The position is saved in the same transaction as the ids it covers, so after a crash the file is read
+    again from exactly the first line whose ids are not in the queue.
+    """
+
+    def __init__(
+        self, config: SourceConfig, parse: LineParser, ingest: Ingest, state: StateStore, metrics: SelfMetrics
+    ) -> None:
+        self.name = config.name
+        self._path = Path(config.path)
+        self._config = config
+        self._parse = parse
+        self._ingest = ingest
+        self._state = state
+        self._metrics = metrics
+        self._current: _Open | None = None
+        self._skipping = False  # inside an overlong line, discarding until its newline
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.open_initial()
+        while not stop.is_set():
+            busy = self.poll()
+            if busy:
+                await asyncio.sleep(0)  # let lookups and scrapes run between large chunks
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._config.poll_interval_seconds)
+        self.close()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.handle.close()
+            self._current = None
+
+    def open_initial(self) -> None:
+        """Resumes from the saved position, finishing a file rotated away while we were not running."""
+        saved = self._state.position(self.name)
+        stat = _stat(self._path)
+        if saved is None:
+            if stat is not None:
+                start = stat.st_size if self._config.start_at == "end" else 0
+                self._switch_to(start)
+            return
+        if stat is not None and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
+            handle = self._path.open("rb")
+            if stat.st_size >= saved.offset and matches(handle, saved):
+                self._current = _Open(handle, saved.device, saved.inode, saved.offset)
+                return
+            handle.close()
+            log.info("%s: %s was truncated while we were stopped; reading it from the start", self.name, self._path)
+            self._switch_to(0)
+            return
+        rotated = self._find_rotated(saved)
+        if rotated is not None:
+            log.info("%s: finishing %s, rotated while the exporter was stopped", self.name, rotated)
+            handle = rotated.open("rb")
+            self._current = _Open(handle, saved.device, saved.inode, saved.offset)
+            self._read_available(final=True)
+            handle.close()
+            self._current = None
+        if stat is not None:
+            self._switch_to(0)
+
+    def _find_rotated(self, saved: FilePosition) -> Path | None:
+        try:
+            siblings = list(self._path.parent.iterdir())
+        except OSError:
+            return None
+        for candidate in siblings:
+            if not candidate.name.startswith(self._path.name) or candidate == self._path:
+                continue
+            if candidate.name.endswith(COMPRESSED_SUFFIXES):
+                continue
+            stat = _stat(candidate)
+            if stat is None or (stat.st_dev, stat.st_ino) != (saved.device, saved.inode):
+                continue
+            with candidate.open("rb") as handle:
+                if matches(handle, saved):
+                    return candidate
+        return None
+
+    def _switch_to(self, offset: int) -> None:
+        """Opens the file now at the path, at `offset`, and records the position (even with no ids yet)."""
+        self.close()
+        try:
+            handle = self._path.open("rb")
+        except OSError:
+            return
+        stat = os.fstat(handle.fileno())
+        self._current = _Open(handle, stat.st_dev, stat.st_ino, min(offset, stat.st_size))
+        self._skipping = False
+        self._state.save_position(self.name, self._position())
+
+    def _position(self) -> FilePosition:
+        assert self._current is not None
+        current = self._current
+        return FilePosition(current.device, current.inode, current.offset, fingerprint(current.handle, current.offset))
+
+    def poll(self) -> bool:
+        """Reads what is new and follows rotation; True when it stopped early with more to read."""
+        if self._ingest.full:
+            return False  # backpressure: the file keeps the ids until the queue has room
+        if self._current is None:
+            if _stat(self._path) is None:
+                return False
+            self._switch_to(0)  # the file appeared after we started: all of it is new
+            if self._current is None:
+                return False
+        if self._read_available(final=False):
+            return True
+        stat = _stat(self._path)
+        current = self._current
+        if stat is None:
+            return False  # removed and not yet recreated: keep the old handle for late writes
+        if (stat.st_dev, stat.st_ino) != (current.device, current.inode):
+            # Renamed away and a new file created: the old handle still sees the writer's last lines.
+            self._read_available(final=True)
+            self._metrics.file_rotations.labels(self.name, "rename").inc()
+            self._switch_to(0)
+            return True
+        size = os.fstat(current.handle.fileno()).st_size
+        if size < current.offset or (size >= current.offset and not self._same_head(current)):
+            # Copied and truncated (perhaps already refilled): start over from the beginning.
+            self._metrics.file_rotations.labels(self.name, "truncate").inc()
+            self._switch_to(0)
+            return True
+        self._metrics.file_read_bytes.labels(self.name).set(current.offset)
+        self._metrics.file_size_bytes.labels(self.name).set(size)
+        return False
+
+    def _same_head(self, current: _Open) -> bool:
+        saved = self._state.position(self.name)
+        if saved is None or saved.inode != current.inode:
+            return True
+        return matches(current.handle, saved)
+
+    def _read_available(self, *, final: bool) -> bool:
+        """Consumes complete lines (and, when final, a last line without newline); True if the budget ran out.
+
+        A final read (the file was rotated away) has no budget: it must reach the end before we switch.
+        """
+        current = self._current
+        assert current is not None
+        chunks = 0
+        while final or chunks < CHUNKS_PER_POLL:
+            chunks += 1
+            current.handle.seek(current.offset)
+            chunk = current.handle.read(CHUNK_BYTES)
+            if not chunk:
+                return False
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                self._consume(chunk[: cut + 1], cut + 1)
+            elif final:
+                self._consume(chunk, len(chunk))
+            elif len(chunk) == CHUNK_BYTES or len(chunk) > self._config.max_line_bytes:
+                self._reject_overlong(len(chunk))
+            else:
+                return False  # a partial line: wait for the rest
+        return True
+
+    def _reject_overlong(self, consumed: int) -> None:
+        assert self._current is not None
+        if not self._skipping:
+            self._metrics.ids_rejected.labels(self.name, LINE_TOO_LONG).inc()
+        self._skipping = True
+        self._current.offset += consumed
+        self._state.save_position(self.name, self._position())
+
+    def _consume(self, data: bytes, length: int) -> None:
+        assert self._current is not None
+        parsed: list[Sighting | str] = []
+        limit = self._config.max_line_bytes
+        lines = data.split(b"\n")
+        if data.endswith(b"\n"):
+            lines.pop()
+        for index, line in enumerate(lines):
+            if index == 0 and self._skipping:
+                self._skipping = False  # the tail of an overlong line, already counted
+                continue
+            if len(line) > limit:
+                parsed.append(LINE_TOO_LONG)
+            elif line.strip():
+                parsed.append(self._parse(line.rstrip(b"\r")))
+        self._current.offset += length
+        self._ingest.submit(self.name, parsed, self._position())
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None

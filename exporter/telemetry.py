@@ -1,0 +1,155 @@
+"""The exporter's own health metrics, its tracer provider and its logging (with the API key redacted)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+from collections.abc import Callable, Iterator
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+from exporter.config import LogConfig, TracingConfig
+
+LOOKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class SelfMetrics:
+    """Counters and gauges about the exporter itself, on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = "zenmux_exporter_"
+        self.ids_received = Counter(p + "ids_received", "Valid ids read from a source.", ["source"], registry=registry)
+        self.ids_duplicate = Counter(
+            p + "ids_duplicate", "Ids already pending or resolved, dropped.", ["source"], registry=registry
+        )
+        self.ids_rejected = Counter(
+            p + "ids_rejected", "Lines, datagrams or ids rejected.", ["source", "reason"], registry=registry
+        )
+        self.udp_datagrams = Counter(p + "udp_datagrams", "Datagrams received.", ["source"], registry=registry)
+        self.udp_dropped = Counter(
+            p + "udp_dropped_datagrams",
+            "Datagrams dropped because the ingest buffer was full.",
+            ["source"],
+            registry=registry,
+        )
+        self.file_read_bytes = Gauge(
+            p + "file_read_bytes", "Offset read in the current file.", ["source"], registry=registry
+        )
+        self.file_size_bytes = Gauge(p + "file_size_bytes", "Size of the current file.", ["source"], registry=registry)
+        self.file_rotations = Counter(
+            p + "file_rotations", "Rotations followed (rename or truncate).", ["source", "kind"], registry=registry
+        )
+        self.inflight = Gauge(p + "inflight_lookups", "Lookups in progress.", registry=registry)
+        self.lookups = Counter(p + "lookups", "Lookup attempts by outcome.", ["outcome"], registry=registry)
+        self.lookup_duration = Histogram(
+            p + "lookup_duration_seconds",
+            "Duration of one lookup attempt.",
+            ["outcome"],
+            buckets=LOOKUP_BUCKETS,
+            registry=registry,
+        )
+        self.abandoned = Counter(
+            p + "abandoned_ids", "Ids given up after the give-up horizon.", ["reason"], registry=registry
+        )
+        self.billing_unavailable = Counter(
+            p + "billing_unavailable", "Generations counted without cost.", ["reason"], registry=registry
+        )
+        self.auth_failing = Gauge(p + "api_auth_failing", "1 while the API answers 401/403.", registry=registry)
+        self.label_overflow = Counter(
+            p + "label_overflow", "Label values folded into 'other' by a cardinality cap.", ["label"], registry=registry
+        )
+        self.draining = Gauge(p + "draining", "1 while shutting down and draining pending ids.", registry=registry)
+        self.state_errors = Counter(
+            p + "state_errors", "State database writes that failed (retried).", ["operation"], registry=registry
+        )
+        build = Gauge(p + "build_info", "Build information.", ["version", "python_version"], registry=registry)
+        build.labels(__version__, platform.python_version()).set(1)
+
+
+class QueueCollector(Collector):
+    """Pending backlog gauges, read from values the event loop keeps current (no I/O at scrape time)."""
+
+    def __init__(self, pending: Callable[[], int], oldest_age: Callable[[], float]) -> None:
+        self._pending = pending
+        self._oldest_age = oldest_age
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("zenmux_exporter_pending_ids", "Ids waiting to be resolved.", value=self._pending())
+        yield GaugeMetricFamily(
+            "zenmux_exporter_oldest_pending_age_seconds",
+            "Age of the oldest pending id (0 when none).",
+            value=self._oldest_age(),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def tracer_provider(config: TracingConfig, exporter: SpanExporter | None = None) -> TracerProvider:
+    """A provider of our own (never the global one); OTLP settings come from the standard OTEL_* variables."""
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": config.service_name, "service.version": __version__}),
+        sampler=ParentBasedTraceIdRatio(config.sample_ratio),
+    )
+    if exporter is None:
+        if config.exporter == "otlp":
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            exporter = OTLPSpanExporter()
+        elif config.exporter == "console":
+            exporter = ConsoleSpanExporter(out=sys.stderr)
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+class RedactingFilter(logging.Filter):
+    """Defence in depth: whatever a log record says, the API key is replaced before it is written."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+            record.exc_text = None
+        for secret in self._secrets:
+            message = message.replace(secret, "<redacted>")
+        record.msg, record.args = message, None
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(
+            {
+                "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+        )
+
+
+def configure_logging(config: LogConfig, secrets: list[str]) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactingFilter(secrets))
+    text = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(JsonFormatter() if config.format == "json" else text)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.level.upper())
+    # httpx logs every request at INFO; that is our lookups_total, not a log line.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
