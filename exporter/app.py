@@ -73,6 +73,7 @@ class Exporter:
         self._oldest_age = 0.0
         self._started = False
         self._draining = False
+        self.stopped = False
         self.udp_sources: list[UdpSource] = []
         self.file_sources: list[FileSource] = []
 
@@ -190,4 +191,5 @@ class Exporter:
         await self.client.aclose()
         self.state.close()
         self.tracing.shutdown()
+        self.stopped = True
         return report
