@@ -1,0 +1,568 @@
+"""Grafana dashboards (grafana/dashboards/*.json) against the metric contract.
+
+- every metric a dashboard queries is one the exporter exposes (README "Metrics"), a
+  recording rule of prometheus/*.rules.yaml / rules.yaml, or a series Prometheus makes itself;
+- label matchers and `by (...)` labels exist on the metrics they apply to, and matcher
+  values of enumerated labels (outcome, token_type, ...) are ones the exporter emits;
+- every exporter metric appears on some dashboard;
+- every query is valid PromQL for the real Prometheus parser (`promtool check rules`);
+- structure: schema version, stable uids, unique panel ids, no overlapping panels, units,
+  thresholds, descriptions, the `$datasource` variable everywhere, exemplars on histograms.
+
+`dashboard_queries(path)` is the reusable extractor (runnable PromQL, variables substituted).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+GRAFANA = REPO / "grafana"
+DASHBOARD_DIR = GRAFANA / "dashboards"
+PROMETHEUS_DIR = REPO / "prometheus"
+RULE_FILES = (PROMETHEUS_DIR / "settings.rules.yaml", PROMETHEUS_DIR / "rules.yaml")
+DOCS = REPO / "docs" / "dashboards-and-alerts.md"
+
+COST_DASHBOARD = DASHBOARD_DIR / "zenmux-cost-and-usage.json"
+HEALTH_DASHBOARD = DASHBOARD_DIR / "zenmux-exporter-health.json"
+EXPECTED_UIDS = {
+    COST_DASHBOARD.name: "zenmux-cost-and-usage",
+    HEALTH_DASHBOARD.name: "zenmux-exporter-health",
+}
+SCHEMA_VERSION = 39
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+class Metric(NamedTuple):
+    type: str  # counter | gauge | histogram
+    labels: frozenset[str]  # labels of its own (besides job/instance and the business labels)
+
+
+def _m(type_: str, *labels: str) -> Metric:
+    return Metric(type_, frozenset(labels))
+
+
+# The metric families the exporter exposes: README.md "Metrics" (the contract). A teammate
+# will switch this to the live exporter's exposition; test_contract_matches_readme keeps it
+# honest until then.
+EXPORTER_METRICS: dict[str, Metric] = {
+    # business metrics: + model, protocol and the configured extra labels
+    "zenmux_generations_total": _m("counter", "streamed", "finish_reason"),
+    "zenmux_tokens_total": _m("counter", "token_type"),
+    "zenmux_generation_tokens": _m("histogram", "token_type"),
+    "zenmux_first_token_latency_seconds": _m("histogram"),
+    "zenmux_generation_duration_seconds": _m("histogram"),
+    "zenmux_upstream_retries_total": _m("counter"),
+    "zenmux_upstream_retries": _m("histogram"),
+    "zenmux_cost_usd_total": _m("counter"),
+    "zenmux_cost_origin_usd_total": _m("counter"),
+    "zenmux_cost_discount_usd_total": _m("counter"),
+    "zenmux_credits_total": _m("counter"),
+    "zenmux_cost_by_fee_item_usd_total": _m("counter", "fee_item"),
+    "zenmux_generation_cost_usd": _m("histogram"),
+    # self-metrics
+    "zenmux_exporter_ids_received_total": _m("counter", "source"),
+    "zenmux_exporter_ids_duplicate_total": _m("counter", "source"),
+    "zenmux_exporter_ids_rejected_total": _m("counter", "source", "reason"),
+    "zenmux_exporter_udp_datagrams_total": _m("counter", "source"),
+    "zenmux_exporter_udp_dropped_datagrams_total": _m("counter", "source"),
+    "zenmux_exporter_file_read_bytes": _m("gauge", "source"),
+    "zenmux_exporter_file_size_bytes": _m("gauge", "source"),
+    "zenmux_exporter_file_rotations_total": _m("counter", "source", "kind"),
+    "zenmux_exporter_pending_ids": _m("gauge"),
+    "zenmux_exporter_oldest_pending_age_seconds": _m("gauge"),
+    "zenmux_exporter_inflight_lookups": _m("gauge"),
+    "zenmux_exporter_lookups_total": _m("counter", "outcome"),
+    "zenmux_exporter_lookup_duration_seconds": _m("histogram", "outcome"),
+    "zenmux_exporter_abandoned_ids_total": _m("counter", "reason"),
+    "zenmux_exporter_billing_unavailable_total": _m("counter", "reason"),
+    "zenmux_exporter_api_auth_failing": _m("gauge"),
+    "zenmux_exporter_label_overflow_total": _m("counter", "label"),
+    "zenmux_exporter_build_info": _m("gauge", "version", "python_version"),
+}
+SELF_PREFIX = "zenmux_exporter_"
+BUSINESS_LABELS = frozenset({"model", "protocol"})
+# metrics.extra_labels is configuration; the dashboards and tests use `feature` as the example.
+EXTRA_LABELS = frozenset({"feature"})
+TARGET_LABELS = frozenset({"job", "instance"})
+
+# Values of enumerated labels, per metric family (README).
+LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
+    ("zenmux_tokens_total", "token_type"): frozenset({"prompt", "completion", "reasoning", "cached"}),
+    ("zenmux_generation_tokens", "token_type"): frozenset({"prompt", "completion", "reasoning", "cached"}),
+    ("zenmux_generations_total", "streamed"): frozenset({"true", "false"}),
+    ("zenmux_exporter_ids_rejected_total", "reason"): frozenset(
+        {"invalid_id", "no_id", "not_json", "line_too_long", "datagram_too_large", "queue_full"}
+    ),
+    ("zenmux_exporter_billing_unavailable_total", "reason"): frozenset({"subscription_key", "gave_up_waiting"}),
+    ("zenmux_exporter_file_rotations_total", "kind"): frozenset({"rename", "truncate"}),
+    ("zenmux_exporter_lookups_total", "outcome"): frozenset(
+        {"resolved", "not_ready", "rate_limited", "server_error", "timeout", "connection_error",
+         "malformed", "unauthorized", "client_error", "too_large"}
+    ),
+}
+LABEL_VALUES[("zenmux_exporter_lookup_duration_seconds", "outcome")] = LABEL_VALUES[
+    ("zenmux_exporter_lookups_total", "outcome")
+]
+
+# Series Prometheus itself produces, with their labels.
+PROMETHEUS_SERIES: dict[str, frozenset[str]] = {
+    "up": TARGET_LABELS,
+    "scrape_duration_seconds": TARGET_LABELS,
+    "scrape_samples_scraped": TARGET_LABELS,
+    "scrape_samples_post_metric_relabeling": TARGET_LABELS,
+    "scrape_series_added": TARGET_LABELS,
+    "ALERTS": frozenset({"alertname", "alertstate", "severity"}) | TARGET_LABELS
+    | frozenset({"reason", "source"}),
+}
+
+
+def is_business(family: str) -> bool:
+    return family.startswith("zenmux_") and not family.startswith(SELF_PREFIX)
+
+
+def exposed_series() -> dict[str, tuple[str, frozenset[str]]]:
+    """Sample names the exporter exposes -> (metric family, every label it may carry)."""
+    out: dict[str, tuple[str, frozenset[str]]] = {}
+    for family, metric in EXPORTER_METRICS.items():
+        labels = metric.labels | TARGET_LABELS
+        if is_business(family):
+            labels |= BUSINESS_LABELS | EXTRA_LABELS
+        if metric.type == "histogram":
+            out[f"{family}_bucket"] = (family, labels | {"le"})
+            out[f"{family}_sum"] = (family, labels)
+            out[f"{family}_count"] = (family, labels)
+        else:
+            out[family] = (family, labels)
+    return out
+
+
+def recording_rules() -> dict[str, str]:
+    """record name -> expr, over prometheus/settings.rules.yaml and rules.yaml."""
+    out: dict[str, str] = {}
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text(encoding="utf-8"))["groups"]:
+            for rule in group["rules"]:
+                if "record" in rule:
+                    out[rule["record"]] = rule["expr"]
+    return out
+
+
+# --------------------------------------------------------------------------- PromQL scanning
+
+SUBSTITUTIONS: dict[str, str] = {
+    "datasource": "prometheus",
+    "job": ".*",
+    "instance": ".*",
+    "model": ".*",
+    "protocol": ".*",
+    "extra_label": "feature",
+    "__rate_interval": "5m",
+    "__interval": "1m",
+    "__range": "1h",
+    "__range_s": "3600",
+}
+_VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+_LABEL_VALUES = re.compile(r"^\s*label_values\((.*),\s*([a-zA-Z_]\w*)\s*\)\s*$", re.S)
+_LABEL_VALUES_BARE = re.compile(r"^\s*label_values\(\s*([a-zA-Z_]\w*)\s*\)\s*$")
+_QUERY_RESULT = re.compile(r"^\s*query_result\((.*)\)\s*$", re.S)
+
+
+def substitute(expr: str) -> str:
+    """Replaces Grafana variables by values that make the expression runnable."""
+
+    def repl(match: re.Match[str]) -> str:
+        name = match.group(1) or match.group(2)
+        if name not in SUBSTITUTIONS:
+            raise KeyError(f"unknown Grafana variable ${name} in {expr!r}")
+        return SUBSTITUTIONS[name]
+
+    return _VAR.sub(repl, expr)
+
+
+def _variable_query(variable: dict[str, Any]) -> str | None:
+    query = variable.get("query")
+    if isinstance(query, dict):
+        query = query.get("query")
+    if not isinstance(query, str) or not query.strip():
+        return None
+    if _LABEL_VALUES_BARE.match(query):
+        return None
+    if m := _LABEL_VALUES.match(query):
+        return m.group(1)
+    if m := _QUERY_RESULT.match(query):
+        return m.group(1)
+    return query
+
+
+def iter_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, rows' nested (collapsed) panels included."""
+    for panel in panels:
+        yield panel
+        yield from iter_panels(panel.get("panels", []))
+
+
+def load(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+def dashboard_queries(path: Path | str) -> list[tuple[str, str]]:
+    """(panel title, runnable PromQL) for every query of a dashboard: panel targets,
+    query template variables (the selector of `label_values(selector, label)`), and
+    Prometheus annotations. Variables are substituted (see SUBSTITUTIONS)."""
+    dash = load(Path(path))
+    out: list[tuple[str, str]] = []
+    for panel in iter_panels(dash.get("panels", [])):
+        for target in panel.get("targets", []):
+            if target.get("expr"):
+                out.append((str(panel.get("title", "")), substitute(target["expr"])))
+    for variable in dash.get("templating", {}).get("list", []):
+        if variable.get("type") == "query" and (query := _variable_query(variable)) is not None:
+            out.append((f"variable ${variable['name']}", substitute(query)))
+    for annotation in dash.get("annotations", {}).get("list", []):
+        if annotation.get("expr"):
+            out.append((f"annotation {annotation.get('name', '')}", substitute(annotation["expr"])))
+    return out
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_SELECTOR = re.compile(r"([a-zA-Z_:][\w:]*)?\s*\{([^}]*)\}")
+_MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+_GROUPING = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_RANGE = re.compile(r"\[[^\]]*\]")
+_IDENT = re.compile(r"(?<![\w:.])([a-zA-Z_:][\w:]*)(?![\w:])(?!\s*\()")
+KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset", "inf", "nan", "by", "without", "on",
+                      "ignoring", "group_left", "group_right", "atan2", "start", "end"})
+
+
+class Selector(NamedTuple):
+    metric: str
+    matchers: tuple[tuple[str, str, str], ...]
+
+
+def selectors(expr: str) -> list[Selector]:
+    """Vector selectors of an expression with their matchers (metric '' = name-less)."""
+    out: list[Selector] = []
+    for m in _SELECTOR.finditer(expr):
+        matchers = tuple((lbl, op, val) for lbl, op, val in _MATCHER.findall(m.group(2)))
+        out.append(Selector(m.group(1) or "", matchers))
+    return out
+
+
+def metric_names(expr: str) -> set[str]:
+    """Every metric name an expression reads."""
+    names = {s.metric for s in selectors(expr) if s.metric}
+    bare = _SELECTOR.sub(lambda m: (m.group(1) or "") + " ", expr)
+    bare = _STRING.sub(" ", bare)
+    bare = _GROUPING.sub(" ", bare)
+    bare = _RANGE.sub(" ", bare)
+    names |= {n for n in _IDENT.findall(bare) if n not in KEYWORDS}
+    return names
+
+
+def grouping_labels(expr: str) -> set[str]:
+    """Labels named in by/without/on/ignoring/group_left/group_right clauses."""
+    labels: set[str] = set()
+    for _, inner in _GROUPING.findall(_STRING.sub('""', expr)):
+        labels |= {x.strip() for x in inner.split(",") if x.strip()}
+    return labels
+
+
+def known_names() -> set[str]:
+    return set(exposed_series()) | set(recording_rules()) | set(PROMETHEUS_SERIES)
+
+
+def check_expr(expr: str) -> list[str]:
+    """Contract problems of one expression: unknown metrics, labels, label values."""
+    problems: list[str] = []
+    exposed = exposed_series()
+    names = metric_names(expr)
+    for name in sorted(names - known_names()):
+        problems.append(f"unknown metric {name}")
+    for sel in selectors(expr):
+        if sel.metric in exposed:
+            family, labels = exposed[sel.metric]
+        elif sel.metric in PROMETHEUS_SERIES:
+            family, labels = sel.metric, PROMETHEUS_SERIES[sel.metric]
+        else:
+            continue  # recording rules: their labels are whatever their `by` keeps
+        for label, op, value in sel.matchers:
+            if label not in labels:
+                problems.append(f"{sel.metric} has no label {label!r}")
+            allowed = LABEL_VALUES.get((family, label))
+            if allowed is None:
+                continue
+            if op == "=" and value not in allowed:
+                problems.append(f"{sel.metric}{{{label}={value!r}}}: not one of {sorted(allowed)}")
+            if op == "=~" and not value.startswith(".") and "$" not in value:
+                unknown = {v for v in value.split("|") if v not in allowed}
+                if unknown:
+                    problems.append(f"{sel.metric}{{{label}=~{value!r}}}: {sorted(unknown)} never emitted")
+    if names <= set(exposed) | set(PROMETHEUS_SERIES):
+        allowed_labels: set[str] = set()
+        for name in names:
+            allowed_labels |= exposed[name][1] if name in exposed else PROMETHEUS_SERIES[name]
+        for label in sorted(grouping_labels(expr) - allowed_labels):
+            problems.append(f"grouping by {label!r}, which none of {sorted(names)} carries")
+    return problems
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def dashboards() -> list[Path]:
+    return sorted(DASHBOARD_DIR.glob("*.json"))
+
+
+def promtool_check_exprs(exprs: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """Runs the real Prometheus parser over expressions (as recording rules)."""
+    rules = {"groups": [{"name": "dashboard-queries", "rules": [
+        {"record": f"dashboard:query_{i}:check", "expr": expr} for i, expr in enumerate(exprs)]}]}
+    path = tmp_path / "queries.rules.yaml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False), encoding="utf-8")
+    return subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True,
+                          check=False)
+
+
+def _readme_contract() -> dict[str, Metric]:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Metrics", 1)[1]
+    out: dict[str, Metric] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`zenmux_"):
+            continue
+        labels = frozenset(re.findall(r"`([a-z_]+)`", cells[2].split("=")[0])) if "`" in cells[2] else frozenset()
+        if "=" in cells[2]:  # `token_type` = prompt, completion, ...
+            labels = frozenset(re.findall(r"`([a-z_]+)`\s*=", cells[2]))
+        out[cells[0].strip("`")] = Metric(cells[1], labels)
+    return out
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_contract_matches_readme() -> None:
+    assert _readme_contract() == EXPORTER_METRICS
+
+
+def test_dashboards_exist() -> None:
+    assert [p.name for p in dashboards()] == sorted(EXPECTED_UIDS)
+
+
+def test_dashboard_queries_helper_extracts_runnable_promql() -> None:
+    queries = dashboard_queries(COST_DASHBOARD)
+    assert len(queries) > 40
+    titles = {title for title, _ in queries}
+    assert {"variable $job", "variable $instance", "variable $model", "variable $protocol"} <= titles
+    for title, expr in queries:
+        assert "$" not in expr, (title, expr)
+    assert ("variable $job", "zenmux_exporter_build_info") in queries
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_queries_are_valid_promql(path: Path, tmp_path: Path) -> None:
+    exprs = [expr for _, expr in dashboard_queries(path)]
+    result = promtool_check_exprs(exprs, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promql_check_catches_a_broken_query(tmp_path: Path) -> None:
+    # the validation above really parses: a broken query fails
+    assert promtool_check_exprs(["sum(rate(zenmux_cost_usd_total[5m])"], tmp_path).returncode != 0
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_queries_use_only_exposed_metrics_and_labels(path: Path) -> None:
+    problems = [f"{title}: {problem}" for title, expr in dashboard_queries(path) for problem in check_expr(expr)]
+    assert problems == []
+
+
+def test_contract_checker_catches_mistakes() -> None:
+    assert check_expr("rate(zenmux_cost_total[5m])") == ["unknown metric zenmux_cost_total"]
+    assert check_expr('zenmux_tokens_total{token_type="cache"}')
+    assert check_expr('zenmux_exporter_pending_ids{model="x"}')
+    assert check_expr("sum by (outcome) (zenmux_exporter_pending_ids)")
+    assert check_expr("histogram_quantile(0.9, sum by (le) (rate(zenmux_generation_cost_usd_bucket[5m])))") == []
+    assert check_expr('sum by (feature) (rate(zenmux_cost_usd_total{model=~"a|b"}[5m]))') == []
+
+
+def test_every_exporter_metric_is_on_a_dashboard() -> None:
+    used: set[str] = set()
+    for path in dashboards():
+        for _, expr in dashboard_queries(path):
+            used |= {exposed_series()[n][0] for n in metric_names(expr) if n in exposed_series()}
+    business = {f for f in EXPORTER_METRICS if is_business(f)}
+    assert business - used == set(), "business metrics on no dashboard"
+    assert set(EXPORTER_METRICS) - used == set(), "self-metrics on no dashboard"
+
+
+def test_business_metrics_on_cost_dashboard_and_self_metrics_on_health() -> None:
+    def families(path: Path) -> set[str]:
+        exposed = exposed_series()
+        return {exposed[n][0] for _, e in dashboard_queries(path) for n in metric_names(e) if n in exposed}
+
+    assert {f for f in EXPORTER_METRICS if is_business(f)} <= families(COST_DASHBOARD)
+    assert {f for f in EXPORTER_METRICS if not is_business(f)} <= families(HEALTH_DASHBOARD)
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_dashboard_structure(path: Path) -> None:
+    dash = load(path)
+    assert dash["schemaVersion"] == SCHEMA_VERSION
+    assert dash["uid"] == EXPECTED_UIDS[path.name]
+    assert len(dash["uid"]) <= 40 and re.fullmatch(r"[a-zA-Z0-9_-]+", dash["uid"])
+    assert dash.get("id") is None, "exported id must be null so imports do not collide"
+    assert dash["title"] and dash["description"] and "zenmux" in dash["tags"]
+
+    panels = list(iter_panels(dash["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    titles = [p["title"] for p in panels]
+    assert len(titles) == len(set(titles)), "panel titles must be unique"
+    assert panels[0]["type"] == "row", "the dashboard starts with a row"
+    assert sum(p["type"] == "row" for p in panels) >= 3, "rows group the story"
+
+    cells: set[tuple[int, int]] = set()
+    for panel in dash["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        mine = {(x, y) for x in range(pos["x"], pos["x"] + pos["w"]) for y in range(pos["y"], pos["y"] + pos["h"])}
+        assert not mine & cells, f"{panel['title']} overlaps another panel"
+        cells |= mine
+
+
+ALLOWED_UNITS = frozenset({"currencyUSD", "s", "short", "percentunit", "reqps", "cps", "bytes", "none"})
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_panels_have_units_thresholds_descriptions_and_queries(path: Path) -> None:
+    for panel in iter_panels(load(path)["panels"]):
+        if panel["type"] == "row":
+            continue
+        title = panel["title"]
+        defaults = panel["fieldConfig"]["defaults"]
+        assert defaults.get("unit") in ALLOWED_UNITS, title
+        steps = defaults["thresholds"]["steps"]
+        assert steps and steps[0]["value"] is None, title
+        assert len(panel.get("description", "")) >= 20, f"{title}: describe the question it answers"
+        assert panel["targets"], title
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)), title
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_money_panels_use_usd(path: Path) -> None:
+    money = re.compile(r"\bzenmux_(cost\w*|credits_total|generation_cost_usd\w*)\b")
+    for panel in iter_panels(load(path)["panels"]):
+        if panel["type"] == "row":
+            continue
+        unit = panel["fieldConfig"]["defaults"]["unit"]
+        if re.search(r"\bspend\b|USD", panel["title"], re.I):
+            assert unit == "currencyUSD", panel["title"]
+        for target in panel["targets"]:
+            plain_money = money.search(target["expr"]) and " / " not in target["expr"]
+            if plain_money:
+                assert unit == "currencyUSD", panel["title"]
+
+
+def _datasource_refs(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                yield where, value
+            yield from _datasource_refs(value, f"{where}/{node.get('title', node.get('name', key))}")
+    elif isinstance(node, list):
+        for item in node:
+            yield from _datasource_refs(item, where)
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_no_hard_coded_datasource(path: Path) -> None:
+    dash = load(path)
+    for where, ref in _datasource_refs(dash):
+        if isinstance(ref, dict) and ref.get("type") == "grafana":
+            assert ref["uid"] == "-- Grafana --", where  # the built-in annotations source
+            continue
+        assert ref == {"type": "prometheus", "uid": "${datasource}"}, where
+    assert "__inputs" not in dash, "provisioned dashboards must not need an import mapping"
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_template_variables(path: Path) -> None:
+    variables = {v["name"]: v for v in load(path)["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    for name in ("job", "instance", "model", "protocol"):
+        var = variables[name]
+        assert var["type"] == "query", name
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        assert query.startswith("label_values(") and query.rstrip(")").endswith(f", {name}"), name
+        assert var["includeAll"] and var["multi"] and var["allValue"] == ".*", name
+    # every panel filters on the selected jobs (budget and alert panels are global)
+    for panel in iter_panels(load(path)["panels"]):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            if "ALERTS" in expr or expr.startswith("max(zenmux:"):
+                continue
+            assert 'job=~"$job"' in expr, f"{panel['title']}: {expr}"
+
+
+@pytest.mark.parametrize("path", dashboards(), ids=lambda p: p.name)
+def test_exemplars_on_histogram_quantiles(path: Path) -> None:
+    histograms = 0
+    for panel in iter_panels(load(path)["panels"]):
+        for target in panel.get("targets", []):
+            if "_bucket" in target["expr"]:
+                histograms += 1
+                assert target["exemplar"] is True, panel["title"]
+                assert panel["type"] == "timeseries", panel["title"]
+    assert histograms > 0
+
+
+def test_dashboards_are_generated_from_the_builder() -> None:
+    result = subprocess.run([sys.executable, str(GRAFANA / "build_dashboards.py"), "--check"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_provisioning_files() -> None:
+    prov = GRAFANA / "provisioning"
+    ds_files = list((prov / "datasources").glob("*.yaml"))
+    dash_files = list((prov / "dashboards").glob("*.yaml"))
+    assert ds_files and dash_files
+    for path in ds_files:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert doc["apiVersion"] == 1
+        for ds in doc["datasources"]:
+            assert ds["type"] == "prometheus" and ds["access"] == "proxy" and ds["url"].startswith("http")
+            assert ds.get("isDefault") is False, "do not steal the default from an existing datasource"
+    for path in dash_files:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert doc["apiVersion"] == 1
+        (provider,) = doc["providers"]
+        assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
+        assert provider["options"]["path"] in DOCS.read_text(encoding="utf-8"), "documented install path"
+
+
+def test_docs_table_lists_every_panel() -> None:
+    docs = DOCS.read_text(encoding="utf-8")
+    missing = [
+        f"{path.name}: {panel['title']}"
+        for path in dashboards()
+        for panel in iter_panels(load(path)["panels"])
+        if panel["type"] != "row" and f"| {panel['title']} |" not in docs
+    ]
+    assert missing == []
