@@ -118,6 +118,7 @@ class Exporter:
                 self._source_tasks.append(asyncio.create_task(udp.serve(self._stop_sources)))
             else:
                 tail = FileSource(source, parse, ingest, self.state, self.metrics)
+                tail.open_initial()  # "start_at: end" means the end as of start-up
                 self.file_sources.append(tail)
                 self._source_tasks.append(asyncio.create_task(tail.run(self._stop_sources)))
         self._tasks.append(asyncio.create_task(self.resolver.run(self._stop_resolver)))

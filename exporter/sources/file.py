@@ -32,6 +32,9 @@ def fingerprint(handle: BinaryIO, length: int) -> bytes:
     return len(head).to_bytes(2, "big") + hashlib.sha256(head).digest()[:16]
 
 
+EMPTY_FINGERPRINT = (0).to_bytes(2, "big") + hashlib.sha256(b"").digest()[:16]
+
+
 def matches(handle: BinaryIO, position: FilePosition) -> bool:
     length = int.from_bytes(position.fingerprint[:2], "big")
     return fingerprint(handle, length) == position.fingerprint
@@ -43,6 +46,7 @@ class _Open:
     device: int
     inode: int
     offset: int  # end of the last complete line consumed
+    fingerprint: bytes = EMPTY_FINGERPRINT  # of the head as last saved
 
 
 class FileSource:
@@ -66,7 +70,7 @@ class FileSource:
         self._skipping = False  # inside an overlong line, discarding until its newline
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.open_initial()
+        """Polls until `stop`, then reads what the writer left before closing (open_initial() comes first)."""
         while not stop.is_set():
             busy = self.poll()
             if busy:
@@ -74,6 +78,8 @@ class FileSource:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._config.poll_interval_seconds)
+        while self.poll():  # what the writer left before we were stopped
+            pass
         self.close()
 
     def close(self) -> None:
@@ -93,7 +99,7 @@ class FileSource:
         if stat is not None and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
             handle = self._path.open("rb")
             if stat.st_size >= saved.offset and matches(handle, saved):
-                self._current = _Open(handle, saved.device, saved.inode, saved.offset)
+                self._current = _Open(handle, saved.device, saved.inode, saved.offset, saved.fingerprint)
                 return
             handle.close()
             log.info("%s: %s was truncated while we were stopped; reading it from the start", self.name, self._path)
@@ -103,7 +109,7 @@ class FileSource:
         if rotated is not None:
             log.info("%s: finishing %s, rotated while the exporter was stopped", self.name, rotated)
             handle = rotated.open("rb")
-            self._current = _Open(handle, saved.device, saved.inode, saved.offset)
+            self._current = _Open(handle, saved.device, saved.inode, saved.offset, saved.fingerprint)
             self._read_available(final=True)
             handle.close()
             self._current = None
@@ -143,10 +149,11 @@ class FileSource:
     def _position(self) -> FilePosition:
         assert self._current is not None
         current = self._current
-        return FilePosition(current.device, current.inode, current.offset, fingerprint(current.handle, current.offset))
+        current.fingerprint = fingerprint(current.handle, current.offset)
+        return FilePosition(current.device, current.inode, current.offset, current.fingerprint)
 
     def poll(self) -> bool:
-        """Reads what is new and follows rotation; True when it stopped early with more to read."""
+        """Follows rotation, then reads what is new; True when it stopped early with more to read."""
         if self._ingest.full:
             return False  # backpressure: the file keeps the ids until the queue has room
         if self._current is None:
@@ -155,33 +162,28 @@ class FileSource:
             self._switch_to(0)  # the file appeared after we started: all of it is new
             if self._current is None:
                 return False
-        if self._read_available(final=False):
-            return True
-        stat = _stat(self._path)
         current = self._current
-        if stat is None:
-            return False  # removed and not yet recreated: keep the old handle for late writes
-        if (stat.st_dev, stat.st_ino) != (current.device, current.inode):
+        stat = _stat(self._path)
+        if stat is not None and (stat.st_dev, stat.st_ino) != (current.device, current.inode):
             # Renamed away and a new file created: the old handle still sees the writer's last lines.
             self._read_available(final=True)
             self._metrics.file_rotations.labels(self.name, "rename").inc()
             self._switch_to(0)
-            return True
-        size = os.fstat(current.handle.fileno()).st_size
-        if size < current.offset or (size >= current.offset and not self._same_head(current)):
-            # Copied and truncated (perhaps already refilled): start over from the beginning.
+        elif self._truncated(current):
+            # Copied and truncated, perhaps already refilled past our offset: start over from the beginning.
             self._metrics.file_rotations.labels(self.name, "truncate").inc()
             self._switch_to(0)
-            return True
-        self._metrics.file_read_bytes.labels(self.name).set(current.offset)
-        self._metrics.file_size_bytes.labels(self.name).set(size)
-        return False
+        busy = self._read_available(final=False)
+        if self._current is not None:
+            self._metrics.file_read_bytes.labels(self.name).set(self._current.offset)
+            self._metrics.file_size_bytes.labels(self.name).set(os.fstat(self._current.handle.fileno()).st_size)
+        return busy
 
-    def _same_head(self, current: _Open) -> bool:
-        saved = self._state.position(self.name)
-        if saved is None or saved.inode != current.inode:
+    def _truncated(self, current: _Open) -> bool:
+        if os.fstat(current.handle.fileno()).st_size < current.offset:
             return True
-        return matches(current.handle, saved)
+        length = int.from_bytes(current.fingerprint[:2], "big")
+        return fingerprint(current.handle, length) != current.fingerprint
 
     def _read_available(self, *, final: bool) -> bool:
         """Consumes complete lines (and, when final, a last line without newline); True if the budget ran out.
