@@ -45,7 +45,7 @@ async def test_one_span_per_attempt_with_attributes(
     finished = [s for s in spans.exporter.get_finished_spans() if s.name == "zenmux.generation.lookup"]
     text = await scrape(exporter.metrics_port)
     assert len(finished) == value(text, "zenmux_exporter_lookups_total") >= 2
-    attempts = sorted(finished, key=lambda s: s.attributes["zenmux.attempt"] if s.attributes else 0)
+    attempts = sorted(finished, key=lambda s: int(str((s.attributes or {}).get("zenmux.attempt", 0))))
     for number, span in enumerate(attempts, start=1):
         attributes = dict(span.attributes or {})
         assert attributes["zenmux.generation.id"] == generation_id
