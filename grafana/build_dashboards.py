@@ -434,7 +434,7 @@ def cost_and_usage() -> Json:
     L.add(stat("Generations counted without cost", "Generations resolved without billing data "
                "(subscription_key: billed by subscription; gave_up_waiting: billing never arrived). "
                "Their spend is missing from the panels above.",
-               [target(f"sum(increase(zenmux_exporter_billing_unavailable_total{{{SEL}}}[$__range]))",
+               [target(f"sum(increase(zenmux_exporter_billing_unavailable_total{{{SEL}}}[$__range])) or vector(0)",
                        "without cost", instant=True)], "short",
                thresholds=steps(("orange", 1))), 8, 8)
 
