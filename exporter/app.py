@@ -66,6 +66,7 @@ class Exporter:
         self.clock = clock or SystemClock()
         self._rng = rng or random.Random()
         self.metrics = SelfMetrics(self.registry)
+        self.metrics.declare(config)
         self._stop_sources = asyncio.Event()
         self._stop_resolver = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -19,6 +19,8 @@ NOT_JSON = "not_json"
 LINE_TOO_LONG = "line_too_long"
 DATAGRAM_TOO_LARGE = "datagram_too_large"
 QUEUE_FULL = "queue_full"
+FILE_REJECT_REASONS = (NOT_JSON, NO_ID, INVALID_ID, LINE_TOO_LONG, QUEUE_FULL)
+UDP_REJECT_REASONS = (NOT_JSON, NO_ID, INVALID_ID, DATAGRAM_TOO_LARGE, QUEUE_FULL)
 
 Labels = tuple[tuple[str, str], ...]
 

@@ -17,7 +17,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.config import LogConfig, TracingConfig
+from exporter.config import Config, LogConfig, TracingConfig
+from exporter.ids import FILE_REJECT_REASONS, UDP_REJECT_REASONS
+from exporter.zenmux import Outcome
 
 LOOKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -73,6 +75,37 @@ class SelfMetrics:
         )
         build = Gauge(p + "build_info", "Build information.", ["version", "python_version"], registry=registry)
         build.labels(__version__, platform.python_version()).set(1)
+        self.give_up_after = Gauge(
+            p + "give_up_after_seconds", "Configured resolve.give_up_after_seconds.", registry=registry
+        )
+        self.max_pending = Gauge(p + "max_pending_ids", "Configured state.max_pending.", registry=registry)
+        self.concurrency_limit = Gauge(
+            p + "lookup_concurrency_limit", "Configured zenmux.concurrency.", registry=registry
+        )
+
+    def declare(self, config: Config) -> None:
+        """Known label values start at 0, so rate() and alerts see the first event, and limits are visible."""
+        for outcome in Outcome:
+            self.lookups.labels(outcome.value)
+            if outcome not in (Outcome.RESOLVED, Outcome.UNAUTHORIZED):
+                self.abandoned.labels(outcome.value)
+        for reason in ("subscription_key", "gave_up_waiting"):
+            self.billing_unavailable.labels(reason)
+        for source in config.sources:
+            self.ids_received.labels(source.name)
+            self.ids_duplicate.labels(source.name)
+            reasons = FILE_REJECT_REASONS if source.type == "file" else UDP_REJECT_REASONS
+            for reason in reasons:
+                self.ids_rejected.labels(source.name, reason)
+            if source.type == "file":
+                for kind in ("rename", "truncate"):
+                    self.file_rotations.labels(source.name, kind)
+            else:
+                self.udp_datagrams.labels(source.name)
+                self.udp_dropped.labels(source.name)
+        self.give_up_after.set(config.resolve.give_up_after_seconds)
+        self.max_pending.set(config.state.max_pending)
+        self.concurrency_limit.set(config.zenmux.concurrency)
 
 
 class QueueCollector(Collector):
