@@ -1,0 +1,47 @@
+"""The README's first command: the demo shows resolved cost and tokens by model within 15 seconds."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.support import samples, value
+
+
+def test_demo_shows_cost_by_model_within_15_seconds() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "demo", "--listen", "127.0.0.1:0", "--rate", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        port = None
+        for line in process.stdout:
+            if match := re.search(r"metrics:\s+http://127\.0\.0\.1:(\d+)/metrics", line):
+                port = int(match.group(1))
+                break
+        assert port is not None
+        started = time.monotonic()
+        text = ""
+        while time.monotonic() - started < 15:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            if value(text, "zenmux_cost_usd_total") > 0:
+                break
+            time.sleep(0.2)  # polling an external process for a condition, not synchronising
+        assert value(text, "zenmux_cost_usd_total") > 0, "no cost on /metrics after 15 s"
+        assert value(text, "zenmux_tokens_total", token_type="prompt") > 0
+        assert len({labels["model"] for name, labels, _ in samples(text) if name == "zenmux_cost_usd_total"}) >= 1
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=20)
+        assert process.returncode == 0
+        assert "demo stopped" in out
+    finally:
+        process.kill()
+
