@@ -40,6 +40,9 @@ async def run_exporter(config: Config, api_key: str) -> int:
     except StateError as err:
         log.error("%s", err)
         return 1
+    except ConfigError as err:
+        log.error("%s", err)
+        return 2
     except OSError as err:
         log.error("cannot start: %s", err)
         return 1
@@ -73,6 +76,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         if config.zenmux.api_key_file:
             read_api_key(config.zenmux)
+        if config.metrics.web_config_file:
+            from exporter.webconfig import load_web_config
+
+            load_web_config(config.metrics.web_config_file)
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2

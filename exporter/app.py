@@ -26,6 +26,7 @@ from exporter.sources.udp import UdpSource
 from exporter.state import StateStore
 from exporter.telemetry import QueueCollector, SelfMetrics, tracer_provider
 from exporter.web import HttpServer
+from exporter.webconfig import WebConfig, load_web_config
 from exporter.zenmux import ZenMuxClient
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,12 @@ class Exporter:
         self.file_sources: list[FileSource] = []
 
     async def start(self) -> None:
-        """Opens the state (raising StateError if unusable), then starts lookups, sources and HTTP."""
+        """Opens the state (raising StateError if unusable), then starts lookups, sources and HTTP.
+
+        A bad web config file (metrics.web_config_file) raises ConfigError before anything is opened."""
         config = self.config
+        web_config = config.metrics.web_config_file
+        web = load_web_config(web_config) if web_config else WebConfig()  # ConfigError before any side effect
         self.state = StateStore(config.state.path, max_pending=config.state.max_pending)
         shape = LedgerShape(config.metrics.extra_labels)
         limiter = LabelLimiter(
@@ -108,7 +113,7 @@ class Exporter:
         )
         host, port = split_host_port(config.metrics.listen)
         endpoints = Endpoints(self.registry, healthy=lambda: None, ready=self._not_ready_reason)
-        self.http = HttpServer(endpoints.handle, host, port)
+        self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.ssl_context)
         await self.http.start()
         for source in config.sources:
             parse = parser_for(source)

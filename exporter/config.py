@@ -87,6 +87,8 @@ class MetricsConfig:
     max_label_values: int = 100
     max_label_value_length: int = 128
     extra_labels: tuple[str, ...] = ()
+    # exporter-toolkit's web config file: TLS and/or bcrypt basic auth for /metrics (exporter/webconfig.py).
+    web_config_file: str = ""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@ from exporter.simulate.api import SimConfig, SimulatedZenMux, serve
 from tests.support import FakeApi, StartExporter
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", default=False, help="enlarge the torture tests (crash loop)")
+
+
 @pytest.fixture
 async def fake_api() -> AsyncIterator[FakeApi]:
     """The simulated ZenMux API on a loopback port, billing ready 0.2 s after a generation is created."""

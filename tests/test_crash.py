@@ -1,0 +1,438 @@
+"""Crash loop: the exporter as a real process, SIGKILLed again and again on one state file, while a writer
+appends ids to a log rotated both ways and sends more over UDP, against the simulated API in another process
+(with faults). At the end /metrics equals the API's ground truth for exactly the ids that were received.
+
+Default: >= 12 kills in well under a minute. `pytest --soak` enlarges the loop (60 kills, ~4x the ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from exporter.simulate.api import totals
+from tests.support import PAYG_KEY, samples, value, wait_until
+
+PYTHON = sys.executable
+# A UDP id sent this long before a kill, or later, may be lost with the process (socket and 50 ms buffer).
+UDP_EDGE_SECONDS = 1.0
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ApiProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def api_process(*args: str, log: Path | None = None) -> Iterator[ApiProcess]:
+    """`zenmux-exporter fake-api` in its own process; yields once it has printed its URL."""
+    stderr = log.open("ab") if log is not None else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [PYTHON, "-m", "exporter", "fake-api", "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert "http://" in line, f"fake-api did not start: {line!r}"
+        url = line.split()[4]
+        yield ApiProcess(process, url)
+    finally:
+        api = ApiProcess(process, "")
+        api.stop()
+        if process.stdout is not None:
+            process.stdout.close()
+        if log is not None and not isinstance(stderr, int):
+            stderr.close()
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def spawn_exporter(config: Path, log: Path, *extra_env: tuple[str, str]) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, **dict(extra_env))
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [PYTHON, "-m", "exporter", "run", "--config", str(config)], stdout=out, stderr=out, env=env
+        )
+
+
+async def metrics_text(port: int, client: httpx.AsyncClient) -> str | None:
+    try:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+async def wait_ready(process: subprocess.Popen[bytes], port: int, client: httpx.AsyncClient) -> None:
+    async def ready() -> bool:
+        assert process.poll() is None, f"exporter exited with {process.returncode}"
+        try:
+            return (await client.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    await wait_until(ready, timeout=20, what="the exporter to answer /readyz")
+
+
+def read_state(path: Path) -> tuple[dict[str, int], tuple[int, int] | None]:
+    """(id -> status, (inode, offset) of the file source) read from the exporter's database, read-only."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        ids = {row[0]: int(row[1]) for row in db.execute("SELECT id, status FROM generations")}
+        row = db.execute("SELECT inode, offset FROM positions WHERE source = 'app-log'").fetchone()
+        return ids, None if row is None else (int(row[0]), int(row[1]))
+    finally:
+        db.close()
+
+
+def read_position(path: Path) -> tuple[int, int] | None:
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+        try:
+            row = db.execute("SELECT inode, offset FROM positions WHERE source = 'app-log'").fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def listening_times(log: Path) -> list[float]:
+    """When each life's UDP socket was bound (its log line follows the bind), as epoch seconds."""
+    times = []
+    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        if "listening for ids on udp" in line:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            times.append(stamp.timestamp())
+    return times
+
+
+@dataclass
+class Run:
+    """What happened: the phases of the exporter process and what the writer sent through which channel."""
+
+    windows: list[tuple[float, float]] = field(default_factory=list)  # (ready, killed) per life
+    dead_windows: list[tuple[float, float]] = field(default_factory=list)  # (reaped, respawned)
+    file_ids: set[str] = field(default_factory=set)
+    udp_sent: list[tuple[str, float]] = field(default_factory=list)
+    duplicates_sent: int = 0
+    rotations: dict[str, int] = field(default_factory=lambda: {"rename": 0, "copytruncate": 0})
+    kills: dict[str, int] = field(default_factory=lambda: {"random": 0, "lookups_inflight": 0, "burst_ingest": 0})
+    rotated: int = 0
+
+
+class Writer:
+    """The application: creates generations at the API, logs their ids (rotating the log), sends some by UDP."""
+
+    def __init__(self, run: Run, logs: Path, state: Path, api_url: str, udp_port: int, rng: random.Random) -> None:
+        self.run = run
+        self.log = logs / "app.log"
+        self.logs = logs
+        self.state = state
+        self.api_url = api_url
+        self.udp_port = udp_port
+        self.rng = rng
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.all_ids: list[str] = []
+
+    async def create(self, client: httpx.AsyncClient, n: int) -> list[str]:
+        async def one() -> str:
+            response = await client.post(f"{self.api_url}/api/v1/generations", json={})
+            response.raise_for_status()
+            return str(response.json()["id"])
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+    def append(self, ids: list[str]) -> None:
+        with self.log.open("a", encoding="utf-8") as handle:
+            for generation_id in ids:
+                feature = self.rng.choice(("chat", "search", "agent"))
+                handle.write(json.dumps({"level": "info", "generation_id": generation_id, "feature": feature}) + "\n")
+        self.run.file_ids.update(ids)
+
+    def send_udp(self, ids: list[str]) -> None:
+        now = time.time()
+        for start in range(0, len(ids), 5):
+            chunk = ids[start : start + 5]
+            with contextlib.suppress(OSError):  # ECONNREFUSED from an earlier datagram while nobody listened
+                self.sock.sendto("\n".join(chunk).encode(), ("127.0.0.1", self.udp_port))
+            self.run.udp_sent.extend((i, now) for i in chunk)
+
+    async def maybe_rotate(self) -> None:
+        """Rotates the way real rotation keeps lines readable: rename once the exporter is on the current file
+        (its unread lines stay in the renamed file), copytruncate once it has read the whole file (the writer
+        pauses up to a second for that, as logrotate picks a quiet moment; if the exporter is dead, no luck)."""
+        stat = self.log.stat()
+        position = read_position(self.state)
+        if position is None or position[0] != stat.st_ino:
+            return  # the exporter has not reached this file yet: a second rotation could hide one from it
+        target = self.logs / f"app.log.{self.run.rotated + 1}"
+        if self.rng.random() < 0.5:
+            os.rename(self.log, target)
+            self.log.touch()
+            self.run.rotations["rename"] += 1
+        else:
+            deadline = time.monotonic() + 1.0
+            while read_position(self.state) != (stat.st_ino, stat.st_size):
+                if time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.02)
+            shutil.copyfile(self.log, target)
+            with self.log.open("r+b") as handle:
+                handle.truncate(0)
+            self.run.rotations["copytruncate"] += 1
+        self.run.rotated += 1
+
+    async def burst(self, client: httpx.AsyncClient, n: int) -> None:
+        ids = await self.create(client, n)
+        self.all_ids.extend(ids)
+        self.append(ids)
+
+    async def loop(self, stop: asyncio.Event) -> None:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {PAYG_KEY}"}, timeout=10) as client:
+            while not stop.is_set():
+                ids = await self.create(client, self.rng.randint(5, 25))
+                self.all_ids.extend(ids)
+                if self.rng.random() < 0.1 and len(self.all_ids) > 50:
+                    ids.append(self.rng.choice(self.all_ids[:-30]))  # a duplicate sighting, maybe across channels
+                    self.run.duplicates_sent += 1
+                if self.rng.random() < 0.7:
+                    self.append(ids)
+                else:
+                    self.send_udp(ids)
+                if self.rng.random() < 0.06:
+                    await self.maybe_rotate()
+                await asyncio.sleep(self.rng.uniform(0.01, 0.08))  # pacing, like an application's traffic
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def soak(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--soak", default=False))
+
+
+@contextlib.asynccontextmanager
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+async def test_exactly_once_through_kill_9_rotation_and_api_faults(tmp_path: Path, soak: bool) -> None:
+    kills_wanted = 60 if soak else 12
+    seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))
+    rng = random.Random(seed)
+    logs, state_dir = tmp_path / "logs", tmp_path / "state"
+    logs.mkdir()
+    state_dir.mkdir()
+    state = state_dir / "state.db"
+    (logs / "app.log").touch()
+    metrics_port, udp_port = free_port(), free_port(socket.SOCK_DGRAM)
+    exporter_log = tmp_path / "exporter.log"
+    faults = ["server_error=0.04", "reset=0.02", "truncated=0.02", "malformed=0.02",
+              "oversized=0.01", "slow=0.01"]
+    with api_process("--billing-delay", "0.4", *(a for f in faults for a in ("--fault", f)),
+                     log=tmp_path / "api.log") as api:
+        config = write_config(
+            tmp_path / "config.yaml",
+            {
+                "zenmux": {
+                    "base_url": api.url,
+                    "api_key": PAYG_KEY,
+                    "timeout_seconds": 0.5,
+                    "connect_timeout_seconds": 0.5,
+                    "concurrency": 16,
+                    "max_requests_per_second": 2000,
+                    "max_response_bytes": 256 * 1024,
+                },
+                "resolve": {
+                    "billing_delay_seconds": 0.2,
+                    "retry_initial_seconds": 0.05,
+                    "retry_max_seconds": 0.3,
+                    "give_up_after_seconds": 3600,
+                },
+                "sources": [
+                    {"type": "file", "name": "app-log", "path": str(logs / "app.log"), "format": "json",
+                     "start_at": "beginning", "poll_interval_seconds": 0.02, "labels": {"feature": "feature"}},
+                    {"type": "udp", "name": "udp", "listen": f"127.0.0.1:{udp_port}", "format": "plain"},
+                ],
+                "state": {"path": str(state)},
+                "metrics": {"listen": f"127.0.0.1:{metrics_port}", "extra_labels": ["feature"]},
+                "shutdown": {"drain_seconds": 0},
+                "log": {"level": "info"},
+            },
+        )
+        run = Run()
+        writer = Writer(run, logs, state, api.url, udp_port, rng)
+        stop_writing = asyncio.Event()
+        writing = asyncio.create_task(writer.loop(stop_writing))
+        started = time.time()
+        run.dead_windows.append((started, float("inf")))
+        async with http() as client, httpx.AsyncClient(
+            headers={"Authorization": f"Bearer {PAYG_KEY}"}, timeout=10
+        ) as api_client:
+            process: subprocess.Popen[bytes] | None = None
+            try:
+                for _ in range(kills_wanted):
+                    respawn = time.time()
+                    if run.dead_windows:
+                        run.dead_windows[-1] = (run.dead_windows[-1][0], respawn)
+                    process = spawn_exporter(config, exporter_log)
+                    await wait_ready(process, metrics_port, client)
+                    ready = time.time()
+                    how = rng.choice(("random", "random", "lookups_inflight", "burst_ingest"))
+                    await asyncio.sleep(rng.uniform(0.2, 1.5))  # a random moment: this is what is under test
+                    if how == "lookups_inflight":
+                        async def lookups_inflight() -> bool:
+                            text = await metrics_text(metrics_port, client)
+                            return text is not None and value(text, "zenmux_exporter_inflight_lookups") > 0
+
+                        with contextlib.suppress(AssertionError):
+                            await wait_until(lookups_inflight, timeout=3)
+                    elif how == "burst_ingest":
+                        await writer.burst(api_client, 300)  # a big chunk: its enqueue is being written now
+                        await asyncio.sleep(rng.uniform(0, 0.05))
+                    assert process.poll() is None, f"exporter died by itself: see {exporter_log}"
+                    process.send_signal(signal.SIGKILL)
+                    killed = time.time()
+                    process.wait()
+                    run.kills[how] += 1
+                    run.windows.append((ready, killed))
+                    run.dead_windows.append((time.time(), float("inf")))
+                    await asyncio.sleep(rng.uniform(0, 0.3))  # dead for a while: datagrams now go nowhere
+                stop_writing.set()
+                await writing
+                # The last life: runs until everything durably received is resolved.
+                run.dead_windows[-1] = (run.dead_windows[-1][0], time.time())
+                process = spawn_exporter(config, exporter_log)
+                await wait_ready(process, metrics_port, client)
+
+                async def caught_up() -> bool:
+                    ids, position = read_state(state)
+                    stat = (logs / "app.log").stat()
+                    if position != (stat.st_ino, stat.st_size) or not run.file_ids <= ids.keys():
+                        return False
+                    text = await metrics_text(metrics_port, client)
+                    return text is not None and value(text, "zenmux_exporter_pending_ids") == 0
+
+                await wait_until(caught_up, timeout=120 if soak else 60, what="every received id resolved")
+                text = await metrics_text(metrics_port, client)
+                assert text is not None
+                ids, _ = read_state(state)
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(30) == 0
+            finally:
+                stop_writing.set()
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait()
+                writer.close()
+            records = {r["generationId"]: r for r in (await api_client.get(f"{api.url}/_sim/records")).json()}
+            sim_stats = (await api_client.get(f"{api.url}/_sim/stats")).json()
+
+    # Every id the exporter holds is resolved, exactly once; the file lost nothing.
+    assert set(ids.values()) == {1}, "ids neither pending nor abandoned at the end"
+    missing_file_ids = run.file_ids - ids.keys()
+    assert not missing_file_ids, f"{len(missing_file_ids)} logged ids were never read"
+    # UDP, accounted id by id: sent while no process listened -> lost (all of them); sent to a listening
+    # exporter more than UDP_EDGE_SECONDS before its kill -> counted (all of them); sent in that last stretch
+    # (the socket buffer and the 50 ms flush buffer die with the process) -> either, reported.
+    listening = listening_times(exporter_log)
+    assert len(listening) == len(run.windows) + 1
+    kills_at = [killed for _, killed in run.windows] + [float("inf")]
+    margin = 0.005  # the log's millisecond timestamps
+    not_listening = [(reaped, heard - margin) for (reaped, _), heard in zip(run.dead_windows, listening, strict=True)]
+    firm = [(heard + margin, killed - UDP_EDGE_SECONDS) for heard, killed in zip(listening, kills_at, strict=True)]
+    sightings: dict[str, list[float]] = {}
+    for generation_id, sent in run.udp_sent:
+        sightings.setdefault(generation_id, []).append(sent)
+
+    def within(t: float, windows: list[tuple[float, float]]) -> bool:
+        return any(start <= t <= end for start, end in windows)
+
+    udp_only = {i: ts for i, ts in sightings.items() if i not in run.file_ids}
+    sent_dead = {i for i, ts in udp_only.items() if all(within(t, not_listening) for t in ts)}
+    sent_alive = {i for i, ts in udp_only.items() if any(within(t, firm) for t in ts)}
+    counted_dead = sent_dead & ids.keys()
+    assert not counted_dead, f"{len(counted_dead)} datagrams sent while no exporter listened were counted"
+    lost_alive = sent_alive - ids.keys()
+    assert not lost_alive, f"{len(lost_alive)} ids sent by UDP to a running exporter were lost"
+    udp_edge_lost = set(udp_only) - ids.keys() - sent_dead
+    edge_ages = [
+        min(k - t for k in kills_at if k >= t) for i in udp_edge_lost for t in udp_only[i]
+    ]
+    received = ids.keys()
+    assert received <= records.keys()
+    truth = totals(records[i] for i in received)
+    assert value(text, "zenmux_generations_total") == truth["generations"] == len(received)
+    for kind in ("prompt", "completion", "reasoning", "cached"):
+        assert value(text, "zenmux_tokens_total", token_type=kind) == truth[f"{kind}_tokens"], kind
+    assert value(text, "zenmux_cost_usd_total") == pytest.approx(truth["billAmount"], rel=1e-9)
+    assert value(text, "zenmux_cost_origin_usd_total") == pytest.approx(truth["originAmount"], rel=1e-9)
+    assert value(text, "zenmux_cost_discount_usd_total") == pytest.approx(truth["discountAmount"], rel=1e-9, abs=1e-9)
+    assert value(text, "zenmux_credits_total") == pytest.approx(truth["usage"], rel=1e-9)
+    assert value(text, "zenmux_cost_by_fee_item_usd_total") == pytest.approx(truth["billAmount"], rel=1e-9)
+    assert value(text, "zenmux_upstream_retries_total") == truth["retries"]
+    outcomes = {lbl["outcome"]: v for n, lbl, v in samples(text) if n == "zenmux_exporter_lookups_total"}
+    report = {
+        "seed": seed,
+        "kills": sum(run.kills.values()),
+        "kills_by_moment": run.kills,
+        "rotations": run.rotations,
+        "ids_created": len(writer.all_ids),
+        "ids_logged": len(run.file_ids),
+        "ids_sent_udp": len(sightings),
+        "udp_lost_while_dead": len(sent_dead),
+        "udp_lost_in_last_moments_before_a_kill": len(udp_edge_lost),
+        "udp_lost_max_seconds_before_kill": round(max(edge_ages, default=0.0), 3),
+        "duplicate_sightings": run.duplicates_sent,
+        "ids_resolved": len(received),
+        "file_ids_lost": len(missing_file_ids),
+        "api_faults_injected": sim_stats["faults"],
+        "last_life_lookup_outcomes": outcomes,
+        "seconds": round(time.time() - started, 1),
+    }
+    print("crash-loop report:", json.dumps(report))
+    (tmp_path / "report.json").write_text(json.dumps(report, indent=2))
+    assert sum(run.kills.values()) == kills_wanted >= 10

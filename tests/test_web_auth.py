@@ -1,0 +1,180 @@
+"""/metrics behind the exporter-toolkit web config: real TLS (a self-signed cert made here) and bcrypt basic auth."""
+
+from __future__ import annotations
+
+import base64
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import bcrypt
+import httpx
+import pytest
+import yaml
+
+from exporter.config import ConfigError
+from exporter.webconfig import load_web_config
+from tests.support import FakeApi, StartExporter, make_config
+
+PASSWORD = "correct horse battery staple"
+
+
+def make_cert(directory: Path, name: str = "server", *, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """A P-256 certificate for 127.0.0.1/localhost: self-signed, or signed by `ca` (cert, key)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subject = ["-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+    common = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-days", "2"]
+    if ca is None:
+        subprocess.run(["openssl", "req", "-x509", *common, "-out", str(cert), *subject],
+                       check=True, capture_output=True)
+    else:
+        csr = directory / f"{name}.csr"
+        subprocess.run(["openssl", "req", "-new", *[a for a in common if a not in ("-days", "2")], "-out", str(csr),
+                        *subject], check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+                        "-CAcreateserial", "-days", "2", "-out", str(cert), "-copy_extensions", "copy"],
+                       check=True, capture_output=True)
+    return cert, key
+
+
+def write_web_config(path: Path, data: dict[str, object]) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def hashed(password: str, prefix: str = "$2y$") -> str:
+    # htpasswd and exporter-toolkit's docs write $2y$; Python's bcrypt writes $2b$: the same algorithm.
+    return prefix + bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()[4:]
+
+
+async def test_tls_and_basic_auth(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
+    cert, key = make_cert(tmp_path)
+    web = write_web_config(
+        tmp_path / "web.yml",
+        {
+            "tls_server_config": {"cert_file": cert.name, "key_file": key.name},  # relative to the web config
+            "basic_auth_users": {"prometheus": hashed(PASSWORD), "grafana": hashed("other", "$2b$")},
+        },
+    )
+    config = make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)})
+    exporter = await start_exporter(config)
+    base = f"https://127.0.0.1:{exporter.metrics_port}"
+    trusted = ssl.create_default_context(cafile=str(cert))
+    async with httpx.AsyncClient(base_url=base, verify=trusted) as client:
+        anonymous = await client.get("/metrics")
+        assert anonymous.status_code == 401
+        assert anonymous.headers["www-authenticate"].startswith("Basic realm=")
+        assert "zenmux" not in anonymous.text
+        assert (await client.get("/metrics", headers=basic("prometheus", "wrong"))).status_code == 401
+        assert (await client.get("/metrics", headers=basic("nobody", PASSWORD))).status_code == 401
+        assert (await client.get("/metrics", headers={"Authorization": "Basic !!notbase64"})).status_code == 401
+        assert (await client.get("/metrics", headers={"Authorization": "Bearer x"})).status_code == 401
+        assert (await client.get("/", headers=basic("prometheus", "wrong"))).status_code == 401
+        for _ in range(3):  # the second and third check come from the verified cache
+            ok = await client.get("/metrics", headers=basic("prometheus", PASSWORD))
+            assert ok.status_code == 200
+            assert "zenmux_exporter_build_info" in ok.text
+        assert (await client.get("/metrics", headers=basic("grafana", "other"))).status_code == 200
+        # The probes stay open: kubelet calls them without credentials and they reveal nothing.
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+    # No plaintext on the TLS port, and an untrusting client refuses the self-signed cert.
+    async with httpx.AsyncClient() as plain:
+        with pytest.raises(httpx.HTTPError):
+            await plain.get(f"http://127.0.0.1:{exporter.metrics_port}/metrics")
+    async with httpx.AsyncClient() as untrusting:
+        with pytest.raises(httpx.ConnectError):
+            await untrusting.get(f"{base}/metrics")
+    async with httpx.AsyncClient(base_url=base, verify=trusted) as client:  # still serving after all that
+        assert (await client.get("/metrics", headers=basic("prometheus", PASSWORD))).status_code == 200
+
+
+async def test_tls_only_and_basic_auth_only(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
+    cert, key = make_cert(tmp_path)
+    tls_only = write_web_config(tmp_path / "tls.yml", {"tls_server_config": {"cert_file": str(cert),
+                                                                             "key_file": str(key)}})
+    exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(tls_only)}))
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert))) as client:
+        assert (await client.get(f"https://127.0.0.1:{exporter.metrics_port}/metrics")).status_code == 200
+    await exporter.stop(drain_seconds=0)
+    auth_only = write_web_config(tmp_path / "auth.yml", {"basic_auth_users": {"prometheus": hashed(PASSWORD)}})
+    exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(auth_only)}))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{exporter.metrics_port}") as client:
+        assert (await client.get("/metrics")).status_code == 401
+        assert (await client.get("/metrics", headers=basic("prometheus", PASSWORD))).status_code == 200
+
+
+async def test_client_certificates(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
+    ca = make_cert(tmp_path, "ca")
+    server = make_cert(tmp_path, "server", ca=ca)
+    client_cert = make_cert(tmp_path, "client", ca=ca)
+    web = write_web_config(
+        tmp_path / "web.yml",
+        {
+            "tls_server_config": {
+                "cert_file": str(server[0]),
+                "key_file": str(server[1]),
+                "client_ca_file": str(ca[0]),
+                "client_auth_type": "RequireAndVerifyClientCert",
+                "min_version": "TLS13",
+            }
+        },
+    )
+    exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)}))
+    url = f"https://127.0.0.1:{exporter.metrics_port}/metrics"
+    without = ssl.create_default_context(cafile=str(ca[0]))
+    async with httpx.AsyncClient(verify=without) as client:
+        with pytest.raises(httpx.HTTPError):
+            await client.get(url)
+    with_cert = ssl.create_default_context(cafile=str(ca[0]))
+    with_cert.load_cert_chain(client_cert[0], client_cert[1])
+    async with httpx.AsyncClient(verify=with_cert) as client:
+        assert (await client.get(url)).status_code == 200
+
+
+def test_bad_web_configs_list_every_problem_without_echoing_secrets(tmp_path: Path) -> None:
+    web = write_web_config(
+        tmp_path / "web.yml",
+        {
+            "tls_server_config": {"cert_file": "missing.crt", "key_file": "missing.key", "bogus": 1},
+            "basic_auth_users": {"alice": "plain-text-password", "bob:x": hashed("pw")},
+            "nonsense": True,
+        },
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_web_config(web)
+    message = str(caught.value)
+    for fragment in ("nonsense", "tls_server_config.bogus", "cannot load cert_file", "basic_auth_users.alice",
+                     "basic_auth_users.bob:x"):
+        assert fragment in message, fragment
+    assert "plain-text-password" not in message
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_web_config(tmp_path / "absent.yml")
+    with pytest.raises(ConfigError, match="cert_file and key_file"):
+        load_web_config(write_web_config(tmp_path / "half.yml", {"tls_server_config": {"cert_file": "x"}}))
+    with pytest.raises(ConfigError, match="client_ca_file"):
+        load_web_config(write_web_config(tmp_path / "mtls.yml", {"tls_server_config": {
+            "cert_file": "x", "key_file": "y", "client_auth_type": "RequireAndVerifyClientCert"}}))
+
+
+async def test_exporter_refuses_to_start_with_a_bad_web_config(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    web = write_web_config(tmp_path / "web.yml", {"basic_auth_users": {"alice": "hunter2"}})
+    with pytest.raises(ConfigError, match="bcrypt"):
+        await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)}))
+    assert not (tmp_path / "state.db").exists(), "nothing is opened before the config is known good"
+    config = tmp_path / "config.yaml"
+    from tests.support import config_data
+
+    config.write_text(yaml.safe_dump(config_data(tmp_path, fake_api.url, metrics={"web_config_file": str(web)})))
+    checked = subprocess.run([sys.executable, "-m", "exporter", "check-config", "--config", str(config)],
+                             capture_output=True, text=True)
+    assert checked.returncode == 2
+    assert "basic_auth_users.alice" in checked.stderr
+    assert "hunter2" not in checked.stderr + checked.stdout
