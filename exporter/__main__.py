@@ -60,13 +60,20 @@ async def run_exporter(config: Config, api_key: str) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def load_with_key(path: Path) -> tuple[Config, str] | None:
+    """The config and its API key, or None after printing every problem (exit code 2)."""
     try:
-        config = load_config(args.config)
-        api_key = read_api_key(config.zenmux)
+        config = load_config(path)
+        return config, read_api_key(config.zenmux)
     except ConfigError as err:
         print(err, file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if (loaded := load_with_key(args.config)) is None:
         return 2
+    config, api_key = loaded
     configure_logging(config.log, [api_key])
     return asyncio.run(run_exporter(config, api_key))
 
@@ -91,12 +98,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_lookup(args: argparse.Namespace) -> int:
     from exporter.zenmux import ZenMuxClient
 
-    try:
-        config = load_config(args.config)
-        api_key = read_api_key(config.zenmux)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
+    if (loaded := load_with_key(args.config)) is None:
         return 2
+    config, api_key = loaded
 
     async def lookup() -> dict[str, Any]:
         client = ZenMuxClient(config.zenmux, api_key)
