@@ -29,6 +29,9 @@ BSEL = SEL + ', model=~"$model", protocol=~"$protocol"'
 RI = "$__rate_interval"
 
 GREEN = {"color": "green", "value": None}
+# a configured limit drawn next to the value it bounds: red, dashed
+LIMIT_LINE = [{"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+              {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}]
 
 
 def steps(*pairs: tuple[str, float]) -> Json:
@@ -118,7 +121,7 @@ def timeseries(title: str, description: str, targets: list[Json], unit: str, *,
 
 def stat(title: str, description: str, targets: list[Json], unit: str, *,
          thresholds: Json | None = None, mappings: list[Json] | None = None,
-         decimals: int | None = None, graph: bool = False) -> Json:
+         decimals: int | None = None, graph: bool = False, no_value: str | None = None) -> Json:
     defaults: Json = {
         "unit": unit,
         "color": {"mode": "thresholds"},
@@ -127,6 +130,8 @@ def stat(title: str, description: str, targets: list[Json], unit: str, *,
     }
     if decimals is not None:
         defaults["decimals"] = decimals
+    if no_value is not None:
+        defaults["noValue"] = no_value  # shown when the query has no series (counter not born yet)
     return {
         "type": "stat", "title": title, "description": description, "datasource": DS,
         "fieldConfig": {"defaults": defaults, "overrides": []},
@@ -434,7 +439,7 @@ def cost_and_usage() -> Json:
     L.add(stat("Generations counted without cost", "Generations resolved without billing data "
                "(subscription_key: billed by subscription; gave_up_waiting: billing never arrived). "
                "Their spend is missing from the panels above.",
-               [target(f"sum(increase(zenmux_exporter_billing_unavailable_total{{{SEL}}}[$__range])) or vector(0)",
+               [target(f"sum(increase(zenmux_exporter_billing_unavailable_total{{{SEL}}}[$__range]))",
                        "without cost", instant=True)], "short",
                thresholds=steps(("orange", 1))), 8, 8)
 
@@ -469,18 +474,30 @@ def exporter_health() -> Json:
                mappings=[{"type": "value", "options": {
                    "0": {"text": "OK", "color": "green", "index": 0},
                    "1": {"text": "FAILING", "color": "red", "index": 1}}}]), 4, 5)
+    L.add(stat("Draining", "Exporters shutting down and resolving their pending ids "
+               "(zenmux_exporter_draining = 1); /readyz answers 503 meanwhile. Expected during a rollout, "
+               "suspicious if it lasts.",
+               [target(f"sum(zenmux_exporter_draining{{{SEL}}})", "draining")], "short", decimals=0,
+               thresholds=steps(("orange", 1)),
+               mappings=[{"type": "value", "options": {"0": {"text": "none", "color": "green", "index": 0}}}]),
+          4, 5)
     L.add(stat("Firing ZenMux alerts", "Alerts from prometheus/rules.yaml currently firing.",
                [target('count(ALERTS{alertname=~"ZenMux.*", alertstate="firing"}) or vector(0)', "alerts")],
                "short", decimals=0, thresholds=steps(("red", 1))), 4, 5)
+    L.add(stat("State database errors in range", "Writes of lookup results to the state database that "
+               "failed (zenmux_exporter_state_errors_total; retried after a pause, nothing is lost). Non-zero "
+               "points at disk full, permissions or a locked database.",
+               [target(f"sum(increase(zenmux_exporter_state_errors_total{{{SEL}}}[$__range]))", "errors",
+                       instant=True)], "short", decimals=0, thresholds=steps(("red", 1)), no_value="0"), 4, 5)
     L.add(table("Build info", "Exporter version and Python runtime per instance.",
                 [target(f"max by (job, instance, version, python_version) (zenmux_exporter_build_info{{{SEL}}})",
-                        "", instant=True, fmt="table")], "short"), 8, 5)
+                        "", instant=True, fmt="table")], "short"), 8, 7)
     L.add(timeseries("Scrape duration", "Time Prometheus needs to scrape /metrics. The exporter renders "
                      "from its ledger; growth here follows label cardinality.",
                      [target(f"scrape_duration_seconds{{{SEL}}}", "{{instance}}")], "s",
-                     thresholds=steps(("orange", 1), ("red", 5))), 12, 7)
+                     thresholds=steps(("orange", 1), ("red", 5))), 8, 7)
     L.add(timeseries("Samples per scrape", "Series exposed per scrape (cardinality).",
-                     [target(f"scrape_samples_scraped{{{SEL}}}", "{{instance}}")], "short"), 12, 7)
+                     [target(f"scrape_samples_scraped{{{SEL}}}", "{{instance}}")], "short"), 8, 7)
 
     L.row("Ingest: ids received, rejected, duplicate; UDP and file sources")
     L.add(timeseries("Ids received by source", "Valid generation ids read per second.",
@@ -530,19 +547,34 @@ def exporter_health() -> Json:
                      "ZenMuxPendingBacklogGrowing fires when this keeps growing while intake outpaces "
                      "resolution.",
                      [target(f"sum by (instance) (zenmux_exporter_pending_ids{{{SEL}}})", "{{instance}}")],
-                     "short"), 8, 8)
-    L.add(timeseries("Oldest pending age", "Age of the oldest pending id against the give-up horizon "
-                     "(resolve.give_up_after_seconds, default 3600 s; ZenMuxOldestPendingPastGiveUp).",
+                     "short"), 6, 8)
+    L.add(timeseries("Pending queue fill", "Pending ids as a share of the configured queue bound "
+                     "(state.max_pending, zenmux_exporter_max_pending_ids). At 100 % new ids are rejected "
+                     "as queue_full (see 'Ids rejected by source and reason').",
+                     [target(f"max by (instance) (zenmux_exporter_pending_ids{{{SEL}}}) "
+                             f"/ max by (instance) (zenmux_exporter_max_pending_ids{{{SEL}}})", "{{instance}}")],
+                     "percentunit", thresholds=steps(("orange", 0.5), ("red", 0.9)), threshold_line=True),
+          6, 8)
+    L.add(timeseries("Oldest pending age", "Age of the oldest pending id against the exporter's own give-up "
+                     "horizon (zenmux_exporter_give_up_after_seconds = resolve.give_up_after_seconds; for "
+                     "exporters too old to expose it, zenmux:give_up_after_seconds:effective from the rules). "
+                     "ZenMuxOldestPendingPastGiveUp fires when the age stays above the line.",
                      [target(f"max by (instance) (zenmux_exporter_oldest_pending_age_seconds{{{SEL}}})",
                              "{{instance}}"),
-                      target("max(zenmux:give_up_after_seconds:effective)", "give-up horizon", ref="B")],
-                     "s", thresholds=steps(("orange", 1800), ("red", 3600)),
-                     overrides=[{"matcher": {"id": "byName", "options": "give-up horizon"}, "properties": [
-                         {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
-                         {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}}]}]), 8, 8)
-    L.add(timeseries("In-flight lookups", "Lookups in progress against GET /api/v1/generation.",
-                     [target(f"sum by (instance) (zenmux_exporter_inflight_lookups{{{SEL}}})", "{{instance}}")],
-                     "short"), 8, 8)
+                      target(f"max by (instance) (zenmux_exporter_give_up_after_seconds{{{SEL}}}) "
+                             "or on () max(zenmux:give_up_after_seconds:effective)",
+                             "give-up horizon {{instance}}", ref="B")],
+                     "s",
+                     overrides=[{"matcher": {"id": "byRegexp", "options": "give-up horizon.*"},
+                                 "properties": LIMIT_LINE}]), 6, 8)
+    L.add(timeseries("In-flight lookups", "Lookups in progress against GET /api/v1/generation, against the "
+                     "configured limit (zenmux.concurrency, zenmux_exporter_lookup_concurrency_limit). Pinned "
+                     "at the limit while the backlog grows: the exporter is the bottleneck.",
+                     [target(f"sum by (instance) (zenmux_exporter_inflight_lookups{{{SEL}}})", "{{instance}}"),
+                      target(f"max by (instance) (zenmux_exporter_lookup_concurrency_limit{{{SEL}}})",
+                             "limit {{instance}}", ref="B")],
+                     "short",
+                     overrides=[{"matcher": {"id": "byRegexp", "options": "limit.*"}, "properties": LIMIT_LINE}]), 6, 8)
     L.add(timeseries("Lookup outcomes", "Lookup attempts per second by outcome. not_ready is the normal "
                      "billing delay; malformed, unauthorized, server_error, timeout are not.",
                      [target(f"sum by (outcome) (rate(zenmux_exporter_lookups_total{{{SEL}}}[{RI}]))",

@@ -18,7 +18,7 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,7 +30,8 @@ GRAFANA = REPO / "grafana"
 DASHBOARD_DIR = GRAFANA / "dashboards"
 PROMETHEUS_DIR = REPO / "prometheus"
 RULE_FILES = (PROMETHEUS_DIR / "settings.rules.yaml", PROMETHEUS_DIR / "rules.yaml")
-DOCS = REPO / "docs" / "dashboards-and-alerts.md"
+README = REPO / "README.md"
+DOCS = REPO / "docs" / "dashboards-and-alerts.md"  # runbooks (the alerts' runbook_url)
 
 COST_DASHBOARD = DASHBOARD_DIR / "zenmux-cost-and-usage.json"
 HEALTH_DASHBOARD = DASHBOARD_DIR / "zenmux-exporter-health.json"
@@ -53,44 +54,26 @@ def _m(type_: str, *labels: str) -> Metric:
     return Metric(type_, frozenset(labels))
 
 
-# The metric families the exporter exposes: README.md "Metrics" (the contract). A teammate
-# will switch this to the live exporter's exposition; test_contract_matches_readme keeps it
-# honest until then.
-EXPORTER_METRICS: dict[str, Metric] = {
-    # business metrics: + model, protocol and the configured extra labels
-    "zenmux_generations_total": _m("counter", "streamed", "finish_reason"),
-    "zenmux_tokens_total": _m("counter", "token_type"),
-    "zenmux_generation_tokens": _m("histogram", "token_type"),
-    "zenmux_first_token_latency_seconds": _m("histogram"),
-    "zenmux_generation_duration_seconds": _m("histogram"),
-    "zenmux_upstream_retries_total": _m("counter"),
-    "zenmux_upstream_retries": _m("histogram"),
-    "zenmux_cost_usd_total": _m("counter"),
-    "zenmux_cost_origin_usd_total": _m("counter"),
-    "zenmux_cost_discount_usd_total": _m("counter"),
-    "zenmux_credits_total": _m("counter"),
-    "zenmux_cost_by_fee_item_usd_total": _m("counter", "fee_item"),
-    "zenmux_generation_cost_usd": _m("histogram"),
-    # self-metrics
-    "zenmux_exporter_ids_received_total": _m("counter", "source"),
-    "zenmux_exporter_ids_duplicate_total": _m("counter", "source"),
-    "zenmux_exporter_ids_rejected_total": _m("counter", "source", "reason"),
-    "zenmux_exporter_udp_datagrams_total": _m("counter", "source"),
-    "zenmux_exporter_udp_dropped_datagrams_total": _m("counter", "source"),
-    "zenmux_exporter_file_read_bytes": _m("gauge", "source"),
-    "zenmux_exporter_file_size_bytes": _m("gauge", "source"),
-    "zenmux_exporter_file_rotations_total": _m("counter", "source", "kind"),
-    "zenmux_exporter_pending_ids": _m("gauge"),
-    "zenmux_exporter_oldest_pending_age_seconds": _m("gauge"),
-    "zenmux_exporter_inflight_lookups": _m("gauge"),
-    "zenmux_exporter_lookups_total": _m("counter", "outcome"),
-    "zenmux_exporter_lookup_duration_seconds": _m("histogram", "outcome"),
-    "zenmux_exporter_abandoned_ids_total": _m("counter", "reason"),
-    "zenmux_exporter_billing_unavailable_total": _m("counter", "reason"),
-    "zenmux_exporter_api_auth_failing": _m("gauge"),
-    "zenmux_exporter_label_overflow_total": _m("counter", "label"),
-    "zenmux_exporter_build_info": _m("gauge", "version", "python_version"),
-}
+def readme_contract() -> dict[str, Metric]:
+    """The metric families README.md's "Metrics" tables promise (name -> type, own labels).
+
+    This is the contract; tests/test_metrics_contract.py holds it against the live exporter's
+    /metrics, so the static checks below may rely on it."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Metrics", 1)[1].split("\n## ", 1)[0]
+    out: dict[str, Metric] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or not cells[0].startswith("`zenmux_"):
+            continue
+        labels = frozenset(re.findall(r"`([a-z_]+)`", cells[2].split("=")[0])) if "`" in cells[2] else frozenset()
+        if "=" in cells[2]:  # `token_type` = prompt, completion, ...
+            labels = frozenset(re.findall(r"`([a-z_]+)`\s*=", cells[2]))
+        out[cells[0].strip("`")] = Metric(cells[1], labels)
+    return out
+
+
+EXPORTER_METRICS: dict[str, Metric] = readme_contract()
 SELF_PREFIX = "zenmux_exporter_"
 BUSINESS_LABELS = frozenset({"model", "protocol"})
 # metrics.extra_labels is configuration; the dashboards and tests use `feature` as the example.
@@ -115,6 +98,11 @@ LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
 LABEL_VALUES[("zenmux_exporter_lookup_duration_seconds", "outcome")] = LABEL_VALUES[
     ("zenmux_exporter_lookups_total", "outcome")
 ]
+# an id is abandoned with its last lookup's outcome (never resolved; unauthorized ids wait)
+LABEL_VALUES[("zenmux_exporter_abandoned_ids_total", "reason")] = LABEL_VALUES[
+    ("zenmux_exporter_lookups_total", "outcome")
+] - {"resolved", "unauthorized"}
+LABEL_VALUES[("zenmux_exporter_state_errors_total", "operation")] = frozenset({"settle"})
 
 # Series Prometheus itself produces, with their labels.
 PROMETHEUS_SERIES: dict[str, frozenset[str]] = {
@@ -179,14 +167,16 @@ _LABEL_VALUES_BARE = re.compile(r"^\s*label_values\(\s*([a-zA-Z_]\w*)\s*\)\s*$")
 _QUERY_RESULT = re.compile(r"^\s*query_result\((.*)\)\s*$", re.S)
 
 
-def substitute(expr: str) -> str:
-    """Replaces Grafana variables by values that make the expression runnable."""
+def substitute(expr: str, substitutions: Mapping[str, str] | None = None) -> str:
+    """Replaces Grafana variables by values that make the expression runnable
+    (SUBSTITUTIONS, overridden by `substitutions`)."""
+    values = {**SUBSTITUTIONS, **(substitutions or {})}
 
     def repl(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
-        if name not in SUBSTITUTIONS:
+        if name not in values:
             raise KeyError(f"unknown Grafana variable ${name} in {expr!r}")
-        return SUBSTITUTIONS[name]
+        return values[name]
 
     return _VAR.sub(repl, expr)
 
@@ -218,22 +208,23 @@ def load(path: Path) -> dict[str, Any]:
     return data
 
 
-def dashboard_queries(path: Path | str) -> list[tuple[str, str]]:
+def dashboard_queries(path: Path | str, substitutions: Mapping[str, str] | None = None) -> list[tuple[str, str]]:
     """(panel title, runnable PromQL) for every query of a dashboard: panel targets,
     query template variables (the selector of `label_values(selector, label)`), and
-    Prometheus annotations. Variables are substituted (see SUBSTITUTIONS)."""
+    Prometheus annotations. Variables are substituted (SUBSTITUTIONS, overridden by
+    `substitutions`, e.g. real job/instance/model values and a short `__rate_interval`)."""
     dash = load(Path(path))
     out: list[tuple[str, str]] = []
     for panel in iter_panels(dash.get("panels", [])):
         for target in panel.get("targets", []):
             if target.get("expr"):
-                out.append((str(panel.get("title", "")), substitute(target["expr"])))
+                out.append((str(panel.get("title", "")), substitute(target["expr"], substitutions)))
     for variable in dash.get("templating", {}).get("list", []):
         if variable.get("type") == "query" and (query := _variable_query(variable)) is not None:
-            out.append((f"variable ${variable['name']}", substitute(query)))
+            out.append((f"variable ${variable['name']}", substitute(query, substitutions)))
     for annotation in dash.get("annotations", {}).get("list", []):
         if annotation.get("expr"):
-            out.append((f"annotation {annotation.get('name', '')}", substitute(annotation["expr"])))
+            out.append((f"annotation {annotation.get('name', '')}", substitute(annotation["expr"], substitutions)))
     return out
 
 
@@ -336,26 +327,16 @@ def promtool_check_exprs(exprs: list[str], tmp_path: Path) -> subprocess.Complet
                           check=False)
 
 
-def _readme_contract() -> dict[str, Metric]:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text.split("## Metrics", 1)[1]
-    out: dict[str, Metric] = {}
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) < 3 or not cells[0].startswith("`zenmux_"):
-            continue
-        labels = frozenset(re.findall(r"`([a-z_]+)`", cells[2].split("=")[0])) if "`" in cells[2] else frozenset()
-        if "=" in cells[2]:  # `token_type` = prompt, completion, ...
-            labels = frozenset(re.findall(r"`([a-z_]+)`\s*=", cells[2]))
-        out[cells[0].strip("`")] = Metric(cells[1], labels)
-    return out
-
-
 # --------------------------------------------------------------------------- tests
 
 
-def test_contract_matches_readme() -> None:
-    assert _readme_contract() == EXPORTER_METRICS
+def test_readme_contract_is_parsed() -> None:
+    # the live comparison is tests/test_metrics_contract.py; this guards the table parser
+    assert len(EXPORTER_METRICS) >= 30
+    assert EXPORTER_METRICS["zenmux_tokens_total"] == Metric("counter", frozenset({"token_type"}))
+    assert EXPORTER_METRICS["zenmux_exporter_ids_rejected_total"] == Metric("counter", frozenset({"source", "reason"}))
+    assert EXPORTER_METRICS["zenmux_exporter_pending_ids"] == Metric("gauge", frozenset())
+    assert {m.type for m in EXPORTER_METRICS.values()} == {"counter", "gauge", "histogram"}
 
 
 def test_dashboards_exist() -> None:
@@ -554,11 +535,16 @@ def test_provisioning_files() -> None:
         assert doc["apiVersion"] == 1
         (provider,) = doc["providers"]
         assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
-        assert provider["options"]["path"] in DOCS.read_text(encoding="utf-8"), "documented install path"
+        assert provider["options"]["path"] in readme_section(), "documented install path"
 
 
-def test_docs_table_lists_every_panel() -> None:
-    docs = DOCS.read_text(encoding="utf-8")
+def readme_section() -> str:
+    """README.md's "Dashboards and alerts" section."""
+    return README.read_text(encoding="utf-8").split("\n## Dashboards and alerts", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_table_lists_every_panel() -> None:
+    docs = readme_section()
     missing = [
         f"{path.name}: {panel['title']}"
         for path in dashboards()

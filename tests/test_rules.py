@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_dashboards import DOCS, PROMETHEUS_DIR, RULE_FILES, check_expr
+from tests.test_dashboards import DOCS, PROMETHEUS_DIR, RULE_FILES, check_expr, readme_section
 
 TEST_FILES = sorted((PROMETHEUS_DIR / "tests").glob("*.test.yaml"))
 EXAMPLE_CONFIG = PROMETHEUS_DIR / "prometheus.example.yaml"
@@ -105,6 +105,13 @@ def test_alert_metadata_and_runbooks() -> None:
         assert name.lower() in anchors, f"no runbook section '### {name}' in {DOCS.name}"
 
 
+def test_readme_lists_every_alert_with_its_runbook() -> None:
+    section = readme_section()
+    for name in alerts():
+        assert f"| {name} |" in section, f"{name} missing from README's alert table"
+        assert f"(docs/dashboards-and-alerts.md#{name.lower()})" in section, f"{name}: no runbook link in README"
+
+
 def test_required_alerts_exist() -> None:
     exprs = {name: rule["expr"] for name, rule in alerts().items()}
     joined = "\n".join(exprs.values())
@@ -112,7 +119,7 @@ def test_required_alerts_exist() -> None:
     assert 'zenmux_exporter_lookups_total{outcome="malformed"}' in joined
     for metric in ("zenmux_exporter_api_auth_failing", "zenmux_exporter_pending_ids",
                    "zenmux_exporter_oldest_pending_age_seconds", "zenmux_exporter_abandoned_ids_total",
-                   "zenmux_exporter_udp_dropped_datagrams_total", "up"):
+                   "zenmux_exporter_udp_dropped_datagrams_total", "zenmux_exporter_give_up_after_seconds", "up"):
         assert re.search(rf"\b{metric}\b", joined), metric
 
 
