@@ -1,0 +1,206 @@
+"""Shared machinery of the benchmark: processes, /proc accounting, configs, metrics polling, results."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+API_KEY = "sk-ai-v1-demo"
+
+
+@dataclass
+class Row:
+    """One line of the results table. `figure` is the median of `samples`."""
+
+    workload: str
+    figure: float
+    unit: str
+    target: str = ""
+    reference: float | None = None
+    ratio: float | None = None
+    ok: bool | None = None
+    samples: list[float] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Proc:
+    """A child process with its CPU time and memory read from /proc."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log
+        self._log = log.open("ab")
+        self.started = time.monotonic()
+        self.popen = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        self.pid = self.popen.pid
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+    def memory_mb(self) -> dict[str, float]:
+        """VmRSS (now) and VmHWM (peak) in MiB."""
+        out: dict[str, float] = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) / 1024
+        return out
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        return int(self.popen.returncode)
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> float:
+    """Polls until `condition` holds; returns the monotonic time it first held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", re.MULTILINE)
+
+
+class Metrics:
+    """Reads an exporter's /metrics (text format) and sums samples by name and label substrings."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._http = httpx.Client(timeout=30.0)
+
+    def text(self, openmetrics: bool = False) -> str:
+        headers = {"Accept": "application/openmetrics-text; version=1.0.0"} if openmetrics else {}
+        response = self._http.get(self.url + "/metrics", headers=headers)
+        response.raise_for_status()
+        return response.text
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get(self.url + "/readyz", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def sum(self, name: str, *label_parts: str, text: str | None = None) -> float:
+        body = self.text() if text is None else text
+        total = 0.0
+        for match in SAMPLE.finditer(body):
+            if match.group(1) != name:
+                continue
+            labels = match.group(2) or ""
+            if all(part in labels for part in label_parts):
+                total += float(match.group(3))
+        return total
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def exporter_config(
+    directory: Path,
+    *,
+    api_url: str,
+    metrics_port: int,
+    sources: list[dict[str, Any]],
+    billing_delay: float = 240.0,
+    concurrency: int = 16,
+    max_rps: float = 20.0,
+    tracing: str = "none",
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Writes a production-shaped YAML config (state in `directory`) and returns its path."""
+    data: dict[str, Any] = {
+        "zenmux": {
+            "base_url": api_url,
+            "api_key": API_KEY,
+            "concurrency": concurrency,
+            "max_requests_per_second": max_rps,
+        },
+        "resolve": {"billing_delay_seconds": billing_delay, "retry_initial_seconds": 1, "retry_max_seconds": 5},
+        "sources": sources,
+        "state": {"path": str(directory / "state.db"), "max_pending": 50_000_000},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}", "extra_labels": ["feature"]},
+        "tracing": {"exporter": tracing},
+        "shutdown": {"drain_seconds": 0},
+        "log": {"level": "warning"},
+    }
+    for section, values in (extra or {}).items():
+        data.setdefault(section, {}).update(values)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def start_exporter(config: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 60.0) -> Proc:
+    """Runs `zenmux-exporter run` as production does and waits for /readyz."""
+    proc = Proc([sys.executable, "-m", "exporter", "run", "--config", str(config)], log, env)
+    port = int(yaml.safe_load(config.read_text())["metrics"]["listen"].rsplit(":", 1)[1])
+    metrics = Metrics(port)
+    try:
+        wait_for(lambda: metrics.ready() or not proc.alive(), timeout, "the exporter to be ready")
+    finally:
+        metrics.close()
+    if not proc.alive():
+        raise RuntimeError(f"exporter exited at start:\n{proc.tail()}")
+    return proc
+
+
+def file_source(path: Path, name: str = "bench-log") -> dict[str, Any]:
+    return {
+        "type": "file",
+        "name": name,
+        "path": str(path),
+        "format": "json",
+        "start_at": "beginning",
+        "labels": {"feature": "feature"},
+    }
+
+
+def udp_source(port: int, name: str = "bench-udp") -> dict[str, Any]:
+    return {"type": "udp", "name": name, "listen": f"127.0.0.1:{port}", "format": "plain"}

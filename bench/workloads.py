@@ -1,0 +1,599 @@
+"""The workloads. Each runs the exporter as production does (`zenmux-exporter run`, real files and sockets,
+the simulated API in its own process) and returns result rows."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Metrics,
+    Proc,
+    Row,
+    exporter_config,
+    file_source,
+    free_port,
+    median,
+    start_exporter,
+    udp_source,
+    wait_for,
+)
+
+MTAIL_PROGRAM = """counter generation_ids_total
+/"generation_id": "(?P<id>[A-Za-z0-9_.:-]{1,128})"/ {
+  generation_ids_total++
+}
+"""
+FEATURES = ("chat", "search", "summarize")
+MODELS = ("openai/gpt-4.1-mini", "anthropic/claude-sonnet-4", "google/gemini-2.5-flash", "deepseek/deepseek-chat")
+WRITE_BYTES = 1024 * 1024
+
+
+@dataclass
+class Context:
+    """What every workload gets: a scratch directory, the size of the run and how often to repeat."""
+
+    work: Path
+    quick: bool
+    repeats: int
+    _serial: int = 0
+
+    def fresh_dir(self, name: str) -> Path:
+        self._serial += 1
+        path = self.work / f"{self._serial:02d}-{name}"
+        path.mkdir(parents=True)
+        return path
+
+    @property
+    def dead_api(self) -> str:
+        """An API URL nobody answers: for workloads where no id becomes due."""
+        return "http://127.0.0.1:9"
+
+    def lines(self) -> int:
+        return 100_000 if self.quick else 1_000_000
+
+    _log_cache: bytes | None = None
+
+    def log_data(self) -> bytes:
+        """The JSON-lines log of the ingest workloads: ~250-byte lines, the id among other fields."""
+        if self._log_cache is None:
+            self._log_cache = make_log(self.lines(), seed=1)
+        return self._log_cache
+
+
+def make_log(count: int, seed: int, ids: list[str] | None = None) -> bytes:
+    rng = random.Random(seed)
+    out: list[str] = []
+    for i in range(count):
+        generation_id = ids[i] if ids is not None else f"{rng.getrandbits(128):032x}"
+        line = {
+            "ts": f"2026-11-25T10:{(i // 60000) % 60:02d}:{(i // 1000) % 60:02d}.{i % 1000:03d}Z",
+            "level": "info",
+            "logger": "app.llm.client",
+            "msg": "llm call finished",
+            "trace_id": f"{rng.getrandbits(128):032x}",
+            "generation_id": generation_id,
+            "model": MODELS[i % len(MODELS)],
+            "feature": FEATURES[i % len(FEATURES)],
+            "status": 200,
+            "duration_ms": rng.randrange(200, 30000),
+        }
+        out.append(json.dumps(line) + "\n")
+    return "".join(out).encode()
+
+
+def append(path: Path, data: bytes) -> None:
+    """Appends like a busy application: as fast as possible, in 1 MiB writes."""
+    view = memoryview(data)
+    with path.open("ab") as handle:
+        for start in range(0, len(view), WRITE_BYTES):
+            handle.write(view[start : start + WRITE_BYTES])
+            handle.flush()
+
+
+# --- 1. file ingest ---------------------------------------------------------------------------------------
+
+
+def _exporter_file_run(ctx: Context, data: bytes, count: int) -> dict[str, float]:
+    directory = ctx.fresh_dir("file-exporter")
+    log = directory / "app.log"
+    log.touch()
+    port = free_port()
+    config = exporter_config(directory, api_url=ctx.dead_api, metrics_port=port, sources=[file_source(log)])
+    proc = start_exporter(config, directory / "exporter.log")
+    metrics = Metrics(port)
+    try:
+        cpu0 = proc.cpu_seconds()
+        started = time.monotonic()
+        append(log, data)
+
+        def queued() -> bool:
+            text = metrics.text()
+            done = metrics.sum("zenmux_exporter_ids_received_total", 'source="bench-log"', text=text)
+            return done >= count
+
+        finished = wait_for(queued, 300, "every id to be queued", interval=0.05)
+        seconds = finished - started
+        return {
+            "lines_per_second": count / seconds,
+            "seconds": seconds,
+            "cpu_seconds": proc.cpu_seconds() - cpu0,
+            "peak_rss_mb": proc.memory_mb()["VmHWM"],
+        }
+    finally:
+        metrics.close()
+        proc.stop()
+
+
+def _mtail_run(ctx: Context, data: bytes, count: int) -> dict[str, float]:
+    directory = ctx.fresh_dir("file-mtail")
+    progs = directory / "progs"
+    progs.mkdir()
+    (progs / "ids.mtail").write_text(MTAIL_PROGRAM)
+    log = directory / "app.log"
+    log.touch()
+    port = free_port()
+    proc = Proc(
+        ["mtail", "--progs", str(progs), "--logs", str(log), "--port", str(port), "--address", "127.0.0.1",
+         "--logtostderr"],
+        directory / "mtail.log",
+    )
+    metrics = Metrics(port)
+    try:
+
+        def up() -> bool:
+            try:
+                metrics.text()
+                return True
+            except Exception:
+                return False
+
+        wait_for(up, 30, "mtail to serve /metrics")
+        time.sleep(0.5)  # let it finish opening the log
+        cpu0 = proc.cpu_seconds()
+        started = time.monotonic()
+        append(log, data)
+        finished = wait_for(lambda: metrics.sum("generation_ids_total") >= count, 300, "mtail to count", 0.05)
+        seconds = finished - started
+        return {
+            "lines_per_second": count / seconds,
+            "seconds": seconds,
+            "cpu_seconds": proc.cpu_seconds() - cpu0,
+            "peak_rss_mb": proc.memory_mb()["VmHWM"],
+        }
+    finally:
+        metrics.close()
+        proc.stop()
+
+
+def file_ingest(ctx: Context) -> list[Row]:
+    data = ctx.log_data()
+    count = ctx.lines()
+    ours: list[dict[str, float]] = []
+    theirs: list[dict[str, float]] = []
+    for _ in range(ctx.repeats):
+        ours.append(_exporter_file_run(ctx, data, count))
+        theirs.append(_mtail_run(ctx, data, count))
+    figure = median([r["lines_per_second"] for r in ours])
+    reference = median([r["lines_per_second"] for r in theirs])
+    return [
+        Row(
+            "file ingest",
+            figure,
+            "lines/s",
+            ">= 200000 and > mtail",
+            reference,
+            figure / reference,
+            figure >= 200_000 and figure > reference,
+            [r["lines_per_second"] for r in ours],
+            {
+                "lines": count,
+                "bytes": len(data),
+                "exporter": ours,
+                "mtail": theirs,
+                "exporter_cpu_seconds_median": median([r["cpu_seconds"] for r in ours]),
+                "mtail_cpu_seconds_median": median([r["cpu_seconds"] for r in theirs]),
+            },
+        )
+    ]
+
+
+# --- 2. UDP ingest ----------------------------------------------------------------------------------------
+
+
+def udp_trial(ctx: Context, rate: float, seconds: float, per: int) -> dict[str, Any]:
+    directory = ctx.fresh_dir(f"udp-{per}-{int(rate)}")
+    port = free_port()
+    udp_port = free_port()
+    config = exporter_config(directory, api_url=ctx.dead_api, metrics_port=port, sources=[udp_source(udp_port)])
+    proc = start_exporter(config, directory / "exporter.log")
+    metrics = Metrics(port)
+    try:
+        cpu0 = proc.cpu_seconds()
+        sender = subprocess.run(
+            [sys.executable, "-m", "bench.udpsend", str(udp_port), str(rate), str(seconds), str(per), "b"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        sent_text, elapsed_text = sender.stdout.split()
+        sent, elapsed = int(sent_text), float(elapsed_text)
+        expected_ids = sent * per
+        received = dropped = ids = 0.0
+
+        def settled() -> bool:
+            nonlocal received, dropped, ids
+            text = metrics.text()
+            received = metrics.sum("zenmux_exporter_udp_datagrams_total", text=text)
+            dropped = metrics.sum("zenmux_exporter_udp_dropped_datagrams_total", text=text)
+            ids = metrics.sum("zenmux_exporter_ids_received_total", text=text)
+            return ids >= expected_ids - dropped * per and received >= sent
+
+        with contextlib.suppress(TimeoutError):
+            wait_for(settled, 5, "udp ids to be queued", interval=0.1)
+        cpu = proc.cpu_seconds() - cpu0
+        lost = sent - received + dropped
+        return {
+            "rate": rate,
+            "achieved_rate": sent / elapsed,
+            "sent": sent,
+            "received": received,
+            "dropped": dropped,
+            "ids_queued": ids,
+            "ids_expected": expected_ids,
+            "lost": lost,
+            "ok": lost == 0 and ids == expected_ids,
+            "cpu_seconds": cpu,
+            "cpu_us_per_datagram": cpu / max(sent, 1) * 1e6,
+        }
+    finally:
+        metrics.close()
+        proc.stop()
+
+
+def _udp_search(ctx: Context, per: int, rates: list[float], seconds: float) -> tuple[float, list[dict[str, Any]]]:
+    """Raises the rate until a trial loses a datagram (or an id); the figure is the best lossless rate."""
+    trials: list[dict[str, Any]] = []
+    best = 0.0
+    for rate in rates:
+        trial = udp_trial(ctx, rate, seconds, per)
+        trials.append(trial)
+        if not trial["ok"]:
+            break
+        best = max(best, trial["achieved_rate"])
+        if trial["achieved_rate"] < 0.95 * rate:
+            break  # the sender itself cannot go faster on this machine
+    return best, trials
+
+
+def udp_ingest(ctx: Context) -> list[Row]:
+    seconds = 2.0 if ctx.quick else 10.0
+    one_rates = [20_000.0] if ctx.quick else [25_000.0, 50_000.0, 75_000.0, 100_000.0, 150_000.0, 200_000.0]
+    many_rates = [1_000.0] if ctx.quick else [2_500.0, 5_000.0, 10_000.0, 20_000.0, 40_000.0]
+    one, one_trials = _udp_search(ctx, 1, one_rates, seconds)
+    many, many_trials = _udp_search(ctx, 20, many_rates, seconds)
+    return [
+        Row("udp ingest, 1 id/datagram", one, "datagrams/s", ">= 50000", None, None, one >= 50_000, [one],
+            {"seconds": seconds, "trials": one_trials}),
+        Row("udp ingest, 20 ids/datagram", many, "datagrams/s", "", None, None, None, [many],
+            {"seconds": seconds, "ids_per_second": many * 20, "trials": many_trials}),
+    ]
+
+
+# --- 3. resolve -------------------------------------------------------------------------------------------
+
+
+class _OtlpSink(BaseHTTPRequestHandler):
+    """Accepts OTLP/HTTP span exports and throws them away (tracing on, no collector needed)."""
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        self.rfile.read(length)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def start_fake_api(directory: Path, preload: int) -> tuple[Proc, int, list[str]]:
+    port = free_port()
+    ids_file = directory / "ids.txt"
+    proc = Proc(
+        [sys.executable, "-m", "bench.fakeapi", "--port", str(port), "--preload", str(preload),
+         "--ids-out", str(ids_file)],
+        directory / "fakeapi.log",
+    )
+    wait_for(lambda: "ready" in proc.log_path.read_text() or not proc.alive(), 120, "the simulated API")
+    if not proc.alive():
+        raise RuntimeError(f"simulated API exited:\n{proc.tail()}")
+    return proc, port, ids_file.read_text().split()
+
+
+def _resolved_all(metrics: Metrics, count: int) -> bool:
+    return metrics.sum("zenmux_generations_total") >= count
+
+
+def resolve(ctx: Context) -> list[Row]:
+    count = 2_000 if ctx.quick else 20_000
+    api_dir = ctx.fresh_dir("resolve-api")
+    api, api_port, ids = start_fake_api(api_dir, count)
+    sink = ThreadingHTTPServer(("127.0.0.1", 0), _OtlpSink)
+    threading.Thread(target=sink.serve_forever, daemon=True).start()
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{sink.server_address[1]}/v1/traces"}
+    data = make_log(count, seed=3, ids=ids)
+    runs: list[dict[str, float]] = []
+    try:
+        for _ in range(ctx.repeats):
+            directory = ctx.fresh_dir("resolve")
+            log = directory / "app.log"
+            log.touch()
+            port = free_port()
+            config = exporter_config(
+                directory,
+                api_url=f"http://127.0.0.1:{api_port}",
+                metrics_port=port,
+                sources=[file_source(log)],
+                billing_delay=0.0,
+                concurrency=64,
+                max_rps=100_000.0,
+                tracing="otlp",
+            )
+            proc = start_exporter(config, directory / "exporter.log", env)
+            metrics = Metrics(port)
+            try:
+                cpu0, api_cpu0 = proc.cpu_seconds(), api.cpu_seconds()
+                started = time.monotonic()
+                append(log, data)
+                finished = wait_for(partial(_resolved_all, metrics, count), 600, "lookups", interval=0.25)
+                seconds = finished - started
+                cpu = proc.cpu_seconds() - cpu0
+                text = metrics.text()
+                runs.append({
+                    "lookups_per_second": count / seconds,
+                    "seconds": seconds,
+                    "exporter_cpu_ms_per_generation": cpu / count * 1000,
+                    "exporter_cpu_utilisation": cpu / seconds,
+                    "api_cpu_utilisation": (api.cpu_seconds() - api_cpu0) / seconds,
+                    "lookups_not_resolved": metrics.sum("zenmux_exporter_lookups_total", text=text)
+                    - metrics.sum("zenmux_exporter_lookups_total", 'outcome="resolved"', text=text),
+                    "peak_rss_mb": proc.memory_mb()["VmHWM"],
+                })
+            finally:
+                metrics.close()
+                proc.stop()
+    finally:
+        api.stop()
+        sink.shutdown()
+    rate = median([r["lookups_per_second"] for r in runs])
+    cpu_ms = median([r["exporter_cpu_ms_per_generation"] for r in runs])
+    details = {"generations": count, "concurrency": 64, "tracing": "otlp, sample ratio 1", "runs": runs,
+               "api_cpu_utilisation_median": median([r["api_cpu_utilisation"] for r in runs])}
+    return [
+        Row("resolve: end-to-end lookups", rate, "lookups/s", ">= 1000", None, None, rate >= 1000,
+            [r["lookups_per_second"] for r in runs], details),
+        Row("resolve: exporter CPU per generation", cpu_ms, "ms", "<= 0.5", None, None, cpu_ms <= 0.5,
+            [r["exporter_cpu_ms_per_generation"] for r in runs], {}),
+    ]
+
+
+# --- 4. backlog -------------------------------------------------------------------------------------------
+
+
+def backlog(ctx: Context) -> list[Row]:
+    data = ctx.log_data()
+    count = ctx.lines()
+    directory = ctx.fresh_dir("backlog")
+    log = directory / "app.log"
+    log.touch()
+    port = free_port()
+    config = exporter_config(
+        directory, api_url=ctx.dead_api, metrics_port=port, sources=[file_source(log)], billing_delay=3600.0
+    )
+    proc = start_exporter(config, directory / "exporter.log")
+    metrics = Metrics(port)
+    peaks: list[float] = []
+    rss: list[float] = []
+    restarts: list[float] = []
+    try:
+        append(log, data)
+        wait_for(lambda: metrics.sum("zenmux_exporter_pending_ids") >= count, 600, "the backlog", interval=0.1)
+        time.sleep(1.0)
+        memory = proc.memory_mb()
+        peaks.append(memory["VmHWM"])
+        rss.append(memory["VmRSS"])
+        proc.stop()
+        for _ in range(max(ctx.repeats, 1)):
+            started = time.monotonic()
+            proc = start_exporter(config, directory / "exporter.log")
+            restarts.append(time.monotonic() - started)
+            pending = metrics.sum("zenmux_exporter_pending_ids")
+            time.sleep(1.0)
+            memory = proc.memory_mb()
+            peaks.append(memory["VmHWM"])
+            rss.append(memory["VmRSS"])
+            proc.stop()
+    finally:
+        metrics.close()
+        proc.stop()
+    peak = max(peaks)
+    restart = median(restarts)
+    return [
+        Row("backlog: peak RSS, 1M pending" if not ctx.quick else "backlog: peak RSS, 100k pending", peak, "MB",
+            "<= 150", None, None, peak <= 150, peaks,
+            {"pending": count, "rss_mb": rss, "pending_after_restart": pending, "state_db_mb": _db_size(directory)}),
+        Row("backlog: restart to ready", restart, "s", "<= 5", None, None, restart <= 5, restarts, {}),
+    ]
+
+
+def _db_size(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.glob("state.db*")) / 1e6
+
+
+# --- 5. scrape --------------------------------------------------------------------------------------------
+
+
+def build_ledger_state(path: Path, models: int, protocols: int, features: int) -> int:
+    """A state whose ledger holds every model x protocol x feature combination; returns their number."""
+    from exporter.ids import Sighting
+    from exporter.ledger import LabelLimiter, Ledger, LedgerShape, contribution
+    from exporter.state import Resolved, StateStore
+    from exporter.zenmux import Billing, FeeItem, GenerationRecord
+
+    protocol_names = ("chat.completions", "responses", "messages", "generateContent")[:protocols]
+    store = StateStore(path, max_pending=10**9)
+    shape = LedgerShape(("feature",))
+    limiter = LabelLimiter(10_000, 10_000, 128)
+    ledger = Ledger(shape, limiter)
+    now = time.time()
+    combos = [
+        (f"vendor-{m % 17}/model-{m}", p, f"feature-{f}")
+        for m in range(models)
+        for p in protocol_names
+        for f in range(features)
+    ]
+    sightings = [Sighting(f"scrape-{i}", (("feature", c[2]),)) for i, c in enumerate(combos)]
+    store.enqueue("bench", sightings, now, now)
+    settlements = []
+    for i, (model, protocol, feature) in enumerate(combos):
+        fees = (FeeItem("input", 0.001, 0.001, 0.0), FeeItem("output", 0.002, 0.002, 0.0))
+        record = GenerationRecord(
+            f"scrape-{i}", model, protocol, 0.8, 3.5, 1200, 300, 40, 200, i % 2 == 0, "stop", i % 3,
+            Billing(0.003, 0.003, 0.0, 0.003, fees),
+        )
+        item = contribution(record, {"feature": feature}, shape, limiter, {"generation_id": f"scrape-{i}"})
+        settlements.append(Resolved(f"scrape-{i}", item))
+    store.settle(settlements, ledger, now)
+    store.close()
+    return len(combos)
+
+
+def _scrape_loop(metrics: Metrics, stop: threading.Event, latencies: list[float]) -> None:
+    while not stop.is_set():
+        started = time.monotonic()
+        metrics.text()
+        latencies.append(time.monotonic() - started)
+
+
+def scrape(ctx: Context) -> list[Row]:
+    directory = ctx.fresh_dir("scrape")
+    combos = build_ledger_state(directory / "state.db", 300, 4, 3)
+    port = free_port()
+    udp_port = free_port()
+    config = exporter_config(
+        directory, api_url=ctx.dead_api, metrics_port=port, sources=[udp_source(udp_port)],
+        extra={"metrics": {"max_models": 1000}},
+    )
+    proc = start_exporter(config, directory / "exporter.log")
+    metrics = Metrics(port)
+    scrapes = 5 if ctx.quick else 20
+
+    def timed(call: Callable[[], str]) -> tuple[float, int]:
+        started = time.monotonic()
+        body = call()
+        return time.monotonic() - started, len(body)
+
+    try:
+        timed(metrics.text)  # warm up
+        cpu0 = proc.cpu_seconds()
+        text_runs = [timed(metrics.text) for _ in range(scrapes)]
+        cpu_per_scrape = (proc.cpu_seconds() - cpu0) / scrapes
+        om_runs = [timed(lambda: metrics.text(openmetrics=True)) for _ in range(scrapes)]
+        series = metrics.text().count("\nzenmux_")
+        # Ingest while scraping back to back: a scrape must not stall the loop that drains the UDP socket.
+        stop = threading.Event()
+        latencies: list[float] = []
+        scraper_metrics = Metrics(port)
+        scraper = threading.Thread(target=_scrape_loop, args=(scraper_metrics, stop, latencies))
+        cpu0 = proc.cpu_seconds()
+        scraper.start()
+        seconds = 2.0 if ctx.quick else 5.0
+        rate = 20_000.0
+        sender = subprocess.run(
+            [sys.executable, "-m", "bench.udpsend", str(udp_port), str(rate), str(seconds), "1", "s"],
+            capture_output=True, text=True, check=True,
+        )
+        stop.set()
+        scraper.join()
+        scraper_metrics.close()
+        scrape_load_cpu = proc.cpu_seconds() - cpu0
+        sent = int(sender.stdout.split()[0])
+        time.sleep(0.5)
+        text = metrics.text()
+        received = metrics.sum("zenmux_exporter_udp_datagrams_total", text=text)
+        dropped = metrics.sum("zenmux_exporter_udp_dropped_datagrams_total", text=text)
+        queued = metrics.sum("zenmux_exporter_ids_received_total", text=text)
+        lost = sent - received + dropped
+    finally:
+        metrics.close()
+        proc.stop()
+    text_latency = median([t for t, _ in text_runs])
+    om_latency = median([t for t, _ in om_runs])
+    return [
+        Row("scrape: /metrics, 300x4x3 series", text_latency * 1000, "ms", "<= 100", None, None,
+            text_latency <= 0.1, [t * 1000 for t, _ in text_runs],
+            {"label_combinations": combos, "samples": series, "text_bytes": text_runs[0][1],
+             "openmetrics_ms": om_latency * 1000, "openmetrics_bytes": om_runs[0][1],
+             "exporter_cpu_ms_per_scrape": cpu_per_scrape * 1000}),
+        Row("scrape: datagrams lost while scraping", lost, "datagrams", "0", None, None, lost == 0 and queued == sent,
+            [lost], {"udp_rate": rate, "sent": sent, "queued": queued, "scrapes_during": len(latencies),
+                     "scrape_ms_under_load": median(latencies) * 1000 if latencies else None,
+                     "exporter_cpu_seconds": scrape_load_cpu}),
+    ]
+
+
+# --- 6. idle ----------------------------------------------------------------------------------------------
+
+
+def idle(ctx: Context) -> list[Row]:
+    directory = ctx.fresh_dir("idle")
+    log = directory / "app.log"
+    log.touch()
+    port = free_port()
+    config = exporter_config(
+        directory, api_url=ctx.dead_api, metrics_port=port, sources=[file_source(log), udp_source(free_port())]
+    )
+    proc = start_exporter(config, directory / "exporter.log")
+    try:
+        time.sleep(1.0 if ctx.quick else 3.0)
+        seconds = 3.0 if ctx.quick else 30.0
+        cpu0 = proc.cpu_seconds()
+        time.sleep(seconds)
+        share = (proc.cpu_seconds() - cpu0) / seconds * 100
+        memory = proc.memory_mb()
+    finally:
+        proc.stop()
+    return [Row("idle: CPU", share, "% of a core", "<= 0.5", None, None, share <= 0.5, [share],
+                {"seconds": seconds, "rss_mb": memory["VmRSS"]})]
+
+
+WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
+    "file": file_ingest,
+    "udp": udp_ingest,
+    "resolve": resolve,
+    "backlog": backlog,
+    "scrape": scrape,
+    "idle": idle,
+}
+
+
+def ensure_mtail() -> None:
+    """The reference: Debian's mtail, installed with apt if it is missing."""
+    if shutil.which("mtail"):
+        return
+    sudo = [] if Path("/proc/self").owner() == "root" else ["sudo"]
+    subprocess.run([*sudo, "apt-get", "install", "-y", "-qq", "mtail"], check=True)
