@@ -7,29 +7,37 @@ import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Contribution, Ledger
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PENDING, DONE, ABANDONED = 0, 1, 2
 
+# Pending ids live in an append-only log (rowid = arrival order). New ids are due `billing delay` after they
+# arrive, so the due index is appended to as well: ingest never inserts into a B-tree at a random
+# key, which caps a keyed table near 80k ids/s. Dedupe is done before the insert: against the pending ids by a
+# 64-bit fingerprint kept in memory, and against finished ids (written at lookup rate) in their keyed table.
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS generations (
-    id TEXT PRIMARY KEY,
-    status INTEGER NOT NULL,
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
     source TEXT NOT NULL,
     labels TEXT NOT NULL,
     first_seen REAL NOT NULL,
     due REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    finished REAL
+    attempts INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS queue_by_due ON queue (due);
+CREATE TABLE IF NOT EXISTS finished (
+    id TEXT PRIMARY KEY,
+    status INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    finished REAL NOT NULL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS pending_by_due ON generations (due) WHERE status = 0;
-CREATE INDEX IF NOT EXISTS pending_by_age ON generations (first_seen) WHERE status = 0;
-CREATE INDEX IF NOT EXISTS finished_by_time ON generations (finished) WHERE status != 0;
+CREATE INDEX IF NOT EXISTS finished_by_age ON finished (finished);
 CREATE TABLE IF NOT EXISTS positions (
     source TEXT PRIMARY KEY,
     device INTEGER NOT NULL,
@@ -43,7 +51,33 @@ CREATE TABLE IF NOT EXISTS ledger (
     value TEXT NOT NULL,
     PRIMARY KEY (metric, labels)
 ) WITHOUT ROWID;
+-- Every id the state knows, as one relation (for people and tools reading the database).
+CREATE VIEW IF NOT EXISTS generations (id, status, source, labels, first_seen, due, attempts, finished) AS
+    SELECT id, 0, source, labels, first_seen, due, attempts, NULL FROM queue
+    UNION ALL SELECT id, status, NULL, NULL, NULL, NULL, attempts, finished FROM finished;
 """
+
+# Version 1 kept every id in one table keyed by id; its rows move to the queue and the finished table.
+MIGRATE_FROM_1 = """
+INSERT INTO queue (id, source, labels, first_seen, due, attempts)
+    SELECT id, source, labels, first_seen, due, attempts FROM generations WHERE status = 0 ORDER BY first_seen;
+INSERT INTO finished (id, status, attempts, finished)
+    SELECT id, status, attempts, coalesce(finished, first_seen) FROM generations WHERE status != 0;
+DROP TABLE generations;
+"""
+
+
+SET_VERSION = "INSERT OR REPLACE INTO meta VALUES ('schema_version', '2');"  # = SCHEMA_VERSION
+
+
+@lru_cache(maxsize=4096)
+def _labels_text(labels: Labels) -> str:
+    return json.dumps(labels) if labels else ""
+
+
+@lru_cache(maxsize=4096)
+def _labels_value(text: str) -> Labels:
+    return tuple((str(k), str(v)) for k, v in json.loads(text)) if text else ()
 
 
 class StateError(Exception):
@@ -107,7 +141,11 @@ class StateStore:
         self.path = Path(path)
         self.max_pending = max_pending
         self._db = self._open()
-        self.pending = int(self._db.execute("SELECT count(*) FROM generations WHERE status = 0").fetchone()[0])
+        # Fingerprints of the pending ids (the in-memory half of the dedupe) and where the ids handed out by
+        # `due` sit in the queue.
+        self._pending_ids = {hash(row[0]) for row in self._db.execute("SELECT id FROM queue")}
+        self._seq: dict[str, int] = {}
+        self.pending = len(self._pending_ids)
 
     def _open(self) -> sqlite3.Connection:
         try:
@@ -123,12 +161,14 @@ class StateStore:
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {check}")
-            db.executescript(SCHEMA)
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise StateError(f"{self.path}: schema version {row[0]}, this exporter reads {SCHEMA_VERSION}")
+            version = None if row is None else int(row[0])
+            if version not in (None, 1, SCHEMA_VERSION):
+                raise StateError(f"{self.path}: schema version {version}, this exporter reads {SCHEMA_VERSION}")
+            if version != SCHEMA_VERSION:
+                script = SCHEMA if version is None else SCHEMA.replace("CREATE VIEW", MIGRATE_FROM_1 + "CREATE VIEW")
+                db.executescript("BEGIN IMMEDIATE;" + script + SET_VERSION + "COMMIT;")
             return db
         except sqlite3.DatabaseError as err:
             raise StateError(
@@ -154,17 +194,27 @@ class StateStore:
         """Adds ids (deduplicated) and, in the same transaction, the source's new position."""
         room = max(self.max_pending - self.pending, 0)
         admitted = sightings[:room]
-        rows = [(s.id, source, json.dumps(s.labels) if s.labels else "", now, due) for s in admitted]
+        pending = self._pending_ids
+        fresh: dict[int, Sighting] = {}
+        for sighting in admitted:
+            key = hash(sighting.id)
+            if key not in pending and key not in fresh:
+                fresh[key] = sighting
         with self._transaction():
-            before = self._db.total_changes
+            if fresh:
+                for (finished_id,) in self._db.execute(
+                    "SELECT id FROM finished WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps([s.id for s in fresh.values()]),),
+                ):
+                    del fresh[hash(finished_id)]
             self._db.executemany(
-                "INSERT INTO generations (id, status, source, labels, first_seen, due) VALUES (?, 0, ?, ?, ?, ?) "
-                "ON CONFLICT (id) DO NOTHING",
-                rows,
+                "INSERT INTO queue (id, source, labels, first_seen, due) VALUES (?, ?, ?, ?, ?)",
+                [(s.id, source, _labels_text(s.labels), now, due) for s in fresh.values()],
             )
-            accepted = self._db.total_changes - before
             if position is not None:
                 self._save_position(source, position)
+        pending.update(fresh)
+        accepted = len(fresh)
         self.pending += accepted
         return Enqueued(accepted, len(admitted) - accepted, len(sightings) - len(admitted))
 
@@ -189,26 +239,35 @@ class StateStore:
     def due(self, now: float, limit: int, exclude: set[str]) -> list[PendingId]:
         """Up to `limit` pending ids due by `now`, oldest due first, skipping those in flight."""
         rows = self._db.execute(
-            "SELECT id, source, labels, first_seen, attempts FROM generations "
-            "WHERE status = 0 AND due <= ? ORDER BY due LIMIT ?",
+            "SELECT seq, id, source, labels, first_seen, attempts FROM queue WHERE due <= ? ORDER BY due LIMIT ?",
             (now, limit + len(exclude)),
         ).fetchall()
-        found = [
-            PendingId(row[0], row[1], tuple(map(tuple, json.loads(row[2]))) if row[2] else (), row[3], row[4])
-            for row in rows
-            if row[0] not in exclude
-        ]
-        return found[:limit]
+        found: list[PendingId] = []
+        for seq, generation_id, source, labels, first_seen, attempts in rows:
+            if generation_id in exclude:
+                continue
+            self._seq[generation_id] = seq
+            found.append(PendingId(generation_id, source, _labels_value(labels), first_seen, attempts))
+            if len(found) == limit:
+                break
+        return found
 
     def next_due(self, exclude: set[str]) -> float | None:
-        rows = self._db.execute(
-            "SELECT id, due FROM generations WHERE status = 0 ORDER BY due LIMIT ?", (len(exclude) + 1,)
-        ).fetchall()
+        rows = self._db.execute("SELECT id, due FROM queue ORDER BY due LIMIT ?", (len(exclude) + 1,)).fetchall()
         return next((float(due) for id_, due in rows if id_ not in exclude), None)
 
     def oldest_pending(self) -> float | None:
-        row = self._db.execute("SELECT min(first_seen) FROM generations WHERE status = 0").fetchone()
-        return None if row[0] is None else float(row[0])
+        # Arrival order is first-seen order: the oldest pending id is the first one left in the log.
+        row = self._db.execute("SELECT first_seen FROM queue ORDER BY seq LIMIT 1").fetchone()
+        return None if row is None else float(row[0])
+
+    def _locate(self, generation_id: str) -> int | None:
+        """Where a pending id sits in the queue: known for ids handed out by `due`, else looked for."""
+        seq = self._seq.pop(generation_id, None)
+        if seq is not None or hash(generation_id) not in self._pending_ids:
+            return seq
+        row = self._db.execute("SELECT seq FROM queue WHERE id = ?", (generation_id,)).fetchone()
+        return None if row is None else int(row[0])
 
     def settle(self, settlements: Sequence[Settlement], ledger: Ledger, now: float) -> list[Settlement]:
         """Applies lookup results in one transaction; a result counts only if its id was still pending.
@@ -218,28 +277,45 @@ class StateStore:
         """
         overlay = ledger.overlay()
         applied: list[Settlement] = []
-        with self._transaction():
-            for item in settlements:
-                if isinstance(item, Retry):
-                    cursor = self._db.execute(
-                        "UPDATE generations SET due = ?, attempts = ? WHERE id = ? AND status = 0",
-                        (item.due, item.attempts, item.id),
-                    )
-                else:
-                    status = DONE if isinstance(item, Resolved) else ABANDONED
-                    cursor = self._db.execute(
-                        "UPDATE generations SET status = ?, finished = ?, attempts = attempts + 1 "
-                        "WHERE id = ? AND status = 0",
-                        (status, now, item.id),
-                    )
-                if cursor.rowcount != 1:
-                    continue
-                applied.append(item)
-                if not isinstance(item, Retry) and item.contribution is not None:
-                    ledger.add(overlay, item.contribution)
-            self._db.executemany("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?)", overlay.rows())
+        finished: list[str] = []
+        located = [(item, self._locate(item.id)) for item in settlements]
+        try:
+            with self._transaction():
+                for item, seq in located:
+                    if seq is None:
+                        continue
+                    if isinstance(item, Retry):
+                        cursor = self._db.execute(
+                            "UPDATE queue SET due = ?, attempts = ? WHERE seq = ?", (item.due, item.attempts, seq)
+                        )
+                    else:
+                        deleted = self._db.execute("DELETE FROM queue WHERE seq = ? RETURNING attempts", (seq,))
+                        rows = deleted.fetchall()
+                        if not rows:
+                            continue
+                        status = DONE if isinstance(item, Resolved) else ABANDONED
+                        attempts = int(rows[0][0]) + 1
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO finished VALUES (?, ?, ?, ?)", (item.id, status, attempts, now)
+                        )
+                        finished.append(item.id)
+                        applied.append(item)
+                        if item.contribution is not None:
+                            ledger.add(overlay, item.contribution)
+                        continue
+                    if cursor.rowcount != 1:
+                        continue
+                    applied.append(item)
+                self._db.executemany("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?)", overlay.rows())
+        except BaseException:
+            for item, seq in located:  # nothing was written: these ids are still pending where they were
+                if seq is not None and item.id not in self._seq:
+                    self._seq[item.id] = seq
+            raise
         ledger.apply(overlay)
-        self.pending -= sum(1 for item in applied if not isinstance(item, Retry))
+        for generation_id in finished:
+            self._pending_ids.discard(hash(generation_id))
+        self.pending -= len(finished)
         return applied
 
     def ledger_rows(self) -> Iterator[tuple[str, str, str]]:
@@ -248,12 +324,19 @@ class StateStore:
     def forget_finished(self, before: float) -> int:
         """Drops done/abandoned ids older than the dedupe window: the bound on the dedupe memory."""
         with self._transaction():
-            cursor = self._db.execute("DELETE FROM generations WHERE status != 0 AND finished < ?", (before,))
+            cursor = self._db.execute("DELETE FROM finished WHERE finished < ?", (before,))
         return cursor.rowcount
 
     def status(self, generation_id: str) -> int | None:
-        row = self._db.execute("SELECT status FROM generations WHERE id = ?", (generation_id,)).fetchone()
-        return None if row is None else int(row[0])
+        row = self._db.execute("SELECT status FROM finished WHERE id = ?", (generation_id,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        return PENDING if self._locate_pending(generation_id) else None
+
+    def _locate_pending(self, generation_id: str) -> bool:
+        if hash(generation_id) not in self._pending_ids:
+            return False
+        return self._db.execute("SELECT 1 FROM queue WHERE id = ?", (generation_id,)).fetchone() is not None
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

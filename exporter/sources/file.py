@@ -220,19 +220,20 @@ class FileSource:
 
     def _consume(self, data: bytes, length: int) -> None:
         assert self._current is not None
-        parsed: list[Sighting | str] = []
         limit = self._config.max_line_bytes
+        parse = self._parse
         lines = data.split(b"\n")
         if data.endswith(b"\n"):
             lines.pop()
-        for index, line in enumerate(lines):
-            if index == 0 and self._skipping:
-                self._skipping = False  # the tail of an overlong line, already counted
-                continue
-            if len(line) > limit:
-                parsed.append(LINE_TOO_LONG)
-            elif line.strip():
-                parsed.append(self._parse(line.rstrip(b"\r")))
+        if self._skipping and lines:
+            self._skipping = False
+            del lines[0]  # the tail of an overlong line, already counted
+        # Blank lines are skipped; `line and not line.isspace()` is `line.strip()` without the copy.
+        parsed: list[Sighting | str] = [
+            LINE_TOO_LONG if len(line) > limit else parse(line.rstrip(b"\r"))
+            for line in lines
+            if len(line) > limit or (line and not line.isspace())
+        ]
         self._current.offset += length
         self._ingest.submit(self.name, parsed, self._position())
 
