@@ -9,7 +9,10 @@
 - structure: schema version, stable uids, unique panel ids, no overlapping panels, units,
   thresholds, descriptions, the `$datasource` variable everywhere, exemplars on histograms.
 
-`dashboard_queries(path)` is the reusable extractor (runnable PromQL, variables substituted).
+`dashboard_queries(path, substitutions)` is the reusable extractor (runnable PromQL, variables
+substituted). The contract is README.md's tables (`readme_contract()`); tests/test_metrics_contract.py
+holds it against the live exporter's /metrics, and tests/test_prometheus_live.py runs every query
+extracted here against a real Prometheus scraping a real exporter.
 """
 
 from __future__ import annotations
