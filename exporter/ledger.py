@@ -57,12 +57,10 @@ SPECS = {
         MetricSpec(
             "zenmux_generation_duration_seconds", "First token to end (generationTime).", (), DURATION_BUCKETS
         ),
-        MetricSpec("zenmux_upstream_retries_hist", "Upstream retries per generation.", (), RETRY_BUCKETS),
+        MetricSpec("zenmux_generation_upstream_retries", "Upstream retries per generation.", (), RETRY_BUCKETS),
         MetricSpec("zenmux_generation_cost_usd", "Amount billed per generation, USD.", (), COST_BUCKETS),
     )
 }
-# The retries counter and histogram share a base name in the contract; the histogram's key differs inside.
-EXPOSED_NAME = {"zenmux_upstream_retries_hist": "zenmux_upstream_retries"}
 
 
 class LabelLimiter:
@@ -145,7 +143,7 @@ def contribution(
     add("zenmux_first_token_latency_seconds", record.latency_seconds)
     add("zenmux_generation_duration_seconds", record.generation_seconds)
     add("zenmux_upstream_retries", float(record.upstream_retries))
-    add("zenmux_upstream_retries_hist", float(record.upstream_retries))
+    add("zenmux_generation_upstream_retries", float(record.upstream_retries))
     if record.billing is not None:
         billing = record.billing
         add("zenmux_cost_usd", billing.bill_usd)
@@ -265,15 +263,14 @@ class LedgerCollector(Collector):
         shape = self._ledger.shape
         for metric, spec in SPECS.items():
             names = list(shape.label_names(spec))
-            name = EXPOSED_NAME.get(metric, metric)
             if spec.is_histogram:
-                histogram = HistogramMetricFamily(name, spec.help, labels=names)
+                histogram = HistogramMetricFamily(metric, spec.help, labels=names)
                 for (m, labels), hist in sorted(histograms.items()):
                     if m == metric:
                         histogram.add_metric(list(labels), _buckets(spec, hist, (m, labels), exemplars), hist.sum)
                 yield histogram
             else:
-                counter = CounterMetricFamily(name, spec.help, labels=names)
+                counter = CounterMetricFamily(metric, spec.help, labels=names)
                 for (m, labels), value in sorted(counters.items()):
                     if m == metric:
                         counter.add_metric(list(labels), value)

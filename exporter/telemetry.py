@@ -91,6 +91,9 @@ class SelfMetrics:
                 self.abandoned.labels(outcome.value)
         for reason in ("subscription_key", "gave_up_waiting"):
             self.billing_unavailable.labels(reason)
+        self.state_errors.labels("settle")
+        for label in ("model", "protocol", "finish_reason", "fee_item", *config.metrics.extra_labels):
+            self.label_overflow.labels(label)
         for source in config.sources:
             self.ids_received.labels(source.name)
             self.ids_duplicate.labels(source.name)
@@ -100,6 +103,8 @@ class SelfMetrics:
             if source.type == "file":
                 for kind in ("rename", "truncate"):
                     self.file_rotations.labels(source.name, kind)
+                self.file_read_bytes.labels(source.name)
+                self.file_size_bytes.labels(source.name)
             else:
                 self.udp_datagrams.labels(source.name)
                 self.udp_dropped.labels(source.name)

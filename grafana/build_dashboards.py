@@ -421,7 +421,7 @@ def cost_and_usage() -> Json:
     L.add(timeseries("Retries per generation p95 by model", "95th percentile of requestRetryTimes per "
                      "generation. Exemplars link to the generation.",
                      [target(f"histogram_quantile(0.95, sum by (model, le) "
-                             f"(rate(zenmux_upstream_retries_bucket{{{BSEL}}}[{RI}])))", "p95 {{model}}",
+                             f"(rate(zenmux_generation_upstream_retries_bucket{{{BSEL}}}[{RI}])))", "p95 {{model}}",
                              exemplar=True)], "short", thresholds=steps(("orange", 1), ("red", 3)),
                      threshold_line=True), 8, 8)
     L.add(timeseries("Finish reasons", "Generations per second by finish_reason (stop, length, "
