@@ -84,7 +84,14 @@ class MalformedResponse(ValueError):
     """The body cannot be a generation record; the message says why (never contains secrets)."""
 
 
-def _number(value: Any, where: str, *, optional: bool = True) -> float | None:
+# Bounds past which a value is a corrupt record, not data: one such value would stay in a counter for good
+# (counters never go down, the ledger is durable) and drown every later increment's precision.
+MAX_COUNT = 1e12
+MAX_AMOUNT_USD = 1e6  # per generation; the dearest real ones cost dollars
+MAX_MILLISECONDS = 1e9  # 11.6 days
+
+
+def _number(value: Any, where: str, *, optional: bool = True, maximum: float = MAX_COUNT) -> float | None:
     if value is None:
         if optional:
             return None
@@ -101,16 +108,18 @@ def _number(value: Any, where: str, *, optional: bool = True) -> float | None:
     result = float(value)
     if not math.isfinite(result) or result < 0:
         raise MalformedResponse(f"{where} is negative or not finite")
+    if result > maximum:
+        raise MalformedResponse(f"{where} is implausibly large")
     return result
 
 
 def _count(value: Any, where: str) -> int:
     number = _number(value, where)
-    if number is None:
-        return 0
-    if number > 1e12:
-        raise MalformedResponse(f"{where} is implausibly large")
-    return int(number)
+    return 0 if number is None else int(number)
+
+
+def _amount(value: Any, where: str) -> float:
+    return _number(value, where, maximum=MAX_AMOUNT_USD) or 0.0
 
 
 def _text(value: Any, where: str, default: str = "") -> str:
@@ -141,17 +150,17 @@ def unwrap(payload: Any) -> Mapping[str, Any]:
 
 def _billing(record: Mapping[str, Any]) -> Billing | None:
     rating = record.get("ratingResponses")
-    credits = _number(record.get("usage"), "usage")
+    credits = _number(record.get("usage"), "usage", maximum=MAX_AMOUNT_USD)
     if rating is None and credits is None:
         return None
     rating = _mapping(rating, "ratingResponses")
-    bill = _number(rating.get("billAmount"), "ratingResponses.billAmount")
+    bill = _number(rating.get("billAmount"), "ratingResponses.billAmount", maximum=MAX_AMOUNT_USD)
     if bill is None:
         if credits is None:
             return None
         bill = credits
-    origin = _number(rating.get("originAmount"), "ratingResponses.originAmount")
-    discount = _number(rating.get("discountAmount"), "ratingResponses.discountAmount") or 0.0
+    origin = _number(rating.get("originAmount"), "ratingResponses.originAmount", maximum=MAX_AMOUNT_USD)
+    discount = _number(rating.get("discountAmount"), "ratingResponses.discountAmount", maximum=MAX_AMOUNT_USD) or 0.0
     details = rating.get("ratingDetails") or []
     if not isinstance(details, list):
         raise MalformedResponse("ratingResponses.ratingDetails is not a list")
@@ -162,9 +171,9 @@ def _billing(record: Mapping[str, Any]) -> Billing | None:
         items.append(
             FeeItem(
                 code=_text(detail.get("feeItemCode"), f"{where}.feeItemCode", "unknown") or "unknown",
-                bill_usd=_number(detail.get("billAmount"), f"{where}.billAmount") or 0.0,
-                origin_usd=_number(detail.get("originAmount"), f"{where}.originAmount") or 0.0,
-                discount_usd=_number(detail.get("discountAmount"), f"{where}.discountAmount") or 0.0,
+                bill_usd=_amount(detail.get("billAmount"), f"{where}.billAmount"),
+                origin_usd=_amount(detail.get("originAmount"), f"{where}.originAmount"),
+                discount_usd=_amount(detail.get("discountAmount"), f"{where}.discountAmount"),
             )
         )
     return Billing(
@@ -177,7 +186,7 @@ def _billing(record: Mapping[str, Any]) -> Billing | None:
 
 
 def _seconds_from_ms(value: Any, where: str) -> float | None:
-    ms = _number(value, where)
+    ms = _number(value, where, maximum=MAX_MILLISECONDS)
     return None if ms is None else ms / 1000.0
 
 

@@ -1,0 +1,202 @@
+"""API fault storms: every kind is counted in lookups_total and on the lookup span, /metrics keeps answering
+fast, memory stays bounded, rate limits are honoured, and once the API heals every id resolves exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.trace import StatusCode
+
+from exporter.config import ZenMuxConfig
+from exporter.simulate.api import Faults, totals
+from exporter.zenmux import Outcome, ZenMuxClient, classify
+from tests.support import (
+    MANAGEMENT_KEY,
+    PAYG_KEY,
+    FakeApi,
+    Spans,
+    StartExporter,
+    append_lines,
+    json_line,
+    make_config,
+    scrape,
+    value,
+    wait_until,
+)
+from tests.test_crash import api_process
+
+IDS = 20
+STORMS: dict[str, tuple[Faults, str]] = {
+    "5xx": (Faults(server_error=1.0), "server_error"),
+    "reset": (Faults(reset=1.0), "connection_error"),
+    "truncated": (Faults(truncated=1.0), "connection_error"),
+    "malformed": (Faults(malformed=1.0), "malformed"),
+    "oversized": (Faults(oversized=1.0, oversized_bytes=4 * 1024 * 1024), "too_large"),
+    "slow": (Faults(slow=1.0, slow_seconds=3.0), "timeout"),
+    "429": (Faults(rate_limited=1.0), "rate_limited"),
+}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * 4096
+
+
+def fault_config(tmp_path: Path, url: str, **zenmux: Any) -> Any:
+    return make_config(
+        tmp_path,
+        url,
+        zenmux={"timeout_seconds": 0.3, "connect_timeout_seconds": 0.3, "max_response_bytes": 64 * 1024,
+                "concurrency": 8, **zenmux},
+        resolve={"retry_initial_seconds": 0.05, "retry_max_seconds": 0.2},
+    )
+
+
+async def assert_exact(port: int, fake_api: FakeApi, ids: list[str]) -> None:
+    text = await scrape(port)
+    truth = totals(r for i in ids if (r := fake_api.sim.record(i)) is not None)
+    assert value(text, "zenmux_generations_total") == truth["generations"] == len(ids)
+    for kind in ("prompt", "completion", "reasoning", "cached"):
+        assert value(text, "zenmux_tokens_total", token_type=kind) == truth[f"{kind}_tokens"]
+    assert value(text, "zenmux_cost_usd_total") == pytest.approx(truth["billAmount"], rel=1e-12)
+    assert value(text, "zenmux_credits_total") == pytest.approx(truth["usage"], rel=1e-12)
+
+
+@pytest.mark.parametrize("storm", list(STORMS))
+async def test_fault_storm(storm: str, tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
+    faults, outcome = STORMS[storm]
+    spans = Spans()
+    fake_api.sim.configure(dataclasses.replace(fake_api.sim.config, faults=faults))
+    exporter = await start_exporter(fault_config(tmp_path, fake_api.url), tracing=spans.provider())
+    port = exporter.metrics_port
+    ids = [fake_api.create() for _ in range(IDS)]
+    append_lines(tmp_path / "app.log", [json_line(i) for i in ids])
+    memory_before = rss_bytes()
+    wanted = 3 if outcome == "rate_limited" else IDS
+
+    async def storming() -> bool:
+        return value(await scrape(port), "zenmux_exporter_lookups_total", outcome=outcome) >= wanted
+
+    await wait_until(storming, what=f"{wanted} lookups with outcome {outcome}")
+    for _ in range(5):  # /metrics answers quickly through the storm
+        started = time.monotonic()
+        text = await scrape(port)
+        assert time.monotonic() - started < 1.0
+    assert value(text, "zenmux_generations_total") == 0
+    assert value(text, "zenmux_exporter_pending_ids") == IDS
+    assert value(text, "zenmux_exporter_inflight_lookups") <= 8
+    if storm != "oversized":  # the in-process simulator builds each 4 MB body: see the test below
+        assert rss_bytes() - memory_before < 64 * 1024 * 1024
+    failed = [s for s in spans.exporter.get_finished_spans() if (s.attributes or {}).get("zenmux.outcome") == outcome]
+    assert failed, f"no span carries zenmux.outcome={outcome}"
+    assert all(s.status.status_code is StatusCode.ERROR for s in failed)
+    assert all(str(s.status.description).startswith(outcome) for s in failed)
+    # The API heals: every id resolves, exactly once.
+    fake_api.sim.configure(dataclasses.replace(fake_api.sim.config, faults=Faults()))
+
+    async def healed() -> bool:
+        return value(await scrape(port), "zenmux_generations_total") == IDS
+
+    await wait_until(healed, timeout=20, what="all ids resolved after the storm")
+    await assert_exact(port, fake_api, ids)
+    assert value(await scrape(port), "zenmux_exporter_abandoned_ids_total") == 0
+
+
+async def test_oversized_bodies_keep_the_client_memory_bounded() -> None:
+    """Against the simulated API in its own process (2 MB bodies): reading stops at the limit, memory is flat."""
+    with api_process("--billing-delay", "0", "--fault", "oversized=1.0") as api:
+        client = ZenMuxClient(ZenMuxConfig(base_url=api.url, max_response_bytes=64 * 1024, concurrency=8), PAYG_KEY)
+        try:
+            first = await asyncio.gather(*(client.lookup("any-id") for _ in range(8)))
+            baseline = rss_bytes()
+            for _ in range(8):
+                results = await asyncio.gather(*(client.lookup("any-id") for _ in range(8)))
+                assert {r.outcome for r in results} == {Outcome.TOO_LARGE}
+        finally:
+            await client.aclose()
+    assert {r.outcome for r in first} == {Outcome.TOO_LARGE}
+    assert rss_bytes() - baseline < 16 * 1024 * 1024  # 64 bodies of 2 MB went by
+
+
+@pytest.mark.parametrize("retry_after", [None, 2.0])
+async def test_422_storm_on_the_management_path_honours_retry_after(
+    retry_after: float | None, tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    sim = fake_api.sim
+    sim.configure(dataclasses.replace(sim.config, faults=Faults(rate_limited=1.0), retry_after_seconds=retry_after))
+    config = fault_config(tmp_path, fake_api.url, generation_path="/api/v1/management/generation",
+                          api_key=MANAGEMENT_KEY)
+    exporter = await start_exporter(config)
+    ids = [fake_api.create() for _ in range(IDS)]
+    append_lines(tmp_path / "app.log", [json_line(i) for i in ids])
+
+    def answered_422() -> int:
+        return int(sim.stats()["requests"].get("/api/v1/management/generation", {}).get("422", 0))
+
+    await wait_until(lambda: answered_422() > 0, what="the first 422")
+    first, started = answered_422(), time.monotonic()
+    await wait_until(lambda: time.monotonic() - started > 2.5, what="a storm of 2.5 s")  # the window measured
+    pause = retry_after if retry_after is not None else 1.0
+    windows = math.ceil(2.5 / pause) + 1
+    # Each pause ends with at most one round of `concurrency` lookups: no hammering a limited API.
+    assert answered_422() - first <= windows * 8, (answered_422() - first, windows)
+    text = await scrape(exporter.metrics_port)
+    assert value(text, "zenmux_exporter_lookups_total", outcome="rate_limited") >= 1
+    sim.configure(dataclasses.replace(sim.config, faults=Faults(), retry_after_seconds=None))
+
+    async def healed() -> bool:
+        return value(await scrape(exporter.metrics_port), "zenmux_generations_total") == IDS
+
+    await wait_until(healed, timeout=20, what="all ids resolved after the 422 storm")
+    await assert_exact(exporter.metrics_port, fake_api, ids)
+
+
+RECORD: dict[str, Any] = {
+    "api": "chat.completions",
+    "generationId": "abc",
+    "model": "m",
+    "nativeTokens": {"prompt_tokens": 10, "completion_tokens": 5},
+    "usage": 0.1,
+    "ratingResponses": {"billAmount": 0.1},
+}
+HOSTILE_VALUES = [math.nan, math.inf, -math.inf, -1, -1e-9, 1e300, 10**40, "NaN", "-5", "1e999", [], {}, True, None, ""]
+
+
+@pytest.mark.parametrize("where", ["nativeTokens.prompt_tokens", "usage", "ratingResponses.billAmount", "latency",
+                                   "generationTime", "requestRetryTimes", "model", "streamed", "nativeTokens"])
+@pytest.mark.parametrize("bad", HOSTILE_VALUES, ids=repr)
+def test_wrong_types_nan_negative_and_huge_numbers_are_malformed_never_counted(where: str, bad: Any) -> None:
+    body = json.loads(json.dumps(RECORD))
+    target = body
+    *parents, leaf = where.split(".")
+    for key in parents:
+        target = target[key]
+    target[leaf] = bad
+    result = classify(200, json.dumps(body).encode(), {}, True, 0.0)
+    assert result.outcome in (Outcome.MALFORMED, Outcome.RESOLVED, Outcome.NOT_READY)
+    if result.record is not None:
+        record = result.record
+        numbers = [record.prompt_tokens, record.completion_tokens, record.upstream_retries,
+                   record.latency_seconds or 0.0, record.generation_seconds or 0.0]
+        if record.billing is not None:
+            numbers += [record.billing.bill_usd, record.billing.credits, record.billing.origin_usd]
+        assert all(math.isfinite(n) and 0 <= n <= 1e12 for n in numbers), (where, bad, record)
+
+
+@settings(max_examples=300, deadline=None)
+@given(status=st.integers(100, 599), body=st.binary(max_size=2048),
+       retry_after=st.one_of(st.none(), st.text(max_size=40)))
+def test_any_answer_classifies_without_raising(status: int, body: bytes, retry_after: str | None) -> None:
+    headers = {} if retry_after is None else {"retry-after": retry_after}
+    result = classify(status, body, headers, True, time.time())
+    assert isinstance(result.outcome, Outcome)
+    assert result.retry_after is None or 0 <= result.retry_after <= 3600
