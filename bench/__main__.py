@@ -12,8 +12,10 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -79,6 +81,10 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller inputs, one repetition")
@@ -87,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, state)")
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so every workload stops the processes it started.
+        signal.signal(signal.SIGTERM, _interrupt)
     names = args.only or list(WORKLOADS)
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     if "file" in names:

@@ -82,13 +82,11 @@ def make_log(count: int, seed: int, ids: list[str] | None = None) -> bytes:
         line = {
             "ts": f"2026-11-25T10:{(i // 60000) % 60:02d}:{(i // 1000) % 60:02d}.{i % 1000:03d}Z",
             "level": "info",
-            "logger": "app.llm.client",
-            "msg": "llm call finished",
+            "msg": "llm call",
             "trace_id": f"{rng.getrandbits(128):032x}",
             "generation_id": generation_id,
             "model": MODELS[i % len(MODELS)],
             "feature": FEATURES[i % len(FEATURES)],
-            "status": 200,
             "duration_ms": rng.randrange(200, 30000),
         }
         out.append(json.dumps(line) + "\n")

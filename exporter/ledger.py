@@ -7,6 +7,7 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -261,19 +262,25 @@ class LedgerCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         counters, histograms, exemplars = self._ledger.snapshot()
         shape = self._ledger.shape
+        # One pass to group the series by metric, then each group sorted on its own (not every series per metric).
+        counter_series: dict[str, list[tuple[LabelValues, float]]] = {}
+        for (metric, labels), value in counters.items():
+            counter_series.setdefault(metric, []).append((labels, value))
+        histogram_series: dict[str, list[tuple[LabelValues, HistogramValue]]] = {}
+        for (metric, labels), hist in histograms.items():
+            histogram_series.setdefault(metric, []).append((labels, hist))
         for metric, spec in SPECS.items():
             names = list(shape.label_names(spec))
             if spec.is_histogram:
                 histogram = HistogramMetricFamily(metric, spec.help, labels=names)
-                for (m, labels), hist in sorted(histograms.items()):
-                    if m == metric:
-                        histogram.add_metric(list(labels), _buckets(spec, hist, (m, labels), exemplars), hist.sum)
+                for labels, hist in sorted(histogram_series.get(metric, ()), key=_by_labels):
+                    key = (metric, labels)
+                    histogram.add_metric(list(labels), _buckets(spec, hist, key, exemplars), hist.sum)
                 yield histogram
             else:
                 counter = CounterMetricFamily(metric, spec.help, labels=names)
-                for (m, labels), value in sorted(counters.items()):
-                    if m == metric:
-                        counter.add_metric(list(labels), value)
+                for labels, value in sorted(counter_series.get(metric, ()), key=_by_labels):
+                    counter.add_metric(list(labels), value)
                 yield counter
 
     def describe(self) -> Iterator[Metric]:
@@ -286,12 +293,21 @@ def _buckets(
     """Cumulative buckets, each with the latest exemplar that landed in it."""
     out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
     cumulative = 0.0
-    for i, upper in enumerate((*spec.buckets, float("inf"))):
+    for i, le in enumerate(_bucket_bounds(spec.buckets)):
         cumulative += hist.buckets[i]
-        le = "+Inf" if upper == float("inf") else _float_text(upper)
-        exemplar = exemplars.get((key, i))
+        exemplar = exemplars.get((key, i)) if exemplars else None
         out.append((le, cumulative) if exemplar is None else (le, cumulative, exemplar))
     return out
+
+
+def _by_labels(series: tuple[LabelValues, object]) -> LabelValues:
+    return series[0]
+
+
+@lru_cache(maxsize=64)
+def _bucket_bounds(buckets: tuple[float, ...]) -> tuple[str, ...]:
+    """The `le` texts of a bucket layout, +Inf last (formatted once, not per series per scrape)."""
+    return (*(_float_text(upper) for upper in buckets), "+Inf")
 
 
 def _float_text(value: float) -> str:
