@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -156,7 +157,12 @@ class Exporter:
             oldest = self.state.oldest_pending()
             self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
             if now - last_forget >= FORGET_EVERY_SECONDS:
-                forgotten = self.state.forget_finished(now - self.config.state.dedupe_window_seconds)
+                try:
+                    forgotten = self.state.forget_finished(now - self.config.state.dedupe_window_seconds)
+                except sqlite3.Error as err:  # disk full or read-only: try again next time round
+                    self.metrics.state_errors.labels("forget").inc()
+                    log.error("cannot forget old resolved ids in the state database: %s", err)
+                    forgotten = 0
                 if forgotten:
                     log.info("forgot %d resolved ids older than the dedupe window", forgotten)
                 last_forget = now

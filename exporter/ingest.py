@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable
 
 from exporter.clock import Clock
 from exporter.ids import QUEUE_FULL, Sighting
-from exporter.state import Enqueued, FilePosition, StateStore
+from exporter.state import Enqueued, FilePosition, StateError, StateStore
 from exporter.telemetry import SelfMetrics
 
 
@@ -35,7 +36,11 @@ class Ingest:
     def submit(
         self, source: str, parsed: Iterable[Sighting | str], position: FilePosition | None = None
     ) -> Enqueued:
-        """Queues the sightings and counts the rejections; the position is saved in the same transaction."""
+        """Queues the sightings and counts the rejections; the position is saved in the same transaction.
+
+        Raises StateError when the database cannot be written (disk full, read-only): then nothing of the
+        batch was recorded or counted, and the source must keep it (or its position) to submit again.
+        """
         sightings: list[Sighting] = []
         rejected: Counter[str] = Counter()
         for item in parsed:
@@ -44,7 +49,11 @@ class Ingest:
             else:
                 rejected[item] += 1
         now = self._clock.time()
-        result = self._state.enqueue(source, sightings, now, now + self._delay, position)
+        try:
+            result = self._state.enqueue(source, sightings, now, now + self._delay, position)
+        except sqlite3.Error as err:
+            self._metrics.state_errors.labels("enqueue").inc()
+            raise StateError(f"{self._state.path}: cannot record ids from {source}: {err}") from None
         if result.rejected:
             rejected[QUEUE_FULL] += result.rejected
         for reason, count in rejected.items():

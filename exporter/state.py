@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -353,6 +354,17 @@ class _Transaction:
 
     def __exit__(self, kind: object, value: object, traceback: object) -> None:
         if kind is None:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that fails (disk full, read-only) may leave the transaction open, and then every
+                # later BEGIN would fail too: end it so the next write can succeed once the disk recovers.
+                self._rollback()
+                raise
         else:
-            self._db.execute("ROLLBACK")
+            self._rollback()
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:  # SQLite rolls back by itself after some errors (SQLITE_FULL, IOERR)
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")

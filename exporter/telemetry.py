@@ -91,7 +91,8 @@ class SelfMetrics:
                 self.abandoned.labels(outcome.value)
         for reason in ("subscription_key", "gave_up_waiting"):
             self.billing_unavailable.labels(reason)
-        self.state_errors.labels("settle")
+        for operation in ("settle", "enqueue", "position", "forget"):
+            self.state_errors.labels(operation)
         for label in ("model", "protocol", "finish_reason", "fee_item", *config.metrics.extra_labels):
             self.label_overflow.labels(label)
         for source in config.sources:

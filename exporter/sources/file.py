@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -14,7 +15,7 @@ from typing import BinaryIO
 from exporter.config import SourceConfig
 from exporter.ids import LINE_TOO_LONG, LineParser, Sighting
 from exporter.ingest import Ingest
-from exporter.state import FilePosition, StateStore
+from exporter.state import FilePosition, StateError, StateStore
 from exporter.telemetry import SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 CHUNKS_PER_POLL = 8
 FINGERPRINT_BYTES = 256
+STATE_RETRY_SECONDS = 1.0
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
@@ -72,15 +74,38 @@ class FileSource:
     async def run(self, stop: asyncio.Event) -> None:
         """Polls until `stop`, then reads what the writer left before closing (open_initial() comes first)."""
         while not stop.is_set():
-            busy = self.poll()
+            try:
+                busy = self.poll()
+            except (StateError, sqlite3.Error) as err:
+                await self._recover(stop, err)
+                continue
             if busy:
                 await asyncio.sleep(0)  # let lookups and scrapes run between large chunks
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._config.poll_interval_seconds)
-        while self.poll():  # what the writer left before we were stopped
-            pass
+        with contextlib.suppress(StateError, sqlite3.Error):  # unsaved lines are read again at the next start
+            while self.poll():  # what the writer left before we were stopped
+                pass
         self.close()
+
+    async def _recover(self, stop: asyncio.Event, err: Exception) -> None:
+        """A state write failed (disk full, read-only): none of it was saved, so after a pause the file is
+        read again from the last saved position (ids already queued are deduplicated)."""
+        if isinstance(err, sqlite3.Error):
+            self._metrics.state_errors.labels("position").inc()
+        log.error("%s: cannot save to the state database (%s); re-reading from the last saved position", self.name,
+                  err)
+        self.close()
+        self._skipping = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), STATE_RETRY_SECONDS)
+        try:
+            if self._state.position(self.name) is not None:
+                self.open_initial()
+            # Nothing saved yet: the file appeared after start-up, and poll() reads it from the beginning.
+        except (StateError, sqlite3.Error):
+            self.close()
 
     def close(self) -> None:
         if self._current is not None:
