@@ -7,6 +7,7 @@ import logging
 import platform
 import sys
 from collections.abc import Callable, Iterator
+from types import TracebackType
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -192,3 +193,9 @@ def configure_logging(config: LogConfig, secrets: list[str]) -> None:
     root.setLevel(config.level.upper())
     # httpx logs every request at INFO; that is our lookups_total, not a log line.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # A crash's traceback goes through the same redacting handler, not straight to stderr.
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, traceback: TracebackType | None) -> None:
+    logging.getLogger("exporter").critical("uncaught exception, exiting", exc_info=(kind, value, traceback))
