@@ -171,6 +171,9 @@ class StateStore:
                 script = SCHEMA if version is None else SCHEMA.replace("CREATE VIEW", MIGRATE_FROM_1 + "CREATE VIEW")
                 db.executescript("BEGIN IMMEDIATE;" + script + SET_VERSION + "COMMIT;")
             return db
+        except sqlite3.OperationalError as err:
+            # Full, read-only, unopenable or locked: the file is fine, its surroundings are not.
+            raise StateError(f"{self.path}: cannot use the state database: {err}") from None
         except sqlite3.DatabaseError as err:
             raise StateError(
                 f"{self.path}: not a usable state database ({err}). Move it aside (keep it: it holds the ledger) "

@@ -126,6 +126,17 @@ async def test_a_read_only_state_directory_is_a_clear_error(
             await start_exporter(config)
 
 
+async def test_a_full_disk_at_start_is_a_clear_error_not_corruption(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    with tmpfs(tmp_path / "state", "1m") as directory:
+        fill(directory)
+        config = make_config(tmp_path, fake_api.url, state={"path": str(directory / "state.db")})
+        with pytest.raises(StateError) as caught:
+            await start_exporter(config)
+        assert "full" in str(caught.value) and "Move it aside" not in str(caught.value)
+
+
 def test_the_state_file_is_owner_only_and_never_a_followed_symlink(tmp_path: Path) -> None:
     from exporter.state import StateStore
 
