@@ -34,6 +34,9 @@ from exporter.web import Handler, Request, Response
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 CACHE_SIZE = 256
+# bcrypt is slow on purpose; a flood of wrong passwords must not take every worker thread (scrapes render
+# on the same default executor), so at most this many checks run at once and the rest queue.
+CONCURRENT_CHECKS = 2
 _TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version"}
 _CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
@@ -54,6 +57,7 @@ class WebConfig:
     ssl_context: ssl.SSLContext | None = None
     users: dict[str, bytes] = field(default_factory=dict)
     _verified: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    _checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CONCURRENT_CHECKS))
 
     def protect(self, handler: Handler) -> Handler:
         """The handler behind basic auth (when users are configured)."""
@@ -86,7 +90,8 @@ class WebConfig:
         if hashed is not None and token in self._verified:
             self._verified.move_to_end(token)
             return True
-        ok = await asyncio.to_thread(_check, password.encode(), hashed if hashed is not None else _DUMMY_HASH)
+        async with self._checks:
+            ok = await asyncio.to_thread(_check, password.encode(), hashed if hashed is not None else _DUMMY_HASH)
         if not ok or hashed is None:
             return False
         self._verified[token] = None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import bcrypt
@@ -92,6 +94,23 @@ async def test_tls_and_basic_auth(tmp_path: Path, fake_api: FakeApi, start_expor
             await untrusting.get(f"{base}/metrics")
     async with httpx.AsyncClient(base_url=base, verify=trusted) as client:  # still serving after all that
         assert (await client.get("/metrics", headers=basic("prometheus", PASSWORD))).status_code == 200
+
+
+async def test_a_flood_of_wrong_passwords_does_not_stall_scrapes(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    slow_hash = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(11)).decode()  # ~0.1 s a check, like production
+    web = write_web_config(tmp_path / "web.yml", {"basic_auth_users": {"prometheus": slow_hash}})
+    exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)}))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{exporter.metrics_port}", timeout=60) as client:
+        assert (await client.get("/metrics", headers=basic("prometheus", PASSWORD))).status_code == 200
+        attack = [asyncio.create_task(client.get("/metrics", headers=basic("prometheus", f"guess{i}")))
+                  for i in range(40)]
+        await asyncio.sleep(0.2)  # let the guesses queue up: what is measured is a scrape in the middle of them
+        started = time.monotonic()
+        assert (await client.get("/metrics", headers=basic("prometheus", PASSWORD))).status_code == 200
+        assert time.monotonic() - started < 1.0
+        assert {r.status_code for r in await asyncio.gather(*attack)} == {401}
 
 
 async def test_tls_only_and_basic_auth_only(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
