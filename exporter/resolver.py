@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
@@ -99,6 +100,7 @@ class Resolver:
         self._overflows_reported: dict[str, int] = {}
         self._warned: set[str] = set()
         self.draining = False
+        self._children: dict[Outcome, tuple[Any, Any]] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -176,8 +178,13 @@ class Resolver:
                 sampled = context.is_valid and context.trace_flags.sampled
                 trace_id = format(context.trace_id, "032x") if sampled else None
             duration = time.monotonic() - started
-            self._metrics.lookups.labels(result.outcome.value).inc()
-            self._metrics.lookup_duration.labels(result.outcome.value).observe(duration)
+            children = self._children.get(result.outcome)
+            if children is None:  # label lookups hash and lock every time: once per outcome
+                value = result.outcome.value
+                children = (self._metrics.lookups.labels(value), self._metrics.lookup_duration.labels(value))
+                self._children[result.outcome] = children
+            children[0].inc()
+            children[1].observe(duration)
             self._settle(self._decide(pending, attempt, result, trace_id))
         finally:
             self._inflight.pop(pending.id, None)

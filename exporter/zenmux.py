@@ -293,8 +293,14 @@ def _error_type(body: bytes) -> str:
         return ""
 
 
+# httpcore's pool scans every connection on each request (O(pool size) CPU per request): several small pools
+# instead of one large one. 64 connections in one pool cost ~2.2 ms of CPU per request here, 8 x 8 ~0.7 ms;
+# 16 x 4 measured best end to end.
+CONNECTIONS_PER_SHARD = 4
+
+
 class ZenMuxClient:
-    """Looks generation ids up over one pooled httpx client; never raises for a failed lookup."""
+    """Looks generation ids up over sharded, pooled httpx clients; never raises for a failed lookup."""
 
     def __init__(
         self,
@@ -307,23 +313,41 @@ class ZenMuxClient:
         self._config = config
         self._clock = clock
         self.key_kind = key_kind(api_key)
-        self._http = httpx.AsyncClient(
-            base_url=config.base_url,
-            headers={"Authorization": f"Bearer {api_key}", "User-Agent": "zenmux-exporter"},
-            timeout=httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds),
-            limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
-            transport=transport,
-        )
+        # An injected transport (tests) is one object with its own state: one client over it.
+        shards = 1 if transport is not None else max(1, -(-config.concurrency // CONNECTIONS_PER_SHARD))
+        per_shard = -(-config.concurrency // shards)
+        self._shards = [
+            httpx.AsyncClient(
+                base_url=config.base_url,
+                headers={"Authorization": f"Bearer {api_key}", "User-Agent": "zenmux-exporter"},
+                timeout=httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds),
+                limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
+                transport=transport,
+            )
+            for _ in range(shards)
+        ]
+        self._busy = [0] * shards
+
+    def _pick(self) -> int:
+        """The least busy shard (ties: the first), so each pool stays within its connection limit."""
+        busy = self._busy
+        return busy.index(min(busy)) if len(busy) > 1 else 0
 
     @property
     def billing_expected(self) -> bool:
         return self.key_kind is not KeyKind.SUBSCRIPTION
 
     async def lookup(self, generation_id: str) -> LookupResult:
+        shard = self._pick()
+        self._busy[shard] += 1
         try:
-            async with self._http.stream(
-                "GET", self._config.generation_path, params={"id": generation_id}
-            ) as response:
+            return await self._lookup(self._shards[shard], generation_id)
+        finally:
+            self._busy[shard] -= 1
+
+    async def _lookup(self, http: httpx.AsyncClient, generation_id: str) -> LookupResult:
+        try:
+            async with http.stream("GET", self._config.generation_path, params={"id": generation_id}) as response:
                 headers = {k.lower(): v for k, v in response.headers.items()}
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
@@ -342,4 +366,5 @@ class ZenMuxClient:
         return classify(response.status_code, bytes(body), headers, self.billing_expected, self._clock.time())
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for http in self._shards:
+            await http.aclose()
