@@ -20,7 +20,7 @@ from exporter.config import Config, split_host_port
 from exporter.endpoints import Endpoints
 from exporter.ids import parser_for
 from exporter.ingest import Ingest
-from exporter.ledger import LabelLimiter, Ledger, LedgerCollector, LedgerShape
+from exporter.ledger import LabelLimiter, Ledger, LedgerCollector, LedgerExposition, LedgerShape
 from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
@@ -94,7 +94,9 @@ class Exporter:
         )
         self.ledger = Ledger(shape, limiter)
         self.ledger.load(self.state.ledger_rows())
-        self.registry.register(LedgerCollector(self.ledger))
+        exposition = LedgerExposition(self.ledger)
+        if not exposition.exact:  # label names prometheus_client would escape: let it render the ledger
+            self.registry.register(LedgerCollector(self.ledger))
         self.registry.register(QueueCollector(lambda: self.state.pending, lambda: self._oldest_age))
         self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
         self.resolver = Resolver(
@@ -113,7 +115,12 @@ class Exporter:
             self.state, self.metrics, self.clock, config.resolve.billing_delay_seconds, self.resolver.wake
         )
         host, port = split_host_port(config.metrics.listen)
-        endpoints = Endpoints(self.registry, healthy=lambda: None, ready=self._not_ready_reason)
+        endpoints = Endpoints(
+            self.registry,
+            healthy=lambda: None,
+            ready=self._not_ready_reason,
+            ledger=exposition if exposition.exact else None,
+        )
         self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.ssl_context)
         await self.http.start()
         for source in config.sources:

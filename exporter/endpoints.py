@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as openmetrics
 
+from exporter.ledger import LedgerExposition
 from exporter.web import Request, Response, text
 
 INDEX = b"""<html><head><title>zenmux-exporter</title></head><body><h1>zenmux-exporter</h1>
@@ -17,11 +18,37 @@ INDEX = b"""<html><head><title>zenmux-exporter</title></head><body><h1>zenmux-ex
 </body></html>"""
 
 
-def render(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
-    """The exposition in the format the scraper asked for; exemplars only exist in OpenMetrics."""
+EOF_LINE = b"# EOF\n"
+
+
+def render(
+    registry: CollectorRegistry, accept: str, ledger: LedgerExposition | None = None
+) -> tuple[bytes, str]:
+    """The exposition in the format the scraper asked for; exemplars only exist in OpenMetrics.
+
+    The registry's collectors go through prometheus_client; the ledger (when given) through its incremental
+    renderer, which yields the same bytes prometheus_client would for its metric families."""
     if "application/openmetrics-text" in accept:
-        return openmetrics.generate_latest(registry), openmetrics.CONTENT_TYPE_LATEST  # type: ignore[no-untyped-call]
-    return text_format.generate_latest(registry), text_format.CONTENT_TYPE_LATEST
+        own = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
+        if ledger is None:
+            return own, openmetrics.CONTENT_TYPE_LATEST
+        assert own.endswith(EOF_LINE)
+        body = b"".join([own[: -len(EOF_LINE)], *ledger.parts(openmetrics=True), EOF_LINE])
+        return body, openmetrics.CONTENT_TYPE_LATEST
+    own = text_format.generate_latest(registry)
+    if ledger is None:
+        return own, text_format.CONTENT_TYPE_LATEST
+    return b"".join([own, *ledger.parts(openmetrics=False)]), text_format.CONTENT_TYPE_LATEST
+
+
+def _body(
+    registry: CollectorRegistry, accept: str, ledger: LedgerExposition | None, compress: bool
+) -> tuple[bytes, str]:
+    body, content_type = render(registry, accept, ledger)
+    if compress:
+        # zlib releases the GIL while it compresses: the event loop (UDP, lookups) keeps running.
+        body = gzip.compress(body, compresslevel=1)
+    return body, content_type
 
 
 class Endpoints:
@@ -31,9 +58,12 @@ class Endpoints:
         *,
         healthy: Callable[[], str | None],
         ready: Callable[[], str | None],
+        ledger: LedgerExposition | None = None,
     ) -> None:
-        """`healthy` and `ready` return None when fine, or the reason they are not."""
+        """`healthy` and `ready` return None when fine, or the reason they are not. `ledger`, when given, is
+        rendered after the registry's collectors (which must then not include the ledger's collector)."""
         self._registry = registry
+        self._ledger = ledger
         self._healthy = healthy
         self._ready = ready
 
@@ -51,12 +81,12 @@ class Endpoints:
         return text(404, "not found\n")
 
     async def _metrics(self, request: Request) -> Response:
-        # Rendering walks every series: off the event loop, so a scrape never stalls ingest or lookups.
-        body, content_type = await asyncio.to_thread(render, self._registry, request.header("accept"))
-        headers = {}
-        if "gzip" in request.header("accept-encoding"):
-            body = gzip.compress(body, compresslevel=1)
-            headers["Content-Encoding"] = "gzip"
+        # Rendering and compressing run off the event loop, so a scrape never stalls ingest or lookups.
+        compress = "gzip" in request.header("accept-encoding")
+        body, content_type = await asyncio.to_thread(
+            _body, self._registry, request.header("accept"), self._ledger, compress
+        )
+        headers = {"Content-Encoding": "gzip"} if compress else {}
         return Response(200, body, content_type, headers)
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import cast
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
 
 from exporter.zenmux import GenerationRecord
 
@@ -191,6 +193,8 @@ class Ledger:
         self._histograms: dict[Key, HistogramValue] = {}
         self._exemplars: dict[tuple[Key, int], Exemplar] = {}
         self._lock = threading.Lock()  # /metrics renders on another thread
+        # Series changed since each format was last rendered (see LedgerExposition).
+        self._changed: tuple[set[Key], set[Key]] = (set(), set())
 
     def load(self, rows: Iterable[tuple[str, str, str]]) -> None:
         """Restores persisted values; rows whose labels no longer fit the configured shape are skipped."""
@@ -206,8 +210,14 @@ class Ledger:
             if spec.is_histogram:
                 if len(value["b"]) == len(spec.buckets) + 1:
                     self._histograms[(metric, labels)] = HistogramValue(value["b"], value["s"])
+                    self._mark((metric, labels))
             else:
                 self._counters[(metric, labels)] = float(value)
+                self._mark((metric, labels))
+
+    def _mark(self, key: Key) -> None:
+        for changed in self._changed:
+            changed.add(key)
 
     def overlay(self) -> Overlay:
         return Overlay()
@@ -231,10 +241,15 @@ class Ledger:
                 overlay.exemplars[(key, index)] = Exemplar(dict(item.exemplar), inc.value)
 
     def apply(self, overlay: Overlay) -> None:
+        # Values are replaced, never mutated in place (the overlay holds copies): a renderer may keep
+        # references to them after releasing the lock.
         with self._lock:
             self._counters.update(overlay.counters)
             self._histograms.update(overlay.histograms)
             self._exemplars.update(overlay.exemplars)
+            for changed in self._changed:
+                changed.update(overlay.counters)
+                changed.update(overlay.histograms)
 
     def value(self, metric: str, **labels: str) -> float:
         """Sum of a counter over the series matching the given labels (for tests and the CLI)."""
@@ -312,3 +327,148 @@ def _bucket_bounds(buckets: tuple[float, ...]) -> tuple[str, ...]:
 
 def _float_text(value: float) -> str:
     return repr(value) if value != int(value) or value < 1 else f"{value:.1f}"
+
+
+# prometheus_client's float formatting (Go-style exponents), typed.
+_go = cast(Callable[[float], str], floatToGoString)
+
+
+def _escape_label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+class _FormatCache:
+    """One exposition format's rendered series, their order within each metric, and each metric's block."""
+
+    def __init__(self) -> None:
+        self.series: dict[Key, bytes] = {}
+        self.order: dict[str, list[LabelValues]] = {}
+        self.blocks: dict[str, bytes] = {}
+
+
+class LedgerExposition:
+    """The ledger's part of /metrics, rendered incrementally.
+
+    Each series' lines are cached per format (text; OpenMetrics with exemplars) and re-rendered only when a
+    committed overlay touched it; a metric's block is re-joined only when one of its series changed, and the
+    body is a join of the blocks. The bytes are exactly what prometheus_client renders from LedgerCollector
+    (tests/test_ledger.py compares them). The ledger's lock is held only to take the changed keys and
+    references to their (never mutated) values.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._caches = (_FormatCache(), _FormatCache())
+        self._render_lock = threading.Lock()  # concurrent scrapes take turns on the caches
+        shape = ledger.shape
+        self._layouts: dict[str, tuple[list[int], int]] = {}
+        self._headers: dict[str, tuple[bytes, bytes]] = {}
+        for metric, spec in SPECS.items():
+            names = shape.label_names(spec)
+            order = sorted(range(len(names)), key=lambda i: names[i])
+            # Where `le` falls among the sorted label names of a histogram's bucket lines.
+            le_at = sum(1 for name in names if name < "le")
+            self._layouts[metric] = (order, le_at)
+            kind = "histogram" if spec.is_histogram else "counter"
+            text_name = metric if spec.is_histogram else metric + "_total"
+            text_help = spec.help.replace("\\", r"\\").replace("\n", r"\n")
+            self._headers[metric] = (
+                f"# HELP {text_name} {text_help}\n# TYPE {text_name} {kind}\n".encode(),
+                f"# HELP {metric} {_escape_label_value(spec.help)}\n# TYPE {metric} {kind}\n".encode(),
+            )
+        self._names = {metric: shape.label_names(spec) for metric, spec in SPECS.items()}
+        # Label names that are not unique or not plain would be rendered differently by prometheus_client.
+        self.exact = all(
+            len(set(names)) == len(names) and "le" not in names and all(_plain_label(n) for n in names)
+            for names in self._names.values()
+        )
+
+    def render(self, openmetrics: bool) -> bytes:
+        """The ledger's metric families, without `# EOF`."""
+        return b"".join(self.parts(openmetrics))
+
+    def parts(self, openmetrics: bool) -> list[bytes]:
+        """The ledger's metric families as chunks to join (a 59 MB body is copied once, by the caller)."""
+        with self._render_lock:
+            cache = self._caches[1 if openmetrics else 0]
+            ledger = self._ledger
+            with ledger._lock:
+                changed = ledger._changed[1 if openmetrics else 0]
+                ledger._changed = (
+                    (ledger._changed[0], set()) if openmetrics else (set(), ledger._changed[1])
+                )
+                work: list[tuple[Key, float | HistogramValue, list[Exemplar | None] | None]] = []
+                for key in changed:
+                    if key in ledger._counters:
+                        work.append((key, ledger._counters[key], None))
+                    elif key in ledger._histograms:
+                        hist = ledger._histograms[key]
+                        exemplars = (
+                            [ledger._exemplars.get((key, i)) for i in range(len(hist.buckets))]
+                            if openmetrics and ledger._exemplars
+                            else None
+                        )
+                        work.append((key, hist, exemplars))
+            touched: set[str] = set()
+            grown: set[str] = set()
+            for key, value, exemplars in work:
+                metric = key[0]
+                if key not in cache.series:
+                    grown.add(metric)
+                touched.add(metric)
+                if isinstance(value, HistogramValue):
+                    cache.series[key] = self._histogram(key, value, exemplars)
+                else:
+                    cache.series[key] = self._counter(key, value)
+            for metric in touched:
+                if metric in grown:
+                    cache.order[metric] = sorted(labels for (m, labels) in cache.series if m == metric)
+                series = cache.series
+                cache.blocks[metric] = b"".join([series[(metric, labels)] for labels in cache.order[metric]])
+            headers = self._headers
+            index = 1 if openmetrics else 0
+            parts: list[bytes] = []
+            for metric in SPECS:
+                parts.append(headers[metric][index])
+                parts.append(cache.blocks.get(metric, b""))
+            return parts
+
+    def _label_pairs(self, key: Key) -> list[str]:
+        metric, values = key
+        names = self._names[metric]
+        order, _ = self._layouts[metric]
+        return [f'{names[i]}="{_escape_label_value(values[i])}"' for i in order]
+
+    def _counter(self, key: Key, value: float) -> bytes:
+        return f"{key[0]}_total{{{','.join(self._label_pairs(key))}}} {_go(value)}\n".encode()
+
+    def _histogram(self, key: Key, hist: HistogramValue, exemplars: list[Exemplar | None] | None) -> bytes:
+        metric = key[0]
+        pairs = self._label_pairs(key)
+        _, le_at = self._layouts[metric]
+        before = "".join(pair + "," for pair in pairs[:le_at])
+        after = "".join("," + pair for pair in pairs[le_at:])
+        plain = ",".join(pairs)
+        lines: list[str] = []
+        cumulative = 0.0
+        for i, le in enumerate(_bucket_bounds(SPECS[metric].buckets)):
+            cumulative += hist.buckets[i]
+            exemplar = exemplars[i] if exemplars is not None else None
+            line = f'{metric}_bucket{{{before}le="{le}"{after}}} {_go(cumulative)}'
+            if exemplar is not None:
+                line += _exemplar_text(exemplar)
+            lines.append(line + "\n")
+        lines.append(f"{metric}_count{{{plain}}} {_go(cumulative)}\n")
+        lines.append(f"{metric}_sum{{{plain}}} {_go(hist.sum)}\n")
+        return "".join(lines).encode()
+
+
+def _exemplar_text(exemplar: Exemplar) -> str:
+    labels = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in sorted(exemplar.labels.items()))
+    if exemplar.timestamp is not None:
+        return f" # {{{labels}}} {_go(exemplar.value)} {exemplar.timestamp}"
+    return f" # {{{labels}}} {_go(exemplar.value)}"
+
+
+def _plain_label(name: str) -> bool:
+    return bool(name) and (name[0].isalpha() or name[0] == "_") and name.isascii() and name.replace("_", "a").isalnum()

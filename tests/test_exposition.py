@@ -1,0 +1,120 @@
+"""The incremental ledger renderer yields exactly prometheus_client's bytes, in both formats, across updates."""
+
+from __future__ import annotations
+
+import random
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import exposition as text_format
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from exporter.endpoints import render
+from exporter.ledger import LabelLimiter, Ledger, LedgerCollector, LedgerExposition, LedgerShape, contribution
+from exporter.zenmux import Billing, FeeItem, GenerationRecord
+
+NASTY = ['plain', 'quo"te', "back\\slash", "new\nline", "ünïcødé ✓", 'all\\"\n"\\', "", "x" * 40, "trailing\\"]
+OM_ACCEPT = "application/openmetrics-text; version=1.0.0"
+
+
+def generation(rng: random.Random, i: int) -> GenerationRecord:
+    fees = tuple(
+        FeeItem(rng.choice(NASTY) or "unknown", rng.random() / 100, rng.random() / 90, rng.random() / 1000)
+        for _ in range(rng.randint(0, 3))
+    )
+    billed = rng.random() < 0.8
+    return GenerationRecord(
+        generation_id=f"g{i}",
+        model=rng.choice(NASTY) or "unknown",
+        protocol=rng.choice(["chat.completions", "responses", 'me"ss\\age\n'])[:20],
+        latency_seconds=rng.choice([None, 0.0, 0.05, 0.7, 299.9, 1e9]),
+        generation_seconds=rng.choice([None, 3.0, 1e-7]),
+        prompt_tokens=rng.randint(0, 10**7),
+        completion_tokens=rng.randint(0, 5000),
+        reasoning_tokens=rng.randint(0, 100),
+        cached_tokens=rng.choice([0, 10**12]),
+        streamed=rng.choice([None, True, False]),
+        finish_reason=rng.choice(["stop", "length", 'x"y']),
+        upstream_retries=rng.randint(0, 12),
+        billing=Billing(rng.random() * 1e-5, 1e22 * rng.random(), 0.0, 123456789.5, fees) if billed else None,
+    )
+
+
+def add(ledger: Ledger, rng: random.Random, start: int, count: int, nasty_ids: bool = True) -> None:
+    overlay = ledger.overlay()
+    for i in range(start, start + count):
+        record = generation(rng, i)
+        extra = {"feature": rng.choice(NASTY), "a_team": rng.choice(NASTY), "zone": rng.choice(["eu", "us"])}
+        generation_id = f'g{i}"\\\n' if nasty_ids else f"g{i}"
+        exemplar = {"generation_id": generation_id, "trace_id": f"{i:032x}"} if rng.random() < 0.7 else {}
+        ledger.add(overlay, contribution(record, extra, ledger.shape, ledger.limiter, exemplar))
+    ledger.apply(overlay)
+
+
+def reference(ledger: Ledger) -> tuple[bytes, bytes]:
+    registry = CollectorRegistry()
+    registry.register(LedgerCollector(ledger))
+    text = text_format.generate_latest(registry)
+    om = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
+    assert om.endswith(b"# EOF\n")
+    return text, om[: -len(b"# EOF\n")]
+
+
+def test_cached_render_is_byte_for_byte_prometheus_client_across_updates() -> None:
+    rng = random.Random(7)
+    # Extra labels that sort before and after `le`, so bucket lines put `le` in the middle.
+    ledger = Ledger(LedgerShape(("feature", "a_team", "zone")), LabelLimiter(1000, 1000, 30))
+    exposition = LedgerExposition(ledger)
+    assert exposition.exact
+    assert exposition.render(openmetrics=False) == reference(ledger)[0]  # empty families
+    start = 0
+    for count in (50, 1, 0, 30, 200):
+        add(ledger, rng, start, count)
+        start += count
+        text, om = reference(ledger)
+        assert exposition.render(openmetrics=False) == text
+        assert exposition.render(openmetrics=True) == om
+        if rng.random() < 0.5:  # a format not scraped for a while catches up on every change
+            add(ledger, rng, start, 5)
+            start += 5
+    assert b'\\"' in text and b"\\\\" in text and b"\\n" in text and "ünïcødé".encode() in text
+    assert b" # {generation_id=" in om
+
+
+def test_a_restored_ledger_renders_every_loaded_series() -> None:
+    rng = random.Random(3)
+    source = Ledger(LedgerShape(("feature",)), LabelLimiter(1000, 1000, 30))
+    overlay = source.overlay()
+    for i in range(40):
+        item = contribution(generation(rng, i), {"feature": rng.choice(NASTY)}, source.shape, source.limiter, {})
+        source.add(overlay, item)
+    source.apply(overlay)
+    restored = Ledger(LedgerShape(("feature",)), LabelLimiter(1000, 1000, 30))
+    restored.load(overlay.rows())
+    text, om = reference(restored)
+    exposition = LedgerExposition(restored)
+    assert exposition.render(openmetrics=False) == text
+    assert exposition.render(openmetrics=True) == om
+
+
+def test_endpoint_body_keeps_one_family_each_and_eof_last() -> None:
+    rng = random.Random(11)
+    ledger = Ledger(LedgerShape(("feature",)), LabelLimiter(1000, 1000, 30))
+    add(ledger, rng, 0, 20, nasty_ids=False)  # the OpenMetrics parser rejects escapes in exemplar values
+    own = CollectorRegistry()
+    Counter("zenmux_exporter_things", "Self-metric.", registry=own).inc()
+    exposition = LedgerExposition(ledger)
+    body, content_type = render(own, OM_ACCEPT, exposition)
+    assert content_type == openmetrics.CONTENT_TYPE_LATEST
+    assert body.endswith(b"# EOF\n") and body.count(b"# EOF") == 1
+    families = list(text_string_to_metric_families(body.decode()))  # type: ignore[no-untyped-call]
+    names = [family.name for family in families]
+    assert len(names) == len(set(names))
+    assert "zenmux_exporter_things" in names and "zenmux_generation_tokens" in names
+    text_body, _ = render(own, "text/plain", exposition)
+    assert text_body == text_format.generate_latest(own) + reference(ledger)[0]
+
+
+def test_label_names_prometheus_client_would_escape_fall_back_to_it() -> None:
+    assert not LedgerExposition(Ledger(LedgerShape(("le",)), LabelLimiter(10, 10, 10))).exact
+    assert not LedgerExposition(Ledger(LedgerShape(("bad-name",)), LabelLimiter(10, 10, 10))).exact
