@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import signal
@@ -70,11 +71,17 @@ def load_with_key(path: Path) -> tuple[Config, str] | None:
         return None
 
 
+GC_YOUNG_THRESHOLD = 50_000
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if (loaded := load_with_key(args.config)) is None:
         return 2
     config, api_key = loaded
     configure_logging(config.log, [api_key])
+    # Ingest allocates a few tuples per line and nothing cyclic: a young-generation collection every 700
+    # allocations was ~30% of the parse time. Collections still run, just 70x less often.
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
     return asyncio.run(run_exporter(config, api_key))
 
 

@@ -38,6 +38,9 @@ class Sighting(NamedTuple):
     labels: Labels = ()
 
 
+# `Sighting(a, b)` runs a generated Python `__new__`; this is the same tuple without that frame (hot path).
+new_sighting = tuple.__new__
+
 # A parser turns one line (without its newline) into a Sighting or a rejection reason.
 LineParser = Callable[[bytes], Sighting | str]
 
@@ -98,34 +101,37 @@ def json_parser(id_field: str, labels: dict[str, str]) -> LineParser:
         return Sighting(value, found)
 
     def parse(line: bytes) -> Sighting | str:
+        # A key found once (no second occurrence, overlapping or not) is matched where it is, not searched.
+        at = line.find(id_key)
         if not (
             fast
+            and at >= 0
             and line.startswith(b"{")
             and line.endswith(b"}")
             and line.count(b"{") == 1
             and b"\\" not in line
             and line.isascii()
-            and line.count(id_key) == 1
+            and line.find(id_key, at + 1) < 0
         ):
             return parse_document(line)
-        match = id_member.search(line)
+        match = id_member.match(line, at)
         if match is None or match.group(1) is None:
             return parse_document(line)  # not a string: let json decide between no_id and invalid_id
         value = match.group(1).decode()
         if valid_id(value) is None:
             return parse_document(line)  # a rejection: let json decide which one, exactly
         if not label_members:
-            return Sighting(value)
+            return new_sighting(Sighting, (value, ()))
         found: list[tuple[str, str]] = []
         for name, key, member in label_members:
-            count = line.count(key)
-            if count == 0:
+            at = line.find(key)
+            if at < 0:
                 continue
-            hit = member.search(line) if count == 1 else None
+            hit = member.match(line, at) if line.find(key, at + 1) < 0 else None
             if hit is None or hit.group(1) is None:
                 return parse_document(line)  # a number, a literal, a repeated key: json.loads' rules
             found.append((name, hit.group(1).decode()))
-        return Sighting(value, tuple(found))
+        return new_sighting(Sighting, (value, tuple(found)))
 
     return parse
 

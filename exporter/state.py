@@ -72,6 +72,7 @@ SET_VERSION = "INSERT OR REPLACE INTO meta VALUES ('schema_version', '2');"  # =
 
 
 @lru_cache(maxsize=4096)
+@lru_cache(maxsize=4096)  # label values repeat (a few features, teams): encoded once, not per id
 def _labels_text(labels: Labels) -> str:
     return json.dumps(labels) if labels else ""
 
