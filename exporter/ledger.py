@@ -338,22 +338,23 @@ def _escape_label_value(value: str) -> str:
 
 
 class _FormatCache:
-    """One exposition format's rendered series, their order within each metric, and each metric's block."""
+    """One exposition format's rendered series: per metric, the label values in exposition order and each
+    series' lines at the same index (each series' bytes are held once; the body is one join over them)."""
 
     def __init__(self) -> None:
-        self.series: dict[Key, bytes] = {}
         self.order: dict[str, list[LabelValues]] = {}
-        self.blocks: dict[str, bytes] = {}
+        self.lines: dict[str, list[bytes]] = {}
+        self.position: dict[Key, int] = {}
 
 
 class LedgerExposition:
     """The ledger's part of /metrics, rendered incrementally.
 
     Each series' lines are cached per format (text; OpenMetrics with exemplars) and re-rendered only when a
-    committed overlay touched it; a metric's block is re-joined only when one of its series changed, and the
-    body is a join of the blocks. The bytes are exactly what prometheus_client renders from LedgerCollector
-    (tests/test_ledger.py compares them). The ledger's lock is held only to take the changed keys and
-    references to their (never mutated) values.
+    committed overlay touched it; the body is one join over the cached lines (~30 ms for 59 MB). The bytes
+    are exactly what prometheus_client renders from LedgerCollector (tests/test_exposition.py compares
+    them). The ledger's lock is held only to take the changed keys and references to their (never mutated)
+    values; rendering happens outside it, in the scrape's worker thread.
     """
 
     def __init__(self, ledger: Ledger) -> None:
@@ -388,7 +389,9 @@ class LedgerExposition:
         return b"".join(self.parts(openmetrics))
 
     def parts(self, openmetrics: bool) -> list[bytes]:
-        """The ledger's metric families as chunks to join (a 59 MB body is copied once, by the caller)."""
+        """The ledger's metric families as chunks to join (a 59 MB body is copied once, by the caller).
+
+        Memory: each format scraped holds its rendered series once (~130 bytes per sample)."""
         with self._render_lock:
             cache = self._caches[1 if openmetrics else 0]
             ledger = self._ledger
@@ -409,28 +412,31 @@ class LedgerExposition:
                             else None
                         )
                         work.append((key, hist, exemplars))
-            touched: set[str] = set()
-            grown: set[str] = set()
+            added: dict[str, list[tuple[LabelValues, bytes]]] = {}
             for key, value, exemplars in work:
-                metric = key[0]
-                if key not in cache.series:
-                    grown.add(metric)
-                touched.add(metric)
+                metric, labels = key
                 if isinstance(value, HistogramValue):
-                    cache.series[key] = self._histogram(key, value, exemplars)
+                    data = self._histogram(key, value, exemplars)
                 else:
-                    cache.series[key] = self._counter(key, value)
-            for metric in touched:
-                if metric in grown:
-                    cache.order[metric] = sorted(labels for (m, labels) in cache.series if m == metric)
-                series = cache.series
-                cache.blocks[metric] = b"".join([series[(metric, labels)] for labels in cache.order[metric]])
-            headers = self._headers
+                    data = self._counter(key, value)
+                at = cache.position.get(key)
+                if at is None:
+                    added.setdefault(metric, []).append((labels, data))
+                else:
+                    cache.lines[metric][at] = data
+            for metric, fresh in added.items():  # new series: re-sort this metric's series by label values
+                old = cache.lines.get(metric, [])
+                merged = [*zip(cache.order.get(metric, []), old, strict=True), *fresh]
+                merged.sort(key=_by_labels)
+                cache.order[metric] = [labels for labels, _ in merged]
+                cache.lines[metric] = [data for _, data in merged]
+                for i, labels in enumerate(cache.order[metric]):
+                    cache.position[(metric, labels)] = i
             index = 1 if openmetrics else 0
             parts: list[bytes] = []
             for metric in SPECS:
-                parts.append(headers[metric][index])
-                parts.append(cache.blocks.get(metric, b""))
+                parts.append(self._headers[metric][index])
+                parts.extend(cache.lines.get(metric, ()))
             return parts
 
     def _label_pairs(self, key: Key) -> list[str]:
