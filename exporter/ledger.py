@@ -178,9 +178,14 @@ class Overlay:
 
     def rows(self) -> Iterator[tuple[str, str, str]]:
         for (metric, labels), value in self.counters.items():
-            yield metric, json.dumps(labels), json.dumps(value)
+            yield metric, _labels_json(labels), json.dumps(value)
         for (metric, labels), hist in self.histograms.items():
-            yield metric, json.dumps(labels), json.dumps({"b": hist.buckets, "s": hist.sum})
+            yield metric, _labels_json(labels), json.dumps({"b": hist.buckets, "s": hist.sum})
+
+
+@lru_cache(maxsize=65536)  # the same label values are written with every batch that touches them
+def _labels_json(labels: LabelValues) -> str:
+    return json.dumps(labels)
 
 
 class Ledger:
