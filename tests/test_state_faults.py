@@ -51,7 +51,7 @@ def remount(where: Path, mode: str) -> None:
 def fill(directory: Path) -> Path:
     """Writes a file until the disk is full."""
     filler = directory / "filler"
-    with filler.open("wb") as handle, contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), filler.open("wb") as handle:  # closing can raise ENOSPC too
         while True:
             handle.write(b"\0" * 65536)
             handle.flush()
