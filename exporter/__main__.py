@@ -184,13 +184,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     configure_logging(LogConfig(), [])
 
-    async def main() -> None:
+    async def main() -> int:
         with tempfile.TemporaryDirectory(prefix="zenmux-demo-") as tmp:
             directory = Path(tmp)
             api = await serve(SimulatedZenMux(SimConfig(billing_delay_seconds=2.0)), "127.0.0.1", 0)
             api_url = f"http://127.0.0.1:{api.port}"
             exporter = Exporter(demo_config(api_url, directory, args.listen), api_key="sk-ai-v1-demo")
-            await exporter.start()
+            try:
+                await exporter.start()
+            except OSError as err:
+                print(f"cannot listen on {args.listen}: {err.strerror}; try --listen 127.0.0.1:0", file=sys.stderr)
+                await api.close()
+                return 1
             host, _ = host_port(args.listen)
             stop = asyncio.Event()
             _stop_on_signals(stop)
@@ -219,9 +224,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             await exporter.stop(drain_seconds=0)
             await api.close()
         print("demo stopped", flush=True)
+        return 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())
 
 
 def parser() -> argparse.ArgumentParser:

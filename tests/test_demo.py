@@ -45,3 +45,21 @@ def test_demo_shows_cost_by_model_within_15_seconds() -> None:
     finally:
         process.kill()
 
+
+
+def test_demo_on_a_busy_port_says_so_and_exits_1() -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "exporter", "demo", "--listen", f"127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
