@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import json
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -13,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from exporter.clock import Clock, SystemClock
 from exporter.config import ZenMuxConfig
 
 
@@ -308,10 +308,10 @@ class ZenMuxClient:
         api_key: str,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        clock: Any = time,
+        clock: Clock | None = None,
     ) -> None:
         self._config = config
-        self._clock = clock
+        self._clock = clock or SystemClock()
         self.key_kind = key_kind(api_key)
         # An injected transport (tests) is one object with its own state: one client over it.
         shards = 1 if transport is not None else max(1, -(-config.concurrency // CONNECTIONS_PER_SHARD))
