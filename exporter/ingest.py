@@ -34,7 +34,12 @@ class Ingest:
         return self._state.pending >= self._state.max_pending
 
     def submit(
-        self, source: str, parsed: Iterable[Sighting | str], position: FilePosition | None = None
+        self,
+        source: str,
+        parsed: Iterable[Sighting | str],
+        position: FilePosition | None = None,
+        *,
+        bounded: bool = True,
     ) -> Enqueued:
         """Queues the sightings and counts the rejections; the position is saved in the same transaction.
 
@@ -50,7 +55,7 @@ class Ingest:
                 rejected[item] += 1
         now = self._clock.time()
         try:
-            result = self._state.enqueue(source, sightings, now, now + self._delay, position)
+            result = self._state.enqueue(source, sightings, now, now + self._delay, position, bounded=bounded)
         except sqlite3.Error as err:
             self._metrics.state_errors.labels("enqueue").inc()
             raise StateError(f"{self._state.path}: cannot record ids from {source}: {err}") from None

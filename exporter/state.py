@@ -204,9 +204,13 @@ class StateStore:
         now: float,
         due: float,
         position: FilePosition | None = None,
+        *,
+        bounded: bool = True,
     ) -> Enqueued:
         """Adds ids (deduplicated) and, in the same transaction, the source's new position."""
-        room = max(self.max_pending - self.pending, 0)
+        # A file source waits instead (it checks `full` before each chunk), so it may pass one chunk beyond
+        # the bound and loses nothing; UDP cannot wait, so its overflow is rejected and counted.
+        room = max(self.max_pending - self.pending, 0) if bounded else len(sightings)
         admitted = sightings[:room]
         pending = self._pending_ids
         fresh: dict[int, Sighting] = {}
@@ -335,10 +339,14 @@ class StateStore:
     def ledger_rows(self) -> Iterator[tuple[str, str, str]]:
         yield from self._db.execute("SELECT metric, labels, value FROM ledger")
 
-    def forget_finished(self, before: float) -> int:
-        """Drops done/abandoned ids older than the dedupe window: the bound on the dedupe memory."""
+    def forget_finished(self, before: float, limit: int = 10_000) -> int:
+        """Drops up to `limit` done/abandoned ids older than the dedupe window (the bound on the dedupe memory),
+        in one short transaction; call again while it returns `limit`, yielding to the event loop in between."""
         with self._transaction():
-            cursor = self._db.execute("DELETE FROM finished WHERE finished < ?", (before,))
+            cursor = self._db.execute(
+                "DELETE FROM finished WHERE id IN (SELECT id FROM finished WHERE finished < ? LIMIT ?)",
+                (before, limit),
+            )
         return cursor.rowcount
 
     def status(self, generation_id: str) -> int | None:

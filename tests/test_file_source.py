@@ -102,3 +102,54 @@ def test_crlf_and_blank_lines(tmp_path: Path, newline: str) -> None:
     tail.log.write_text(newline.join([json_line("a"), "", "   ", json_line("b"), ""]), newline="")
     tail.drain()
     assert tail.state.pending == 2
+
+
+def test_a_full_queue_never_drops_file_ids(tmp_path: Path) -> None:
+    tail = Tail(tmp_path, max_pending=10)
+    append_lines(tail.log, [json_line(f"id{i}") for i in range(100)])
+    tail.drain()  # one chunk may pass the bound; nothing in it is rejected
+    assert tail.state.pending == 100
+    assert tail.metric("zenmux_exporter_ids_rejected_total", reason="queue_full") == 0
+    append_lines(tail.log, [json_line("later")])
+    tail.drain()
+    assert tail.state.status("later") is None  # waits in the file, position before it
+    position = tail.state.position("app")
+    assert position is not None and position.offset < tail.log.stat().st_size
+
+
+def test_lines_appended_to_the_renamed_file_after_rotation_are_read(tmp_path: Path) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, [json_line("before")])
+    tail.drain()
+    rotated = tmp_path / "app.log.1"
+    tail.log.rename(rotated)
+    append_lines(tail.log, [json_line("in-new-file")])
+    tail.source.poll()  # the rotation is seen; the writer has not reopened its log yet
+    with rotated.open("a") as old:
+        old.write(json_line("late-in-old")[:30])
+    tail.source.poll()
+    with rotated.open("a") as old:
+        old.write(json_line("late-in-old")[30:] + "\n" + json_line("last-in-old"))  # the last line lacks "\n"
+    for _ in range(8):
+        tail.source.poll()
+    for generation_id in ("before", "late-in-old", "last-in-old", "in-new-file"):
+        assert tail.state.status(generation_id) == 0, generation_id
+    assert tail.state.pending == 4
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="rename") == 1
+
+
+def test_start_at_end_begins_after_the_last_complete_line(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_text(json_line("history") + "\n" + json_line("being-written")[:25])
+    config = SourceConfig(type="file", name="app", path=str(log), start_at="end")
+    state = StateStore(tmp_path / "state.db", max_pending=100)
+    registry = CollectorRegistry()
+    metrics = SelfMetrics(registry)
+    ingest = Ingest(state, metrics, ManualClock(), billing_delay_seconds=0)
+    source = FileSource(config, parser_for(config), ingest, state, metrics)
+    source.open_initial()
+    with log.open("a") as handle:
+        handle.write(json_line("being-written")[25:] + "\n")
+    source.poll()
+    assert state.status("history") is None
+    assert state.status("being-written") == 0

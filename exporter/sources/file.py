@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
 CHUNKS_PER_POLL = 8
+ROTATION_GRACE_POLLS = 4
 FINGERPRINT_BYTES = 256
 STATE_RETRY_SECONDS = 1.0
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
@@ -70,6 +71,7 @@ class FileSource:
         self._metrics = metrics
         self._current: _Open | None = None
         self._skipping = False  # inside an overlong line, discarding until its newline
+        self._rotated_size, self._rotated_quiet_polls = -1, 0  # the renamed-away file, while it settles
 
     async def run(self, stop: asyncio.Event) -> None:
         """Polls until `stop`, then reads what the writer left before closing (open_initial() comes first)."""
@@ -118,7 +120,7 @@ class FileSource:
         stat = _stat(self._path)
         if saved is None:
             if stat is not None:
-                start = stat.st_size if self._config.start_at == "end" else 0
+                start = _end_of_last_line(self._path, stat.st_size) if self._config.start_at == "end" else 0
                 self._switch_to(start)
             return
         if stat is not None and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
@@ -169,6 +171,7 @@ class FileSource:
         stat = os.fstat(handle.fileno())
         self._current = _Open(handle, stat.st_dev, stat.st_ino, min(offset, stat.st_size))
         self._skipping = False
+        self._rotated_size, self._rotated_quiet_polls = -1, 0
         self._state.save_position(self.name, self._position())
 
     def _position(self) -> FilePosition:
@@ -190,8 +193,12 @@ class FileSource:
         current = self._current
         stat = _stat(self._path)
         if stat is not None and (stat.st_dev, stat.st_ino) != (current.device, current.inode):
-            # Renamed away and a new file created: the old handle still sees the writer's last lines.
-            self._read_available(final=True)
+            # Renamed away and a new file created. The writer may append to the old file until it reopens
+            # its log, so the old file is read on until it has stayed unchanged for a few polls.
+            busy = self._read_available(final=False)
+            if busy or not self._rotated_file_settled(current):
+                return busy
+            self._read_available(final=True)  # only a last line without newline can be left
             self._metrics.file_rotations.labels(self.name, "rename").inc()
             self._switch_to(0)
         elif self._truncated(current):
@@ -203,6 +210,14 @@ class FileSource:
             self._metrics.file_read_bytes.labels(self.name).set(self._current.offset)
             self._metrics.file_size_bytes.labels(self.name).set(os.fstat(self._current.handle.fileno()).st_size)
         return busy
+
+    def _rotated_file_settled(self, current: _Open) -> bool:
+        size = os.fstat(current.handle.fileno()).st_size
+        if size != self._rotated_size:
+            self._rotated_size, self._rotated_quiet_polls = size, 0
+            return False
+        self._rotated_quiet_polls += 1
+        return self._rotated_quiet_polls >= ROTATION_GRACE_POLLS
 
     def _truncated(self, current: _Open) -> bool:
         if os.fstat(current.handle.fileno()).st_size < current.offset:
@@ -219,6 +234,8 @@ class FileSource:
         assert current is not None
         chunks = 0
         while final or chunks < CHUNKS_PER_POLL:
+            if not final and self._ingest.full:
+                return False  # backpressure: the ids stay in the file until the queue has room
             chunks += 1
             current.handle.seek(current.offset)
             chunk = current.handle.read(CHUNK_BYTES)
@@ -260,7 +277,16 @@ class FileSource:
             if len(line) > limit or (line and not line.isspace())
         ]
         self._current.offset += length
-        self._ingest.submit(self.name, parsed, self._position())
+        self._ingest.submit(self.name, parsed, self._position(), bounded=False)
+
+
+def _end_of_last_line(path: Path, size: int) -> int:
+    """Where "start at the end" starts: after the last complete line, so a line being written is read whole."""
+    with path.open("rb") as handle:
+        handle.seek(max(size - CHUNK_BYTES, 0))
+        tail = handle.read(min(size, CHUNK_BYTES))
+    cut = tail.rfind(b"\n")
+    return size if cut < 0 else size - len(tail) + cut + 1
 
 
 def _stat(path: Path) -> os.stat_result | None:
