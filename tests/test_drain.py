@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -62,8 +64,6 @@ async def test_sigterm_to_the_process_drains_then_exits(
         await wait_until(lambda: (tmp_path / "state.db-wal").exists(), what="the state database in use")
 
         def all_queued() -> bool:
-            import sqlite3
-
             with sqlite3.connect(tmp_path / "state.db") as db:
                 return int(db.execute("SELECT count(*) FROM generations").fetchone()[0]) == 15
 
@@ -81,3 +81,18 @@ async def test_sigterm_to_the_process_drains_then_exits(
     text = await scrape(exporter.metrics_port)
     assert value(text, "zenmux_generations_total") == 15
     assert value(text, "zenmux_exporter_pending_ids") == 0
+
+
+async def test_datagrams_waiting_in_the_socket_at_stop_are_kept(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    config = make_config(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600})
+    exporter = await start_exporter(config)
+    ids = [f"late-{i}" for i in range(300)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for generation_id in ids:  # no await in between: the event loop has not read any of them yet
+            sock.sendto(generation_id.encode(), ("127.0.0.1", exporter.udp_sources[0].port))
+    await exporter.stop(drain_seconds=0)
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        queued = {row[0] for row in db.execute("SELECT id FROM queue")}
+    assert set(ids) <= queued

@@ -63,13 +63,16 @@ class UdpSource:
     def stop_receiving(self) -> None:
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            # What the kernel already holds was sent before we stopped: take it (the buffer's bound applies).
+            while self._read_ready() == self.READS_PER_WAKEUP:
+                pass
             self._sock.close()
             self._sock = None
 
-    def _read_ready(self) -> None:
-        """Reads what the socket holds (bounded, so lookups and scrapes still get their turn)."""
+    def _read_ready(self) -> int:
+        """Reads what the socket holds (bounded, so lookups and scrapes still get their turn); how many."""
         if self._sock is None:
-            return
+            return 0
         # One byte over the limit is enough to tell an oversized datagram (it is truncated, then rejected).
         recv, size = self._sock.recv, self._config.max_datagram_bytes + 1
         received = 0
@@ -85,11 +88,7 @@ class UdpSource:
         finally:
             if received:
                 self._datagrams.inc(received)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
-        """One datagram, as if read from the socket."""
-        self._datagrams.inc()
-        self._receive(data)
+        return received
 
     def _receive(self, data: bytes) -> None:
         if self._buffered_ids >= self._config.max_buffered_ids:
