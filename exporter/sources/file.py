@@ -140,6 +140,15 @@ class FileSource:
             self._read_available(final=True)
             handle.close()
             self._current = None
+        else:
+            log.warning(
+                "%s: the file last read up to byte %d (inode %d) is no longer beside %s (moved elsewhere or "
+                "compressed?): whatever it held after that byte was not read",
+                self.name,
+                saved.offset,
+                saved.inode,
+                self._path,
+            )
         if stat is not None:
             self._switch_to(0)
 
