@@ -127,8 +127,12 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 def cmd_fake_api(args: argparse.Namespace) -> int:
     from exporter.simulate.api import Faults, SimConfig, SimulatedZenMux, serve
 
-    ratios: dict[str, Any] = {name: float(value) for name, value in (f.split("=", 1) for f in args.fault)}
-    faults = Faults(**ratios)
+    try:
+        ratios: dict[str, Any] = {name: float(value) for name, value in (f.split("=", 1) for f in args.fault)}
+        faults = Faults(**ratios)
+    except (ValueError, TypeError) as err:
+        print(f"bad --fault {' '.join(args.fault)!r}: use KIND=RATIO (a ratio in [0, 1]): {err}", file=sys.stderr)
+        return 2
     sim_config = SimConfig(
         billing_delay_seconds=args.billing_delay,
         not_ready_mode=args.not_ready_mode,

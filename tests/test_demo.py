@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tests.support import samples, value
 
@@ -63,3 +64,11 @@ def test_demo_on_a_busy_port_says_so_and_exits_1() -> None:
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_fake_api_rejects_a_bad_fault_clearly(capsys: pytest.CaptureFixture[str]) -> None:
+    from exporter.__main__ import main
+
+    assert main(["fake-api", "--fault", "bogus=1"]) == 2
+    assert main(["fake-api", "--fault", "slow=lots"]) == 2
+    assert "use KIND=RATIO" in capsys.readouterr().err
