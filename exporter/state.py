@@ -68,10 +68,9 @@ DROP TABLE generations;
 """
 
 
-SET_VERSION = "INSERT OR REPLACE INTO meta VALUES ('schema_version', '2');"  # = SCHEMA_VERSION
+SET_VERSION = f"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION:d}');"  # noqa: S608 (a constant int)
 
 
-@lru_cache(maxsize=4096)
 @lru_cache(maxsize=4096)  # label values repeat (a few features, teams): encoded once, not per id
 def _labels_text(labels: Labels) -> str:
     return json.dumps(labels) if labels else ""
