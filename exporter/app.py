@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import sqlite3
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import prometheus_client
@@ -35,6 +38,7 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 1.0
 FORGET_EVERY_SECONDS = 3600.0
 LOOKUP_GRACE_SECONDS = 5.0
+FORGET_BATCH = 10_000  # rows per transaction: each batch is a short stall of the event loop, not one long one
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class Exporter:
         self._started = False
         self._draining = False
         self.stopped = False
+        self.failure: str | None = None  # why a background task died, for /healthz
         self.udp_sources: list[UdpSource] = []
         self.file_sources: list[FileSource] = []
 
@@ -117,7 +122,7 @@ class Exporter:
         host, port = split_host_port(config.metrics.listen)
         endpoints = Endpoints(
             self.registry,
-            healthy=lambda: None,
+            healthy=lambda: self.failure,
             ready=self._not_ready_reason,
             ledger=exposition if exposition.exact else None,
         )
@@ -129,14 +134,14 @@ class Exporter:
                 udp = UdpSource(source, parse, ingest, self.metrics)
                 await udp.start()
                 self.udp_sources.append(udp)
-                self._source_tasks.append(asyncio.create_task(udp.serve(self._stop_sources)))
+                self._source_tasks.append(self._watch(udp.serve(self._stop_sources), f"source {source.name}"))
             else:
                 tail = FileSource(source, parse, ingest, self.state, self.metrics)
                 tail.open_initial()  # "start_at: end" means the end as of start-up
                 self.file_sources.append(tail)
-                self._source_tasks.append(asyncio.create_task(tail.run(self._stop_sources)))
-        self._tasks.append(asyncio.create_task(self.resolver.run(self._stop_resolver)))
-        self._tasks.append(asyncio.create_task(self._housekeeping()))
+                self._source_tasks.append(self._watch(tail.run(self._stop_sources), f"source {source.name}"))
+        self._tasks.append(self._watch(self.resolver.run(self._stop_resolver), "resolver"))
+        self._tasks.append(self._watch(self._housekeeping(), "housekeeping"))
         self._started = True
         log.info(
             "zenmux-exporter serving /metrics on %s:%d; %d pending ids in %s",
@@ -145,6 +150,23 @@ class Exporter:
             self.state.pending,
             config.state.path,
         )
+
+    def _watch(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A background task whose death by an exception is logged and fails /healthz (so a liveness probe
+        restarts the container); cancellation is how it stops, not a failure."""
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(functools.partial(self._task_done, name))
+        return task
+
+    def _task_done(self, name: str, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            return
+        log.error("%s stopped: %s: %s", name, type(error).__name__, error, exc_info=error)
+        if self.failure is None:
+            self.failure = f"{name} stopped: {type(error).__name__}"
 
     @property
     def metrics_port(self) -> int:
@@ -164,17 +186,28 @@ class Exporter:
             oldest = self.state.oldest_pending()
             self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
             if now - last_forget >= FORGET_EVERY_SECONDS:
-                try:
-                    forgotten = self.state.forget_finished(now - self.config.state.dedupe_window_seconds)
-                except sqlite3.Error as err:  # disk full or read-only: try again next time round
-                    self.metrics.state_errors.labels("forget").inc()
-                    log.error("cannot forget old resolved ids in the state database: %s", err)
-                    forgotten = 0
+                forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
                 if forgotten:
                     log.info("forgot %d resolved ids older than the dedupe window", forgotten)
                 last_forget = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_resolver.wait(), HOUSEKEEPING_SECONDS)
+
+    async def _forget(self, before: float) -> int:
+        """Forgets finished ids older than `before` in batches, letting the event loop run between them."""
+        forgotten = 0
+        while not self._stop_resolver.is_set():
+            try:
+                batch = self.state.forget_finished(before, FORGET_BATCH)
+            except sqlite3.Error as err:  # disk full or read-only: try again next time round
+                self.metrics.state_errors.labels("forget").inc()
+                log.error("cannot forget old resolved ids in the state database: %s", err)
+                break
+            forgotten += batch
+            if batch < FORGET_BATCH:
+                break
+            await asyncio.sleep(0)
+        return forgotten
 
     async def stop(self, drain_seconds: float | None = None) -> DrainReport:
         """Stops reading sources, resolves what is pending for up to `drain_seconds`, then shuts down.

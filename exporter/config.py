@@ -222,8 +222,15 @@ def _zenmux(r: _Reader, data: dict[str, Any]) -> ZenMuxConfig:
     path = r.string(data, "generation_path", p, d.generation_path)
     if not path.startswith("/"):
         r.problem(f"{p}.generation_path", f"must start with '/', got {path!r}")
-    api_key = r.string(data, "api_key", p, "")
+    known_problems = len(r.problems)
+    # A Secret injected as an environment variable often ends in a newline: an illegal header value.
+    api_key = r.string(data, "api_key", p, "").strip()
+    api_key_reported = len(r.problems) > known_problems  # not a string, or an unset variable
     api_key_file = r.string(data, "api_key_file", p, "")
+    if "api_key" in data and not api_key_file and not api_key_reported:
+        problem = key_problem(api_key)
+        if problem:
+            r.problem(f"{p}.api_key", problem)
     if api_key and api_key_file:
         r.problem(p, "set api_key or api_key_file, not both")
     elif "api_key" not in data and "api_key_file" not in data:
@@ -468,14 +475,30 @@ def split_host_port(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def key_problem(key: str) -> str:
+    """Why a (stripped) API key cannot go into an Authorization header, or "" if it can; never quotes the key."""
+    if not key:
+        return "is empty"
+    if not key.isascii() or any(c.isspace() or not c.isprintable() for c in key):
+        return "contains whitespace, control or non-ASCII characters"
+    return ""
+
+
 def read_api_key(config: ZenMuxConfig) -> str:
     """The key itself: inline, or read (stripped) from the mounted secret file."""
     if config.api_key:
         return config.api_key
+    where = "zenmux.api_key_file"
     try:
-        return Path(config.api_key_file).read_text(encoding="utf-8").strip()
+        key = Path(config.api_key_file).read_text(encoding="utf-8").strip()
     except OSError as err:
-        raise ConfigError("zenmux.api_key_file", [f"zenmux.api_key_file: cannot read: {err.strerror}"]) from None
+        raise ConfigError(where, [f"{where}: cannot read: {err.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(where, [f"{where}: is not UTF-8 text"]) from None
+    problem = key_problem(key)
+    if problem:
+        raise ConfigError(where, [f"{where}: the key {problem}"])
+    return key
 
 
 def redacted(config: Config) -> dict[str, Any]:

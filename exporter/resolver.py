@@ -25,6 +25,9 @@ RATE_LIMIT_PAUSE_SECONDS = 1.0
 DRAIN_RETRY_CAP_SECONDS = 2.0
 STATE_ERROR_PAUSE_SECONDS = 1.0
 MAX_WAIT_SECONDS = 5.0
+# Past give_up_after_seconds, an id failing for these reasons is abandoned only after this many attempts.
+MIN_ATTEMPTS_BEFORE_ABANDONING = 3
+TRANSIENT_OUTCOMES = frozenset({Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
 # OpenMetrics caps an exemplar's label names and values at 128 characters in all.
 EXEMPLAR_MAX_CHARS = 128
 
@@ -213,7 +216,7 @@ class Resolver:
             return Resolved(pending.id, self._contribution(result.record, pending, trace_id))
         if outcome is Outcome.MALFORMED:
             log.warning("malformed response for %s (request id %s): %s", pending.id, result.request_id, result.detail)
-        if now - pending.first_seen >= self._config.give_up_after_seconds:
+        if now - pending.first_seen >= self._config.give_up_after_seconds and self._may_abandon(pending, outcome):
             metering = result.record if outcome is Outcome.NOT_READY else None
             return Abandon(
                 pending.id,
@@ -230,6 +233,16 @@ class Resolver:
         if self.draining:
             delay = min(delay, DRAIN_RETRY_CAP_SECONDS)
         return Retry(pending.id, now + delay, attempt)
+
+    @staticmethod
+    def _may_abandon(pending: PendingId, outcome: Outcome) -> bool:
+        """Past the horizon: throttling never abandons an id (after an outage the whole backlog would go at the
+        first 429), and a failing API or network only once the id has been tried a few times."""
+        if outcome is Outcome.RATE_LIMITED:
+            return False
+        if outcome in TRANSIENT_OUTCOMES:
+            return pending.attempts >= MIN_ATTEMPTS_BEFORE_ABANDONING
+        return True
 
     def _contribution(self, record: GenerationRecord, pending: PendingId, trace_id: str | None) -> Contribution:
         extra: Mapping[str, str] = dict(pending.labels)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import enum
 import json
 import math
@@ -346,6 +348,20 @@ class ZenMuxClient:
             self._busy[shard] -= 1
 
     async def _lookup(self, http: httpx.AsyncClient, generation_id: str) -> LookupResult:
+        # httpx's read timeout is per read: a body dripping in holds the slot far longer. This bounds the whole.
+        try:
+            async with asyncio.timeout(self._config.timeout_seconds):
+                result = await self._exchange(http, generation_id)
+        except TimeoutError:
+            return LookupResult(Outcome.TIMEOUT, detail="lookup took longer than timeout_seconds")
+        record = result.record
+        if record is not None and record.generation_id and record.generation_id != generation_id:
+            return dataclasses.replace(
+                result, outcome=Outcome.MALFORMED, record=None, detail="record is for another generation"
+            )
+        return result
+
+    async def _exchange(self, http: httpx.AsyncClient, generation_id: str) -> LookupResult:
         try:
             async with http.stream("GET", self._config.generation_path, params={"id": generation_id}) as response:
                 headers = {k.lower(): v for k, v in response.headers.items()}
