@@ -50,7 +50,8 @@ async def run_exporter(config: Config, api_key: str) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     await stop.wait()
-    log.info("stopping: draining for up to %.0fs", config.shutdown.drain_seconds)
+    _stop_on_signals(exporter.abort_drain)
+    log.info("stopping: draining for up to %.0fs (signal again to stop at once)", config.shutdown.drain_seconds)
     report = await exporter.stop()
     log.info(
         "stopped: %d ids resolved while draining, %d left pending, %.1fs",

@@ -80,6 +80,8 @@ class Exporter:
         self._oldest_age = 0.0
         self._started = False
         self._draining = False
+        # Set to cut a drain short (a second SIGTERM/SIGINT): what is pending stays in the state database.
+        self.abort_drain = asyncio.Event()
         self.stopped = False
         self.failure: str | None = None  # why a background task died, for /healthz
         self.udp_sources: list[UdpSource] = []
@@ -226,10 +228,17 @@ class Exporter:
             self.resolver.draining = True
             self.resolver.wake()
             deadline = started + drain
-            while self.state.pending and (remaining := deadline - time.monotonic()) > 0:
+            while self.state.pending and not self.abort_drain.is_set():
+                if (remaining := deadline - time.monotonic()) <= 0:
+                    break
                 self.resolver.settled.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.resolver.settled.wait(), remaining)
+                waiters = [
+                    asyncio.ensure_future(self.resolver.settled.wait()),
+                    asyncio.ensure_future(self.abort_drain.wait()),
+                ]
+                await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in waiters:
+                    waiter.cancel()
         self._stop_resolver.set()
         await self.resolver.finish(LOOKUP_GRACE_SECONDS)
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -96,3 +96,39 @@ async def test_datagrams_waiting_in_the_socket_at_stop_are_kept(
     with sqlite3.connect(tmp_path / "state.db") as db:
         queued = {row[0] for row in db.execute("SELECT id FROM queue")}
     assert set(ids) <= queued
+
+
+async def test_a_second_signal_cuts_the_drain_short_and_keeps_the_rest(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    data = config_data(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600}, shutdown={"drain_seconds": 300})
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "run", "--config", str(config_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "serving /metrics" in line:
+                break
+        append_lines(tmp_path / "app.log", [json_line(f"waiting-{i}") for i in range(5)])
+
+        def all_queued() -> bool:
+            with sqlite3.connect(tmp_path / "state.db") as db:
+                return int(db.execute("SELECT count(*) FROM queue").fetchone()[0]) == 5
+
+        await wait_until(all_queued, what="5 ids durably queued")
+        process.send_signal(signal.SIGTERM)
+        for line in process.stderr:
+            if "stopping: draining" in line:
+                break
+        process.send_signal(signal.SIGTERM)  # the operator does not want to wait five minutes
+        _, rest = await asyncio.to_thread(process.communicate, timeout=30)
+        assert process.returncode == 0, rest
+    finally:
+        process.kill()
+    assert "0 ids resolved while draining, 5 left pending" in rest
