@@ -20,6 +20,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import re
 import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -45,9 +46,8 @@ _CLIENT_AUTH = {
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
+BCRYPT_HASH = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 _MIN_VERSION = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-# Checked against when the user is unknown, so a wrong user name costs the same time as a wrong password.
-_DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(4))
 
 
 @dataclass
@@ -58,6 +58,14 @@ class WebConfig:
     users: dict[str, bytes] = field(default_factory=dict)
     _verified: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     _checks: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(CONCURRENT_CHECKS))
+    # Checked against when the user is unknown, at the configured hashes' cost, so a wrong user name takes
+    # as long as a wrong password and user names cannot be told apart by timing.
+    _dummy_hash: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.users and not self._dummy_hash:
+            cost = max(int(hashed.split(b"$")[2]) for hashed in self.users.values())
+            self._dummy_hash = bcrypt.hashpw(b"not a password", bcrypt.gensalt(cost))
 
     def protect(self, handler: Handler) -> Handler:
         """The handler behind basic auth (when users are configured)."""
@@ -91,7 +99,7 @@ class WebConfig:
             self._verified.move_to_end(token)
             return True
         async with self._checks:
-            ok = await asyncio.to_thread(_check, password.encode(), hashed if hashed is not None else _DUMMY_HASH)
+            ok = await asyncio.to_thread(_check, password.encode(), hashed if hashed is not None else self._dummy_hash)
         if not ok or hashed is None:
             return False
         self._verified[token] = None
@@ -142,7 +150,7 @@ def _users(raw: Any, problems: list[str]) -> dict[str, bytes]:
         where = f"basic_auth_users.{user}"
         if not isinstance(user, str) or not user or ":" in user:
             problems.append(f"{where}: user names must be non-empty strings without ':'")
-        elif not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")) or len(hashed) != 60:
+        elif not isinstance(hashed, str) or not BCRYPT_HASH.fullmatch(hashed):
             problems.append(f"{where}: must be a bcrypt hash ($2a$/$2b$/$2y$, 60 characters), not a password")
         else:
             users[user] = hashed.encode()

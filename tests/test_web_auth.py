@@ -197,3 +197,14 @@ async def test_exporter_refuses_to_start_with_a_bad_web_config(
     assert checked.returncode == 2
     assert "basic_auth_users.alice" in checked.stderr
     assert "hunter2" not in checked.stderr + checked.stdout
+
+
+def test_an_unknown_user_is_checked_at_the_configured_cost() -> None:
+    """A wrong user name must cost as much bcrypt work as a wrong password, or user names leak by timing."""
+    import bcrypt
+
+    from exporter.webconfig import WebConfig
+
+    hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(6))
+    config = WebConfig(None, {"prometheus": hashed})
+    assert config._dummy_hash.split(b"$")[2] == b"06"
