@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 1024 * 1024
+# Scrapers and probes hold a handful of connections; beyond this, new ones are closed at once so a flood
+# of idle connections cannot exhaust file descriptors or memory.
+MAX_CONNECTIONS = 256
 IDLE_TIMEOUT_SECONDS = 30.0
 MAX_LENGTH_DIGITS = 12
 
@@ -61,14 +64,21 @@ class HttpServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         max_body_bytes: int = MAX_BODY_BYTES,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._handler = handler
         self._host = host
         self._port = port
         self._ssl = ssl_context
         self._max_body = max_body_bytes
+        self._max_connections = max_connections
+        self.rejected_connections = 0
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
 
     @property
     def port(self) -> int:
@@ -95,6 +105,13 @@ class HttpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self._connections) >= self._max_connections:
+            self.rejected_connections += 1
+            if self.rejected_connections == 1 or self.rejected_connections % 1000 == 0:
+                log.warning("%d connections refused: more than %d open at once", self.rejected_connections,
+                            self._max_connections)
+            writer.close()
+            return
         self._connections.add(task)
         try:
             while True:
