@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,6 +25,28 @@ from tests.support import (
     value,
     wait_until,
 )
+
+
+def run_in_a_process(tmp_path: Path, data: dict[str, Any]) -> subprocess.Popen[str]:
+    """`zenmux-exporter run` as its own process, returned once it serves /metrics (stderr left to read)."""
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "run", "--config", str(config_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stderr is not None
+    for line in process.stderr:
+        if "serving /metrics" in line:
+            break
+    return process
+
+
+def queued(tmp_path: Path) -> int:
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        return int(db.execute("SELECT count(*) FROM queue").fetchone()[0])
 
 
 async def test_stop_drains_every_pending_id(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
@@ -46,28 +69,12 @@ async def test_sigterm_to_the_process_drains_then_exits(
     tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:
     data = config_data(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 1.0}, shutdown={"drain_seconds": 20})
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(data))
     ids = [fake_api.create() for _ in range(15)]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "run", "--config", str(config_path)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = run_in_a_process(tmp_path, data)
     try:
         assert process.stderr is not None
-        for line in process.stderr:
-            if "serving /metrics" in line:
-                break
         append_lines(tmp_path / "app.log", [json_line(i) for i in ids])
-        await wait_until(lambda: (tmp_path / "state.db-wal").exists(), what="the state database in use")
-
-        def all_queued() -> bool:
-            with sqlite3.connect(tmp_path / "state.db") as db:
-                return int(db.execute("SELECT count(*) FROM generations").fetchone()[0]) == 15
-
-        await wait_until(all_queued, what="15 ids durably queued")
+        await wait_until(lambda: queued(tmp_path) == 15, what="15 ids durably queued")
         process.send_signal(signal.SIGTERM)
         # Waited for off the loop: the simulated API answering the drain's lookups runs on this loop.
         _, rest = await asyncio.to_thread(process.communicate, timeout=30)
@@ -102,26 +109,11 @@ async def test_a_second_signal_cuts_the_drain_short_and_keeps_the_rest(
     tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:
     data = config_data(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600}, shutdown={"drain_seconds": 300})
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(data))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "run", "--config", str(config_path)],
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    process = run_in_a_process(tmp_path, data)
     try:
         assert process.stderr is not None
-        for line in process.stderr:
-            if "serving /metrics" in line:
-                break
         append_lines(tmp_path / "app.log", [json_line(f"waiting-{i}") for i in range(5)])
-
-        def all_queued() -> bool:
-            with sqlite3.connect(tmp_path / "state.db") as db:
-                return int(db.execute("SELECT count(*) FROM queue").fetchone()[0]) == 5
-
-        await wait_until(all_queued, what="5 ids durably queued")
+        await wait_until(lambda: queued(tmp_path) == 5, what="5 ids durably queued")
         process.send_signal(signal.SIGTERM)
         for line in process.stderr:
             if "stopping: draining" in line:
