@@ -469,8 +469,9 @@ def _db_size(directory: Path) -> float:
 
 def build_ledger_state(path: Path, models: int, protocols: int, features: int) -> int:
     """A state whose ledger holds every model x protocol x feature combination; returns their number."""
+    from exporter.contribution import LabelLimiter, LedgerShape, contribution
     from exporter.ids import Sighting
-    from exporter.ledger import LabelLimiter, Ledger, LedgerShape, contribution
+    from exporter.ledger import Ledger
     from exporter.state import Resolved, StateStore
     from exporter.zenmux import Billing, FeeItem, GenerationRecord
 

@@ -20,10 +20,12 @@ from prometheus_client import CollectorRegistry
 
 from exporter.clock import Clock, SystemClock
 from exporter.config import Config, split_host_port
+from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
+from exporter.exposition import LedgerCollector, LedgerExposition
 from exporter.ids import parser_for
 from exporter.ingest import Ingest
-from exporter.ledger import LabelLimiter, Ledger, LedgerCollector, LedgerExposition, LedgerShape
+from exporter.ledger import Ledger
 from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as openmetrics
 
-from exporter.ledger import LedgerExposition
+from exporter.exposition import LedgerExposition
 from exporter.web import Request, Response, text
 
 INDEX = b"""<html><head><title>zenmux-exporter</title></head><body><h1>zenmux-exporter</h1>

@@ -13,7 +13,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from exporter.clock import Clock
 from exporter.config import ResolveConfig
-from exporter.ledger import Contribution, Ledger, contribution
+from exporter.contribution import Contribution, contribution
+from exporter.ledger import Ledger
 from exporter.state import Abandon, PendingId, Resolved, Retry, Settlement, StateStore
 from exporter.telemetry import SelfMetrics
 from exporter.zenmux import GenerationRecord, LookupResult, Outcome, ZenMuxClient

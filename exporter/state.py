@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from exporter.contribution import Contribution
 from exporter.ids import Labels, Sighting
-from exporter.ledger import Contribution, Ledger
+from exporter.ledger import Ledger
 
 SCHEMA_VERSION = 2
 PENDING, DONE, ABANDONED = 0, 1, 2

@@ -9,8 +9,10 @@ from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from exporter.contribution import LabelLimiter, LedgerShape, contribution
 from exporter.endpoints import render
-from exporter.ledger import LabelLimiter, Ledger, LedgerCollector, LedgerExposition, LedgerShape, contribution
+from exporter.exposition import LedgerCollector, LedgerExposition
+from exporter.ledger import Ledger
 from exporter.zenmux import Billing, FeeItem, GenerationRecord
 
 NASTY = ['plain', 'quo"te', "back\\slash", "new\nline", "ünïcødé ✓", 'all\\"\n"\\', "", "x" * 40, "trailing\\"]

@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import ConfigError, parse_config
+from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution
+from exporter.exposition import LedgerCollector
 from exporter.ids import (
     INVALID_ID,
     NO_ID,
@@ -29,7 +31,7 @@ from exporter.ids import (
     plain_parser,
     regex_parser,
 )
-from exporter.ledger import OTHER, LabelLimiter, Ledger, LedgerCollector, LedgerShape, contribution
+from exporter.ledger import Ledger
 from exporter.zenmux import GenerationRecord, Outcome, classify
 from tests.support import FakeApi, StartExporter, append_lines, json_line, make_config, scrape, value, wait_until
 

@@ -6,7 +6,9 @@ import json
 
 from prometheus_client import CollectorRegistry
 
-from exporter.ledger import OTHER, LabelLimiter, Ledger, LedgerCollector, LedgerShape, contribution
+from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution
+from exporter.exposition import LedgerCollector
+from exporter.ledger import Ledger
 from exporter.zenmux import Billing, FeeItem, GenerationRecord
 
 

@@ -19,8 +19,9 @@ from prometheus_client import CollectorRegistry
 import exporter.app
 from exporter.clock import ManualClock
 from exporter.config import ConfigError, ResolveConfig, ZenMuxConfig, parse_config, read_api_key
+from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.ids import Sighting
-from exporter.ledger import LabelLimiter, Ledger, LedgerShape
+from exporter.ledger import Ledger
 from exporter.resolver import Resolver
 from exporter.state import Abandon, PendingId, Retry, StateStore
 from exporter.telemetry import SelfMetrics

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from exporter.contribution import Contribution, Increment, LabelLimiter, LedgerShape
 from exporter.ids import Sighting
-from exporter.ledger import Contribution, Increment, LabelLimiter, Ledger, LedgerShape
+from exporter.ledger import Ledger
 from exporter.state import Abandon, FilePosition, Resolved, Retry, StateStore
 
 

@@ -1,0 +1,149 @@
+"""What a resolved generation adds to each business metric: specs, buckets, label caps, increments."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from exporter.zenmux import GenerationRecord
+
+LabelValues = tuple[str, ...]
+Key = tuple[str, LabelValues]
+
+OTHER = "other"
+TOKEN_TYPES = ("prompt", "completion", "reasoning", "cached")
+
+# Buckets follow the data: tokens in powers of 4 (as the OpenTelemetry GenAI conventions), latencies
+# up to several minutes, retries as small integers, cost from a millionth of a dollar to ten dollars.
+TOKEN_BUCKETS = tuple(float(4**i) for i in range(12))
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+DURATION_BUCKETS = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+RETRY_BUCKETS = (0.0, 1.0, 2.0, 3.0, 5.0, 10.0)
+COST_BUCKETS = (1e-6, 1e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] = ()
+
+    @property
+    def is_histogram(self) -> bool:
+        return bool(self.buckets)
+
+
+SPECS = {
+    spec.name: spec
+    for spec in (
+        MetricSpec("zenmux_generations", "Resolved generations.", ("streamed", "finish_reason")),
+        MetricSpec("zenmux_tokens", "Tokens; reasoning is part of completion, cached part of prompt.", ("token_type",)),
+        MetricSpec("zenmux_upstream_retries", "Upstream retries ZenMux made (requestRetryTimes), summed."),
+        MetricSpec("zenmux_cost_usd", "Amount billed (ratingResponses.billAmount), USD."),
+        MetricSpec("zenmux_cost_origin_usd", "Amount before discount (ratingResponses.originAmount), USD."),
+        MetricSpec("zenmux_cost_discount_usd", "Discount (ratingResponses.discountAmount), USD."),
+        MetricSpec("zenmux_credits", "Credits consumed (usage); 1 credit = 1 USD."),
+        MetricSpec("zenmux_cost_by_fee_item_usd", "Amount billed per fee item (ratingDetails), USD.", ("fee_item",)),
+        MetricSpec("zenmux_generation_tokens", "Tokens per generation.", ("token_type",), TOKEN_BUCKETS),
+        MetricSpec("zenmux_first_token_latency_seconds", "Time to first token (latency).", (), LATENCY_BUCKETS),
+        MetricSpec(
+            "zenmux_generation_duration_seconds", "First token to end (generationTime).", (), DURATION_BUCKETS
+        ),
+        MetricSpec("zenmux_generation_upstream_retries", "Upstream retries per generation.", (), RETRY_BUCKETS),
+        MetricSpec("zenmux_generation_cost_usd", "Amount billed per generation, USD.", (), COST_BUCKETS),
+    )
+}
+
+
+class LabelLimiter:
+    """Caps distinct values per label (overflow becomes "other") and truncates long values."""
+
+    def __init__(self, max_models: int, max_values: int, max_length: int) -> None:
+        self._caps = {"model": max_models}
+        self._default_cap = max_values
+        self._max_length = max_length
+        self._known: dict[str, set[str]] = {}
+        self.overflows: dict[str, int] = {}
+
+    def remember(self, label: str, value: str) -> None:
+        self._known.setdefault(label, set()).add(value)
+
+    def value(self, label: str, raw: str) -> str:
+        value = raw[: self._max_length]
+        known = self._known.setdefault(label, set())
+        if value in known:
+            return value
+        if len(known) >= self._caps.get(label, self._default_cap):
+            self.overflows[label] = self.overflows.get(label, 0) + 1
+            return OTHER
+        known.add(value)
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Increment:
+    metric: str
+    labels: LabelValues
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """Everything one resolved generation adds to the ledger, plus exemplar labels for its histograms."""
+
+    increments: tuple[Increment, ...]
+    exemplar: Mapping[str, str]
+
+
+class LedgerShape:
+    """Label names per metric: base labels, metric labels, then the configured extra labels."""
+
+    def __init__(self, extra_labels: Sequence[str]) -> None:
+        self.extra_labels = tuple(extra_labels)
+
+    def label_names(self, spec: MetricSpec) -> tuple[str, ...]:
+        return ("model", "protocol", *spec.labels, *self.extra_labels)
+
+
+def contribution(
+    record: GenerationRecord,
+    extra: Mapping[str, str],
+    shape: LedgerShape,
+    limiter: LabelLimiter,
+    exemplar: Mapping[str, str],
+) -> Contribution:
+    """The increments one resolved generation makes (pure but for the limiter's memory of seen values)."""
+    base = (limiter.value("model", record.model), limiter.value("protocol", record.protocol))
+    tail = tuple(limiter.value(name, extra.get(name, "")) if extra.get(name) else "" for name in shape.extra_labels)
+    out: list[Increment] = []
+
+    def add(metric: str, value: float | None, *labels: str) -> None:
+        if value is not None:
+            out.append(Increment(metric, (*base, *labels, *tail), value))
+
+    streamed = "unknown" if record.streamed is None else str(record.streamed).lower()
+    add("zenmux_generations", 1.0, streamed, limiter.value("finish_reason", record.finish_reason))
+    tokens = {
+        "prompt": record.prompt_tokens,
+        "completion": record.completion_tokens,
+        "reasoning": record.reasoning_tokens,
+        "cached": record.cached_tokens,
+    }
+    for token_type, count in tokens.items():
+        add("zenmux_tokens", float(count), token_type)
+        add("zenmux_generation_tokens", float(count), token_type)
+    add("zenmux_first_token_latency_seconds", record.latency_seconds)
+    add("zenmux_generation_duration_seconds", record.generation_seconds)
+    add("zenmux_upstream_retries", float(record.upstream_retries))
+    add("zenmux_generation_upstream_retries", float(record.upstream_retries))
+    if record.billing is not None:
+        billing = record.billing
+        add("zenmux_cost_usd", billing.bill_usd)
+        add("zenmux_cost_origin_usd", billing.origin_usd)
+        add("zenmux_cost_discount_usd", billing.discount_usd)
+        add("zenmux_credits", billing.credits)
+        add("zenmux_generation_cost_usd", billing.bill_usd)
+        for item in billing.fee_items:
+            add("zenmux_cost_by_fee_item_usd", item.bill_usd, limiter.value("fee_item", item.code))
+    return Contribution(tuple(out), exemplar)

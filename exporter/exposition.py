@@ -1,0 +1,233 @@
+"""Renders the ledger for /metrics: a prometheus_client collector, and an incremental cached exposition."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from functools import lru_cache
+from typing import cast
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
+from prometheus_client.utils import floatToGoString
+
+from exporter.contribution import (
+    SPECS,
+    Key,
+    LabelValues,
+    MetricSpec,
+)
+from exporter.ledger import HistogramValue, Ledger
+
+
+class LedgerCollector(Collector):
+    """Renders the ledger as Prometheus counters and histograms (with exemplars), no `_created` series."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def collect(self) -> Iterator[Metric]:
+        counters, histograms, exemplars = self._ledger.snapshot()
+        shape = self._ledger.shape
+        # One pass to group the series by metric, then each group sorted on its own (not every series per metric).
+        counter_series: dict[str, list[tuple[LabelValues, float]]] = {}
+        for (metric, labels), value in counters.items():
+            counter_series.setdefault(metric, []).append((labels, value))
+        histogram_series: dict[str, list[tuple[LabelValues, HistogramValue]]] = {}
+        for (metric, labels), hist in histograms.items():
+            histogram_series.setdefault(metric, []).append((labels, hist))
+        for metric, spec in SPECS.items():
+            names = list(shape.label_names(spec))
+            if spec.is_histogram:
+                histogram = HistogramMetricFamily(metric, spec.help, labels=names)
+                for labels, hist in sorted(histogram_series.get(metric, ()), key=_by_labels):
+                    key = (metric, labels)
+                    histogram.add_metric(list(labels), _buckets(spec, hist, key, exemplars), hist.sum)
+                yield histogram
+            else:
+                counter = CounterMetricFamily(metric, spec.help, labels=names)
+                for labels, value in sorted(counter_series.get(metric, ()), key=_by_labels):
+                    counter.add_metric(list(labels), value)
+                yield counter
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def _buckets(
+    spec: MetricSpec, hist: HistogramValue, key: Key, exemplars: Mapping[tuple[Key, int], Exemplar]
+) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+    """Cumulative buckets, each with the latest exemplar that landed in it."""
+    out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+    cumulative = 0.0
+    for i, le in enumerate(_bucket_bounds(spec.buckets)):
+        cumulative += hist.buckets[i]
+        exemplar = exemplars.get((key, i)) if exemplars else None
+        out.append((le, cumulative) if exemplar is None else (le, cumulative, exemplar))
+    return out
+
+
+def _by_labels(series: tuple[LabelValues, object]) -> LabelValues:
+    return series[0]
+
+
+@lru_cache(maxsize=64)
+def _bucket_bounds(buckets: tuple[float, ...]) -> tuple[str, ...]:
+    """The `le` texts of a bucket layout, +Inf last (formatted once, not per series per scrape)."""
+    return (*(_float_text(upper) for upper in buckets), "+Inf")
+
+
+def _float_text(value: float) -> str:
+    return repr(value) if value != int(value) or value < 1 else f"{value:.1f}"
+
+
+# prometheus_client's float formatting (Go-style exponents), typed.
+_go = cast(Callable[[float], str], floatToGoString)
+
+
+def _escape_label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+class _FormatCache:
+    """One exposition format's rendered series: per metric, the label values in exposition order and each
+    series' lines at the same index (each series' bytes are held once; the body is one join over them)."""
+
+    def __init__(self) -> None:
+        self.order: dict[str, list[LabelValues]] = {}
+        self.lines: dict[str, list[bytes]] = {}
+        self.position: dict[Key, int] = {}
+
+
+class LedgerExposition:
+    """The ledger's part of /metrics, rendered incrementally.
+
+    Each series' lines are cached per format (text; OpenMetrics with exemplars) and re-rendered only when a
+    committed overlay touched it; the body is one join over the cached lines (~30 ms for 59 MB). The bytes
+    are exactly what prometheus_client renders from LedgerCollector (tests/test_exposition.py compares
+    them). The ledger's lock is held only to take the changed keys and references to their (never mutated)
+    values; rendering happens outside it, in the scrape's worker thread.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._caches = (_FormatCache(), _FormatCache())
+        self._render_lock = threading.Lock()  # concurrent scrapes take turns on the caches
+        shape = ledger.shape
+        self._layouts: dict[str, tuple[list[int], int]] = {}
+        self._headers: dict[str, tuple[bytes, bytes]] = {}
+        for metric, spec in SPECS.items():
+            names = shape.label_names(spec)
+            order = sorted(range(len(names)), key=lambda i: names[i])
+            # Where `le` falls among the sorted label names of a histogram's bucket lines.
+            le_at = sum(1 for name in names if name < "le")
+            self._layouts[metric] = (order, le_at)
+            kind = "histogram" if spec.is_histogram else "counter"
+            text_name = metric if spec.is_histogram else metric + "_total"
+            text_help = spec.help.replace("\\", r"\\").replace("\n", r"\n")
+            self._headers[metric] = (
+                f"# HELP {text_name} {text_help}\n# TYPE {text_name} {kind}\n".encode(),
+                f"# HELP {metric} {_escape_label_value(spec.help)}\n# TYPE {metric} {kind}\n".encode(),
+            )
+        self._names = {metric: shape.label_names(spec) for metric, spec in SPECS.items()}
+        # Label names that are not unique or not plain would be rendered differently by prometheus_client.
+        self.exact = all(
+            len(set(names)) == len(names) and "le" not in names and all(_plain_label(n) for n in names)
+            for names in self._names.values()
+        )
+
+    def render(self, openmetrics: bool) -> bytes:
+        """The ledger's metric families, without `# EOF`."""
+        return b"".join(self.parts(openmetrics))
+
+    def parts(self, openmetrics: bool) -> list[bytes]:
+        """The ledger's metric families as chunks to join (a 59 MB body is copied once, by the caller).
+
+        Memory: each format scraped holds its rendered series once (~130 bytes per sample)."""
+        with self._render_lock:
+            cache = self._caches[1 if openmetrics else 0]
+            ledger = self._ledger
+            with ledger._lock:
+                changed = ledger._changed[1 if openmetrics else 0]
+                ledger._changed = (
+                    (ledger._changed[0], set()) if openmetrics else (set(), ledger._changed[1])
+                )
+                work: list[tuple[Key, float | HistogramValue, list[Exemplar | None] | None]] = []
+                for key in changed:
+                    if key in ledger._counters:
+                        work.append((key, ledger._counters[key], None))
+                    elif key in ledger._histograms:
+                        hist = ledger._histograms[key]
+                        exemplars = (
+                            [ledger._exemplars.get((key, i)) for i in range(len(hist.buckets))]
+                            if openmetrics and ledger._exemplars
+                            else None
+                        )
+                        work.append((key, hist, exemplars))
+            added: dict[str, list[tuple[LabelValues, bytes]]] = {}
+            for key, value, exemplars in work:
+                metric, labels = key
+                if isinstance(value, HistogramValue):
+                    data = self._histogram(key, value, exemplars)
+                else:
+                    data = self._counter(key, value)
+                at = cache.position.get(key)
+                if at is None:
+                    added.setdefault(metric, []).append((labels, data))
+                else:
+                    cache.lines[metric][at] = data
+            for metric, fresh in added.items():  # new series: re-sort this metric's series by label values
+                old = cache.lines.get(metric, [])
+                merged = [*zip(cache.order.get(metric, []), old, strict=True), *fresh]
+                merged.sort(key=_by_labels)
+                cache.order[metric] = [labels for labels, _ in merged]
+                cache.lines[metric] = [data for _, data in merged]
+                for i, labels in enumerate(cache.order[metric]):
+                    cache.position[(metric, labels)] = i
+            index = 1 if openmetrics else 0
+            parts: list[bytes] = []
+            for metric in SPECS:
+                parts.append(self._headers[metric][index])
+                parts.extend(cache.lines.get(metric, ()))
+            return parts
+
+    def _label_pairs(self, key: Key) -> list[str]:
+        metric, values = key
+        names = self._names[metric]
+        order, _ = self._layouts[metric]
+        return [f'{names[i]}="{_escape_label_value(values[i])}"' for i in order]
+
+    def _counter(self, key: Key, value: float) -> bytes:
+        return f"{key[0]}_total{{{','.join(self._label_pairs(key))}}} {_go(value)}\n".encode()
+
+    def _histogram(self, key: Key, hist: HistogramValue, exemplars: list[Exemplar | None] | None) -> bytes:
+        metric = key[0]
+        pairs = self._label_pairs(key)
+        _, le_at = self._layouts[metric]
+        before = "".join(pair + "," for pair in pairs[:le_at])
+        after = "".join("," + pair for pair in pairs[le_at:])
+        plain = ",".join(pairs)
+        lines: list[str] = []
+        cumulative = 0.0
+        for i, le in enumerate(_bucket_bounds(SPECS[metric].buckets)):
+            cumulative += hist.buckets[i]
+            exemplar = exemplars[i] if exemplars is not None else None
+            line = f'{metric}_bucket{{{before}le="{le}"{after}}} {_go(cumulative)}'
+            if exemplar is not None:
+                line += _exemplar_text(exemplar)
+            lines.append(line + "\n")
+        lines.append(f"{metric}_count{{{plain}}} {_go(cumulative)}\n")
+        lines.append(f"{metric}_sum{{{plain}}} {_go(hist.sum)}\n")
+        return "".join(lines).encode()
+
+
+def _exemplar_text(exemplar: Exemplar) -> str:
+    labels = ",".join(f'{k}="{_escape_label_value(v)}"' for k, v in sorted(exemplar.labels.items()))
+    if exemplar.timestamp is not None:
+        return f" # {{{labels}}} {_go(exemplar.value)} {exemplar.timestamp}"
+    return f" # {{{labels}}} {_go(exemplar.value)}"
+
+
+def _plain_label(name: str) -> bool:
+    return bool(name) and (name[0].isalpha() or name[0] == "_") and name.isascii() and name.replace("_", "a").isalnum()
