@@ -22,7 +22,7 @@ from exporter.clock import Clock, SystemClock
 from exporter.config import Config, split_host_port
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
-from exporter.exposition import LedgerCollector, LedgerExposition
+from exporter.exposition import LedgerExposition
 from exporter.ids import parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
@@ -104,8 +104,6 @@ class Exporter:
         self.ledger = Ledger(shape, limiter)
         self.ledger.load(self.state.ledger_rows())
         exposition = LedgerExposition(self.ledger)
-        if not exposition.exact:  # label names prometheus_client would escape: let it render the ledger
-            self.registry.register(LedgerCollector(self.ledger))
         self.registry.register(QueueCollector(lambda: self.state.pending, lambda: self._oldest_age))
         self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
         self.resolver = Resolver(
@@ -128,7 +126,7 @@ class Exporter:
             self.registry,
             healthy=lambda: self.failure,
             ready=self._not_ready_reason,
-            ledger=exposition if exposition.exact else None,
+            ledger=exposition,
         )
         self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.ssl_context)
         await self.http.start()

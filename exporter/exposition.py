@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
+from exporter.config import LABEL_NAME
 from exporter.contribution import (
     SPECS,
     Key,
@@ -131,11 +132,11 @@ class LedgerExposition:
                 f"# HELP {metric} {_escape_label_value(spec.help)}\n# TYPE {metric} {kind}\n".encode(),
             )
         self._names = {metric: shape.label_names(spec) for metric, spec in SPECS.items()}
-        # Label names that are not unique or not plain would be rendered differently by prometheus_client.
-        self.exact = all(
-            len(set(names)) == len(names) and "le" not in names and all(_plain_label(n) for n in names)
-            for names in self._names.values()
-        )
+        # The cached lines equal prometheus_client's only for unique, plain label names; config validation
+        # (LABEL_NAME, RESERVED_LABELS, no repeats) guarantees them, so anything else is a programming error.
+        for names in self._names.values():
+            if len(set(names)) != len(names) or "le" in names or not all(LABEL_NAME.match(n) for n in names):
+                raise ValueError(f"label names {names} cannot be rendered: see metrics.extra_labels validation")
 
     def render(self, openmetrics: bool) -> bytes:
         """The ledger's metric families, without `# EOF`."""
@@ -227,7 +228,3 @@ def _exemplar_text(exemplar: Exemplar) -> str:
     if exemplar.timestamp is not None:
         return f" # {{{labels}}} {_go(exemplar.value)} {exemplar.timestamp}"
     return f" # {{{labels}}} {_go(exemplar.value)}"
-
-
-def _plain_label(name: str) -> bool:
-    return bool(name) and (name[0].isalpha() or name[0] == "_") and name.isascii() and name.replace("_", "a").isalnum()

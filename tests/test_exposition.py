@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as openmetrics
@@ -67,7 +68,6 @@ def test_cached_render_is_byte_for_byte_prometheus_client_across_updates() -> No
     # Extra labels that sort before and after `le`, so bucket lines put `le` in the middle.
     ledger = Ledger(LedgerShape(("feature", "a_team", "zone")), LabelLimiter(1000, 1000, 30))
     exposition = LedgerExposition(ledger)
-    assert exposition.exact
     assert exposition.render(openmetrics=False) == reference(ledger)[0]  # empty families
     start = 0
     for count in (50, 1, 0, 30, 200):
@@ -117,6 +117,7 @@ def test_endpoint_body_keeps_one_family_each_and_eof_last() -> None:
     assert text_body == text_format.generate_latest(own) + reference(ledger)[0]
 
 
-def test_label_names_prometheus_client_would_escape_fall_back_to_it() -> None:
-    assert not LedgerExposition(Ledger(LedgerShape(("le",)), LabelLimiter(10, 10, 10))).exact
-    assert not LedgerExposition(Ledger(LedgerShape(("bad-name",)), LabelLimiter(10, 10, 10))).exact
+@pytest.mark.parametrize("extra", [("le",), ("bad-name",), ("feature", "feature")])
+def test_label_names_it_cannot_render_exactly_are_refused(extra: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="cannot be rendered"):
+        LedgerExposition(Ledger(LedgerShape(extra), LabelLimiter(10, 10, 10)))
