@@ -208,7 +208,7 @@ class _Reader:
 
     def host_port(self, value: str, path: str) -> None:
         _host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             self.problem(path, f"must be host:port, got {value!r}")
 
 

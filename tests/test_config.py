@@ -100,6 +100,10 @@ tracing:
         ),
         ({"zenmux": {"api_key": "k"}, "sources": [{"type": "udp"}], "metrics": {"max_models": "ten"}}, "max_models"),
         ([1, 2], "(top level): must be a mapping"),
+        (
+            {"zenmux": {"api_key": "k"}, "sources": [{"type": "udp", "listen": "127.0.0.1:\u00b2"}]},
+            "sources[0].listen: must be host:port",
+        ),
     ],
 )
 def test_single_problems(data: object, fragment: str) -> None:
