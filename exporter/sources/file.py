@@ -28,7 +28,7 @@ STATE_RETRY_SECONDS = 1.0
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
 
 
-def fingerprint(handle: BinaryIO, length: int) -> bytes:
+def head_fingerprint(handle: BinaryIO, length: int) -> bytes:
     """Identifies a file by its first bytes, so a reused inode or a truncated-and-refilled file is noticed."""
     handle.seek(0)
     head = handle.read(min(length, FINGERPRINT_BYTES))
@@ -40,7 +40,7 @@ EMPTY_FINGERPRINT = (0).to_bytes(2, "big") + hashlib.sha256(b"").digest()[:16]
 
 def matches(handle: BinaryIO, position: FilePosition) -> bool:
     length = int.from_bytes(position.fingerprint[:2], "big")
-    return fingerprint(handle, length) == position.fingerprint
+    return head_fingerprint(handle, length) == position.fingerprint
 
 
 @dataclass
@@ -186,7 +186,7 @@ class FileSource:
     def _position(self) -> FilePosition:
         assert self._current is not None
         current = self._current
-        current.fingerprint = fingerprint(current.handle, current.offset)
+        current.fingerprint = head_fingerprint(current.handle, current.offset)
         return FilePosition(current.device, current.inode, current.offset, current.fingerprint)
 
     def poll(self) -> bool:
@@ -232,7 +232,7 @@ class FileSource:
         if os.fstat(current.handle.fileno()).st_size < current.offset:
             return True
         length = int.from_bytes(current.fingerprint[:2], "big")
-        return fingerprint(current.handle, length) != current.fingerprint
+        return head_fingerprint(current.handle, length) != current.fingerprint
 
     def _read_available(self, *, final: bool) -> bool:
         """Consumes complete lines (and, when final, a last line without newline); True if the budget ran out.
