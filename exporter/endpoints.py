@@ -11,6 +11,7 @@ from prometheus_client import exposition as text_format
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from exporter.exposition import LedgerExposition
+from exporter.gzipcache import Fragment, gzip_member
 from exporter.web import Request, Response, text
 
 INDEX = b"""<html><head><title>zenmux-exporter</title></head><body><h1>zenmux-exporter</h1>
@@ -44,11 +45,29 @@ def render(
 def _body(
     registry: CollectorRegistry, accept: str, ledger: LedgerExposition | None, compress: bool
 ) -> tuple[bytes, str]:
+    if compress and ledger is not None:
+        return _gzip_body(registry, accept, ledger)
     body, content_type = render(registry, accept, ledger)
     if compress:
         # zlib releases the GIL while it compresses: the event loop (UDP, lookups) keeps running.
         body = gzip.compress(body, compresslevel=1)
     return body, content_type
+
+
+def _gzip_body(registry: CollectorRegistry, accept: str, ledger: LedgerExposition) -> tuple[bytes, str]:
+    """The same bytes as render(), gzipped: only the self-metrics are compressed here; the ledger's part is
+    its cached deflate fragments, spliced into one gzip member (a 59 MB body costs ~1 ms, not ~100 ms)."""
+    if "application/openmetrics-text" in accept:
+        own = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
+        assert own.endswith(EOF_LINE)
+        head, tail, content_type = own[: -len(EOF_LINE)], EOF_LINE, openmetrics.CONTENT_TYPE_LATEST
+        fragments, checksum = ledger.compressed(openmetrics=True)
+    else:
+        head, tail, content_type = text_format.generate_latest(registry), b"", text_format.CONTENT_TYPE_LATEST
+        fragments, checksum = ledger.compressed(openmetrics=False)
+    first, last = Fragment.of(head), Fragment.of(tail, last=True)
+    checksum = first.checksum.then(checksum).then(last.checksum)
+    return gzip_member([first.data, *fragments, last.data], checksum), content_type
 
 
 class Endpoints:
