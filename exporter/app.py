@@ -23,7 +23,7 @@ from exporter.config import Config, split_host_port
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
 from exporter.exposition import LedgerExposition
-from exporter.ids import parser_for
+from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
 from exporter.resolver import Resolver
@@ -131,14 +131,13 @@ class Exporter:
         self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.ssl_context)
         await self.http.start()
         for source in config.sources:
-            parse = parser_for(source)
             if source.type == "udp":
-                udp = UdpSource(source, parse, ingest, self.metrics)
+                udp = UdpSource(source, parser_for(source), ingest, self.metrics)
                 await udp.start()
                 self.udp_sources.append(udp)
                 self._source_tasks.append(self._watch(udp.serve(self._stop_sources), f"source {source.name}"))
             else:
-                tail = FileSource(source, parse, ingest, self.state, self.metrics)
+                tail = FileSource(source, lines_parser_for(source), ingest, self.state, self.metrics)
                 tail.open_initial()  # "start_at: end" means the end as of start-up
                 self.file_sources.append(tail)
                 self._source_tasks.append(self._watch(tail.run(self._stop_sources), f"source {source.name}"))

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.clock import ManualClock
 from exporter.config import SourceConfig
-from exporter.ids import parser_for
+from exporter.ids import lines_parser_for
 from exporter.ingest import Ingest
 from exporter.sources.file import FileSource
 from exporter.state import StateStore
@@ -29,7 +29,7 @@ class Tail:
         )
         metrics = SelfMetrics(self.registry)
         self.ingest = Ingest(self.state, metrics, ManualClock(), billing_delay_seconds=0)
-        self.source = FileSource(self.config, parser_for(self.config), self.ingest, self.state, metrics)
+        self.source = FileSource(self.config, lines_parser_for(self.config), self.ingest, self.state, metrics)
         self.source.open_initial()
 
     def metric(self, name: str, **labels: str) -> float:
@@ -146,7 +146,7 @@ def test_start_at_end_begins_after_the_last_complete_line(tmp_path: Path) -> Non
     registry = CollectorRegistry()
     metrics = SelfMetrics(registry)
     ingest = Ingest(state, metrics, ManualClock(), billing_delay_seconds=0)
-    source = FileSource(config, parser_for(config), ingest, state, metrics)
+    source = FileSource(config, lines_parser_for(config), ingest, state, metrics)
     source.open_initial()
     with log.open("a") as handle:
         handle.write(json_line("being-written")[25:] + "\n")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from exporter.config import SourceConfig
-from exporter.ids import LINE_TOO_LONG, LineParser, Sighting
+from exporter.ids import LINE_TOO_LONG, LinesParser
 from exporter.ingest import Ingest
 from exporter.state import FilePosition, StateError, StateStore
 from exporter.telemetry import SelfMetrics
@@ -60,7 +60,7 @@ class FileSource:
     """
 
     def __init__(
-        self, config: SourceConfig, parse: LineParser, ingest: Ingest, state: StateStore, metrics: SelfMetrics
+        self, config: SourceConfig, parse: LinesParser, ingest: Ingest, state: StateStore, metrics: SelfMetrics
     ) -> None:
         self.name = config.name
         self._path = Path(config.path)
@@ -271,20 +271,11 @@ class FileSource:
 
     def _consume(self, data: bytes, length: int) -> None:
         assert self._current is not None
-        limit = self._config.max_line_bytes
-        parse = self._parse
-        lines = data.split(b"\n")
-        if data.endswith(b"\n"):
-            lines.pop()
-        if self._skipping and lines:
+        if self._skipping:
             self._skipping = False
-            del lines[0]  # the tail of an overlong line, already counted
-        # Blank lines are skipped; `line and not line.isspace()` is `line.strip()` without the copy.
-        parsed: list[Sighting | str] = [
-            LINE_TOO_LONG if len(line) > limit else parse(line.rstrip(b"\r"))
-            for line in lines
-            if len(line) > limit or (line and not line.isspace())
-        ]
+            cut = data.find(b"\n")  # what precedes it is the tail of an overlong line, already counted
+            data = data[cut + 1 :] if cut >= 0 else b""
+        parsed = self._parse(data) if data else []
         self._current.offset += length
         self._ingest.submit(self.name, parsed, self._position(), bounded=False)
 
