@@ -121,6 +121,16 @@ class Metrics:
         response.raise_for_status()
         return response.text
 
+    def gzip_bytes(self, openmetrics: bool = False) -> bytes:
+        """/metrics as a scraper that asked for gzip receives it: read to the last byte, not decoded (a
+        real scraper's inflating and parsing are its own cost, not the exporter's)."""
+        headers = {"Accept-Encoding": "gzip"}
+        if openmetrics:
+            headers["Accept"] = "application/openmetrics-text; version=1.0.0"
+        with self._http.stream("GET", self.url + "/metrics", headers=headers) as response:
+            response.raise_for_status()
+            return b"".join(response.iter_raw())
+
     def ready(self) -> bool:
         try:
             return self._http.get(self.url + "/readyz", timeout=1.0).status_code == 200
