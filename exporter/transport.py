@@ -1,0 +1,310 @@
+"""A lean httpx transport: httpcore's HTTP/1.1 connection pool over asyncio's own sockets, without anyio.
+
+httpx's default transport reaches the socket through anyio streams: every read and write opens a cancel
+scope with its own timer, maps exceptions through two context managers, and every pooled connection's
+health check builds anyio's attribute table and polls the socket. That was ~40 % of the exporter's CPU per
+lookup. Here a plain asyncio protocol buffers what arrives; a read takes from the buffer or waits on one
+future with one timer, and an idle connection knows it was closed by its peer without a syscall. HTTP
+itself (h11, keep-alive, pooling, limits, timeouts) is still httpcore's, and requests and responses are
+httpx's.
+"""
+
+# ruff: noqa: ASYNC109 -- httpcore's network interface passes timeouts as arguments
+from __future__ import annotations
+
+import asyncio
+import ssl
+import typing
+from collections.abc import AsyncIterator, Iterable
+
+import httpcore
+import httpx
+
+# A response is read as it arrives; past this much unread data the socket stops being read (resumed below a
+# quarter of it), so a peer cannot make a connection buffer without bound.
+HIGH_WATER_BYTES = 256 * 1024
+
+SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
+
+# httpcore's errors as httpx's (most specific first), so callers see the same exceptions as with httpx's own
+# transport.
+_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+_CORE_ERRORS = tuple(core for core, _mapped in _ERRORS)
+
+
+def as_httpx_error(err: Exception) -> Exception:
+    for core, mapped in _ERRORS:
+        if isinstance(err, core):
+            return mapped(str(err))
+    return err
+
+
+class _Receiver(asyncio.Protocol):
+    """Buffers what the peer sends and wakes the one reader waiting for it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.closed = False
+        self.error: BaseException | None = None
+        self.reading_paused = False
+        self._readable: asyncio.Future[bool] | None = None
+        self._writable: asyncio.Future[bool] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > HIGH_WATER_BYTES and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        _resolve(self._readable, True)
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        _resolve(self._readable, True)
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.error = exc
+        _resolve(self._readable, True)
+        _resolve(self._writable, True)
+
+    def pause_writing(self) -> None:
+        self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        _resolve(self._writable, True)
+        self._writable = None
+
+    async def readable(self, seconds: float | None) -> bool:
+        """Waits for data or the end of the connection; False if `seconds` passed first."""
+        waiter: asyncio.Future[bool] = self.loop.create_future()
+        self._readable = waiter
+        timer = None if seconds is None else self.loop.call_later(seconds, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            self._readable = None
+            if timer is not None:
+                timer.cancel()
+
+    async def writable(self, seconds: float | None) -> bool:
+        """Waits until the transport takes more data (it asked us to pause); False if `seconds` passed first."""
+        waiter = self._writable
+        if waiter is None or waiter.done():
+            return True
+        timer = None if seconds is None else self.loop.call_later(seconds, _resolve, waiter, False)
+        try:
+            return await waiter
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _resolve(waiter: asyncio.Future[bool] | None, value: bool) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(value)
+
+
+class AsyncioStream(httpcore.AsyncNetworkStream):
+    def __init__(self, transport: asyncio.Transport, receiver: _Receiver) -> None:
+        self._transport = transport
+        self._receiver = receiver
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        receiver = self._receiver
+        if not receiver.buffer and not receiver.closed and not await receiver.readable(timeout):
+            raise httpcore.ReadTimeout("timed out reading the response")
+        buffer = receiver.buffer
+        if buffer:
+            data = bytes(buffer[:max_bytes])
+            del buffer[:max_bytes]
+            if receiver.reading_paused and len(buffer) < HIGH_WATER_BYTES // 4:
+                receiver.reading_paused = False
+                self._transport.resume_reading()
+            return data
+        if receiver.error is not None:
+            raise httpcore.ReadError(str(receiver.error) or type(receiver.error).__name__)
+        return b""  # the peer closed the connection: httpcore's end-of-stream signal
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if not buffer:
+            return
+        if self._receiver.closed or self._transport.is_closing():
+            raise httpcore.WriteError("the connection is closed")
+        self._transport.write(buffer)
+        if not await self._receiver.writable(timeout):
+            raise httpcore.WriteTimeout("timed out writing the request")
+
+    async def aclose(self) -> None:
+        self._transport.close()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        receiver = self._receiver
+        try:
+            async with asyncio.timeout(timeout):
+                transport = await receiver.loop.start_tls(
+                    self._transport, receiver, ssl_context, server_hostname=server_hostname
+                )
+        except TimeoutError:
+            self._transport.close()
+            raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
+        except (OSError, ssl.SSLError) as err:
+            self._transport.close()
+            raise httpcore.ConnectError(str(err)) from None
+        if transport is None:  # the peer closed the connection during the handshake
+            raise httpcore.ConnectError("the connection was closed during the TLS handshake")
+        assert isinstance(transport, asyncio.Transport)
+        # start_tls does not call connection_made again: the receiver pauses and resumes the TLS transport.
+        receiver.transport = transport
+        return AsyncioStream(transport, receiver)
+
+    def get_extra_info(self, info: str) -> typing.Any:
+        if info == "is_readable":
+            # An idle connection is sent nothing; data or an end there means the server is closing it.
+            return bool(self._receiver.buffer) or self._receiver.closed
+        names = {"ssl_object": "ssl_object", "client_addr": "sockname", "server_addr": "peername", "socket": "socket"}
+        name = names.get(info)
+        return None if name is None else self._transport.get_extra_info(name)
+
+
+class AsyncioBackend(httpcore.AsyncNetworkBackend):
+    """Opens connections with the running event loop's own transports."""
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, receiver = await loop.create_connection(
+                    lambda: _Receiver(loop),
+                    host,
+                    port,
+                    local_addr=None if local_address is None else (local_address, 0),
+                )
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
+        except OSError as err:
+            raise httpcore.ConnectError(str(err)) from None
+        return _stream(transport, receiver, socket_options)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                transport, receiver = await loop.create_unix_connection(lambda: _Receiver(loop), path)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"timed out connecting to {path}") from None
+        except OSError as err:
+            raise httpcore.ConnectError(str(err)) from None
+        return _stream(transport, receiver, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def _stream(
+    transport: asyncio.BaseTransport, receiver: _Receiver, options: Iterable[SocketOption] | None
+) -> AsyncioStream:
+    assert isinstance(transport, asyncio.Transport)
+    sock = transport.get_extra_info("socket")
+    for option in options or ():
+        sock.setsockopt(*option)
+    return AsyncioStream(transport, receiver)
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    def __init__(self, stream: typing.AsyncIterable[bytes]) -> None:
+        self._stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._stream:
+                yield chunk
+        except _CORE_ERRORS as err:
+            raise as_httpx_error(err) from err
+
+    async def aclose(self) -> None:
+        closer = getattr(self._stream, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+class PooledTransport(httpx.AsyncBaseTransport):
+    """httpx transport over one httpcore connection pool (HTTP/1.1) on `AsyncioBackend`."""
+
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext,
+        max_connections: int,
+        keepalive_expiry: float = 5.0,
+    ) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context,
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=keepalive_expiry,
+            network_backend=AsyncioBackend(),
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        assert isinstance(request.stream, httpx.AsyncByteStream)
+        core = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        try:
+            response = await self._pool.handle_async_request(core)
+        except _CORE_ERRORS as err:
+            raise as_httpx_error(err) from err
+        assert isinstance(response.stream, typing.AsyncIterable)
+        return httpx.Response(
+            status_code=response.status,
+            headers=response.headers,
+            stream=_ResponseStream(response.stream),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()

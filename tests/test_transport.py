@@ -1,0 +1,237 @@
+"""The asyncio transport under httpcore: TLS, keep-alive, timeouts, peers that close or reset, big bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exporter.transport import HIGH_WATER_BYTES, PooledTransport
+from exporter.zenmux import environment_proxy
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+TIMEOUTS = httpx.Timeout(2.0).as_dict()
+
+
+def response(body: bytes, *, close: bool = False) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n"
+    return (head + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+@asynccontextmanager
+async def server(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    srv = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ssl_context)
+    try:
+        yield int(srv.sockets[0].getsockname()[1])
+    finally:
+        srv.close()
+
+
+def transport(ssl_context: ssl.SSLContext | None = None, connections: int = 2) -> PooledTransport:
+    return PooledTransport(ssl_context=ssl_context or ssl.create_default_context(), max_connections=connections)
+
+
+async def get(client: PooledTransport, url: str, timeouts: dict[str, float | None] = TIMEOUTS) -> tuple[int, bytes]:
+    answer = await client.handle_async_request(httpx.Request("GET", url, extensions={"timeout": timeouts}))
+    try:
+        body = b"".join([chunk async for chunk in answer.aiter_bytes()])
+    finally:
+        await answer.aclose()
+    return answer.status_code, body
+
+
+async def test_keep_alive_reuses_one_connection() -> None:
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                request = await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(response(request.split(b" ")[1]))
+        writer.close()
+
+    async with server(handle) as port:
+        client = transport()
+        try:
+            for i in range(5):
+                assert await get(client, f"http://127.0.0.1:{port}/x?id={i}") == (200, f"/x?id={i}".encode())
+        finally:
+            await client.aclose()
+    assert connections == 1
+
+
+async def test_a_server_closing_an_idle_connection_is_noticed() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(response(b"once"))  # keep-alive announced, then closed anyway
+        await writer.drain()
+        writer.close()
+
+    async with server(handle) as port:
+        client = transport()
+        try:
+            for _ in range(3):
+                assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"once")
+                await asyncio.sleep(0.05)  # the close arrives while the connection is idle in the pool
+        finally:
+            await client.aclose()
+
+
+async def test_a_silent_server_is_a_read_timeout() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async with server(handle) as port:
+        client = transport()
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                await get(client, f"http://127.0.0.1:{port}/", {**TIMEOUTS, "read": 0.2})
+        finally:
+            await client.aclose()
+
+
+async def test_a_reset_mid_body_is_a_transport_error() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\npartial")
+        await writer.drain()
+        writer.transport.abort()
+
+    async with server(handle) as port:
+        client = transport()
+        try:
+            with pytest.raises(httpx.TransportError):
+                await get(client, f"http://127.0.0.1:{port}/")
+        finally:
+            await client.aclose()
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async with server(handle) as port:
+        pass
+    client = transport()
+    try:
+        with pytest.raises(httpx.ConnectError):
+            await get(client, f"http://127.0.0.1:{port}/")
+    finally:
+        await client.aclose()
+
+
+async def test_a_body_larger_than_the_high_water_mark_arrives_whole() -> None:
+    body = bytes(range(256)) * (4 * HIGH_WATER_BYTES // 256)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(response(body))
+        await writer.drain()
+        writer.close()
+
+    async with server(handle) as port:
+        client = transport()
+        try:
+            assert await get(client, f"http://127.0.0.1:{port}/") == (200, body)
+        finally:
+            await client.aclose()
+
+
+async def test_a_lookup_cancelled_while_waiting_leaves_the_pool_usable() -> None:
+    calls = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal calls
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            calls += 1
+            if calls == 1:
+                await asyncio.sleep(1)
+            writer.write(response(b"ok"))
+        writer.close()
+
+    async with server(handle) as port:
+        client = transport(connections=1)
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await get(client, f"http://127.0.0.1:{port}/")
+            assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"ok")
+        finally:
+            await client.aclose()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_tls_verifies_the_server_and_keeps_the_connection(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                await read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(response(b"secret"))
+        writer.close()
+
+    async with server(handle, server_context) as port:
+        trusting = transport(ssl.create_default_context(cafile=str(cert)))
+        try:
+            for _ in range(3):
+                assert await get(trusting, f"https://localhost:{port}/") == (200, b"secret")
+        finally:
+            await trusting.aclose()
+        untrusting = transport(ssl.create_default_context())
+        try:
+            with pytest.raises(httpx.ConnectError):
+                await get(untrusting, f"https://localhost:{port}/")
+        finally:
+            await untrusting.aclose()
+    assert connections in (1, 2)  # one for the trusting client (the refused handshake may count as another)
+
+
+def test_environment_proxies_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert environment_proxy("https://zenmux.ai/api/v1/generation?id=") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert environment_proxy("https://zenmux.ai/api/v1/generation?id=") == "http://proxy.internal:3128"
+    assert environment_proxy("http://127.0.0.1:8080/api/v1/generation?id=") is None
+    monkeypatch.setenv("NO_PROXY", "zenmux.ai")
+    assert environment_proxy("https://zenmux.ai/api/v1/generation?id=") is None
