@@ -212,29 +212,43 @@ class StateStore:
         # the bound and loses nothing; UDP cannot wait, so its overflow is rejected and counted.
         room = max(self.max_pending - self.pending, 0) if bounded else len(sightings)
         admitted = sightings[:room]
-        pending = self._pending_ids
-        fresh: dict[int, Sighting] = {}
-        for sighting in admitted:
-            key = fingerprint(sighting.id)
-            if key not in pending and key not in fresh:
-                fresh[key] = sighting
+        fresh = self._fresh(admitted)
+        # Rows of one label set are inserted by one statement that reads the ids from a JSON array and skips
+        # those already finished: SQLite does the per-id work, Python none.
+        by_labels: dict[Labels, list[str]] = {}
+        for generation_id, labels in fresh.values():
+            by_labels.setdefault(labels, []).append(generation_id)
         with self._transaction():
-            if fresh:
-                for (finished_id,) in self._db.execute(
-                    "SELECT id FROM finished WHERE id IN (SELECT value FROM json_each(?))",
-                    (json.dumps([s.id for s in fresh.values()]),),
-                ):
-                    del fresh[fingerprint(finished_id)]
-            self._db.executemany(
-                "INSERT INTO queue (id, source, labels, first_seen, due) VALUES (?, ?, ?, ?, ?)",
-                [(s.id, source, _labels_text(s.labels), now, due) for s in fresh.values()],
-            )
+            for labels, ids in by_labels.items():
+                cursor = self._db.execute(
+                    "INSERT INTO queue (id, source, labels, first_seen, due) SELECT value, ?, ?, ?, ? "
+                    "FROM json_each(?) WHERE NOT EXISTS (SELECT 1 FROM finished WHERE finished.id = value)",
+                    (source, _labels_text(labels), now, due, json.dumps(ids)),
+                )
+                if cursor.rowcount != len(ids):  # some were resolved already (a file read again after a crash)
+                    for (finished_id,) in self._db.execute(
+                        "SELECT id FROM finished WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
+                    ):
+                        del fresh[fingerprint(finished_id)]
             if position is not None:
                 self._save_position(source, position)
-        pending.update(fresh)
+        self._pending_ids.update(fresh)
         accepted = len(fresh)
         self.pending += accepted
         return Enqueued(accepted, len(admitted) - accepted, len(sightings) - len(admitted))
+
+    def _fresh(self, sightings: Sequence[Sighting]) -> dict[int, Sighting]:
+        """The sightings whose ids are not pending, once each, by fingerprint."""
+        keys = list(map(fingerprint, [sighting.id for sighting in sightings]))
+        fresh = dict(zip(keys, sightings, strict=True))
+        if len(fresh) == len(keys) and self._pending_ids.isdisjoint(keys):
+            return fresh  # the usual batch: all new, no repeats (set operations in C, no loop here)
+        pending = self._pending_ids
+        fresh = {}
+        for key, sighting in zip(keys, sightings, strict=True):
+            if key not in pending and key not in fresh:
+                fresh[key] = sighting
+        return fresh
 
     def position(self, source: str) -> FilePosition | None:
         row = self._db.execute(

@@ -7,7 +7,7 @@ from pathlib import Path
 from exporter.contribution import Contribution, Increment, LabelLimiter, LedgerShape
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
-from exporter.state import Abandon, FilePosition, Resolved, Retry, StateStore
+from exporter.state import ABANDONED, DONE, PENDING, Abandon, FilePosition, Resolved, Retry, StateStore
 
 
 def ledger() -> Ledger:
@@ -29,6 +29,24 @@ def test_enqueue_deduplicates_within_and_across_batches(tmp_path: Path) -> None:
     assert (first.accepted, first.duplicates) == (2, 1)
     assert (second.accepted, second.duplicates) == (1, 1)
     assert state.pending == 3
+
+
+def test_an_id_seen_again_after_it_was_resolved_is_a_duplicate(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "s.db", max_pending=100)
+    chat, search = (("feature", "chat"),), (("feature", "search"),)
+    state.enqueue("src", [Sighting("done", chat), Sighting("gone", search)], now=0, due=0)
+    state.settle([Resolved("done", one_generation(0.5)), Abandon("gone", "not_ready")], ledger(), now=1)
+    # A file read again after a crash: finished ids, new ids and repeats, under several label sets.
+    again = [Sighting("done", chat), Sighting("new1", chat), Sighting("gone", search), Sighting("new2", search),
+             Sighting("new1", chat), Sighting("new3")]
+    result = state.enqueue("src", again, now=2, due=3)
+    assert (result.accepted, result.duplicates, result.rejected) == (3, 3, 0)
+    assert state.pending == 3
+    assert sorted((p.id, p.labels) for p in state.due(now=3, limit=10, exclude=set())) == [
+        ("new1", chat), ("new2", search), ("new3", ())]
+    assert (state.status("done"), state.status("gone"), state.status("new2")) == (DONE, ABANDONED, PENDING)
+    # Seen once more: now they are pending, so the in-memory half of the dedupe answers.
+    assert state.enqueue("src", again, now=4, due=5).duplicates == len(again)
 
 
 def test_queue_bound_rejects_the_overflow(tmp_path: Path) -> None:
