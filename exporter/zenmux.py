@@ -298,13 +298,6 @@ def _error_type(body: bytes) -> str:
         return ""
 
 
-# httpcore's pool scans every connection (and every queued request) on each request and again when each
-# response closes: several small pools instead of one large one. With httpx's default transport 64
-# connections in one pool cost ~2.2 ms of CPU per request here, 8 x 8 ~0.7 ms, 16 x 4 best; on the asyncio
-# transport 32 x 2 cost ~0.1 ms less per lookup than 16 x 4 end to end (64 x 1 was no better).
-CONNECTIONS_PER_SHARD = 2
-
-
 def environment_proxy(url: str) -> str | None:
     """The proxy the standard *_PROXY/NO_PROXY variables set for `url`, as httpx's trust_env would use it."""
     parts = urllib.parse.urlsplit(url)
@@ -316,9 +309,9 @@ def environment_proxy(url: str) -> str | None:
 
 
 class ZenMuxClient:
-    """Looks generation ids up over sharded httpx transports; never raises for a failed lookup.
+    """Looks generation ids up over an httpx transport; never raises for a failed lookup.
 
-    Lookups go to the transports directly: httpx's client layer (URL merging, auth and redirect flows,
+    Lookups go to the transport directly: httpx's client layer (URL merging, auth and redirect flows,
     cookies, event hooks) was ~0.1 ms of CPU per lookup and does nothing for one fixed GET.
     """
 
@@ -344,48 +337,26 @@ class ZenMuxClient:
         )
         timeout = httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds)
         self._extensions = {"timeout": timeout.as_dict()}
-        self._transports: list[httpx.AsyncBaseTransport]
-        if transport is not None:  # tests: one object with its own state
-            self._transports = [transport]
-        else:
-            shards = max(1, -(-config.concurrency // CONNECTIONS_PER_SHARD))
-            per_shard = -(-config.concurrency // shards)
-            ssl_context = httpx.create_ssl_context()  # one for all shards (SSL_CERT_FILE/DIR honoured)
+        if transport is None:
+            ssl_context = httpx.create_ssl_context()  # SSL_CERT_FILE/DIR honoured, as httpx does
             proxy = environment_proxy(self._url)
-            self._transports = [
-                PooledTransport(ssl_context=ssl_context, max_connections=per_shard)
+            limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
+            transport = (
+                PooledTransport(ssl_context=ssl_context, max_connections=config.concurrency)
                 if proxy is None
-                else httpx.AsyncHTTPTransport(
-                    verify=ssl_context,
-                    proxy=proxy,
-                    limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
-                )
-                for _ in range(shards)
-            ]
-        self._busy = [0] * len(self._transports)
-
-    def _pick(self) -> int:
-        """The least busy shard (ties: the first), so each pool stays within its connection limit."""
-        busy = self._busy
-        return busy.index(min(busy)) if len(busy) > 1 else 0
+                else httpx.AsyncHTTPTransport(verify=ssl_context, proxy=proxy, limits=limits)
+            )
+        self._transport = transport
 
     @property
     def billing_expected(self) -> bool:
         return self.key_kind is not KeyKind.SUBSCRIPTION
 
     async def lookup(self, generation_id: str) -> LookupResult:
-        shard = self._pick()
-        self._busy[shard] += 1
-        try:
-            return await self._lookup(self._transports[shard], generation_id)
-        finally:
-            self._busy[shard] -= 1
-
-    async def _lookup(self, transport: httpx.AsyncBaseTransport, generation_id: str) -> LookupResult:
         # httpx's read timeout is per read: a body dripping in holds the slot far longer. This bounds the whole.
         try:
             async with asyncio.timeout(self._config.timeout_seconds):
-                result = await self._exchange(transport, generation_id)
+                result = await self._exchange(generation_id)
         except TimeoutError:
             return LookupResult(Outcome.TIMEOUT, detail="lookup took longer than timeout_seconds")
         record = result.record
@@ -395,7 +366,7 @@ class ZenMuxClient:
             )
         return result
 
-    async def _exchange(self, transport: httpx.AsyncBaseTransport, generation_id: str) -> LookupResult:
+    async def _exchange(self, generation_id: str) -> LookupResult:
         request = httpx.Request(
             "GET",
             self._url + urllib.parse.quote(generation_id, safe=""),
@@ -403,7 +374,7 @@ class ZenMuxClient:
             extensions=self._extensions,
         )
         try:
-            response = await transport.handle_async_request(request)
+            response = await self._transport.handle_async_request(request)
             try:
                 headers = {k.lower(): v for k, v in response.headers.items()}
                 body = bytearray()
@@ -425,5 +396,4 @@ class ZenMuxClient:
         return classify(response.status_code, bytes(body), headers, self.billing_expected, self._clock.time())
 
     async def aclose(self) -> None:
-        for transport in self._transports:
-            await transport.aclose()
+        await self._transport.aclose()

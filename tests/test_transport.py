@@ -86,9 +86,46 @@ async def test_a_server_closing_an_idle_connection_is_noticed() -> None:
         try:
             for _ in range(3):
                 assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"once")
-                await asyncio.sleep(0.05)  # the close arrives while the connection is idle in the pool
+                # The close arrives while the connection is idle in the pool: wait until it has.
+                async with asyncio.timeout(2):
+                    while not client.idle_connections_closed_by_peer():
+                        await asyncio.sleep(0)
         finally:
             await client.aclose()
+
+
+async def test_at_most_max_connections_are_open_and_the_rest_wait() -> None:
+    open_now = most = 0
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now, most
+        open_now += 1
+        most = max(most, open_now)
+        try:
+            while True:
+                try:
+                    await read_request(reader)
+                except asyncio.IncompleteReadError:
+                    break
+                await release.wait()
+                writer.write(response(b"ok"))
+        finally:
+            open_now -= 1
+            writer.close()
+
+    async with server(handle) as port:
+        client = transport(connections=2)
+        try:
+            lookups = [asyncio.ensure_future(get(client, f"http://127.0.0.1:{port}/")) for _ in range(5)]
+            async with asyncio.timeout(2):
+                while open_now < 2:
+                    await asyncio.sleep(0)
+            release.set()
+            assert await asyncio.gather(*lookups) == [(200, b"ok")] * 5
+        finally:
+            await client.aclose()
+    assert most == 2
 
 
 async def test_a_silent_server_is_a_read_timeout() -> None:
