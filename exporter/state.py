@@ -311,33 +311,36 @@ class StateStore:
         applied: list[Settlement] = []
         finished: list[str] = []
         located = [(item, self._locate(item.id)) for item in settlements]
+        # Resolved and abandoned ids leave the queue in one statement; the RETURNING rows say which were
+        # still there (a result counts once) and how often each was tried.
+        ending: dict[int, Resolved | Abandon] = {}
+        for item, seq in located:
+            if seq is not None and not isinstance(item, Retry):
+                ending.setdefault(seq, item)  # two results for one id: the first counts, as it always did
         try:
             with self._transaction():
-                for item, seq in located:
-                    if seq is None:
-                        continue
-                    if isinstance(item, Retry):
+                if ending:
+                    rows = self._db.execute(
+                        "DELETE FROM queue WHERE seq IN (SELECT value FROM json_each(?)) RETURNING seq, attempts",
+                        (json.dumps(list(ending)),),
+                    ).fetchall()
+                    records = []
+                    for seq, attempts in sorted(rows):
+                        ended = ending[seq]
+                        status = DONE if isinstance(ended, Resolved) else ABANDONED
+                        records.append((ended.id, status, attempts + 1, now))
+                        finished.append(ended.id)
+                        applied.append(ended)
+                        if ended.contribution is not None:
+                            ledger.add(overlay, ended.contribution)
+                    self._db.executemany("INSERT OR REPLACE INTO finished VALUES (?, ?, ?, ?)", records)
+                for item, seq in located:  # an id that ended above is not retried
+                    if seq is not None and isinstance(item, Retry):
                         cursor = self._db.execute(
                             "UPDATE queue SET due = ?, attempts = ? WHERE seq = ?", (item.due, item.attempts, seq)
                         )
-                    else:
-                        deleted = self._db.execute("DELETE FROM queue WHERE seq = ? RETURNING attempts", (seq,))
-                        rows = deleted.fetchall()
-                        if not rows:
-                            continue
-                        status = DONE if isinstance(item, Resolved) else ABANDONED
-                        attempts = int(rows[0][0]) + 1
-                        self._db.execute(
-                            "INSERT OR REPLACE INTO finished VALUES (?, ?, ?, ?)", (item.id, status, attempts, now)
-                        )
-                        finished.append(item.id)
-                        applied.append(item)
-                        if item.contribution is not None:
-                            ledger.add(overlay, item.contribution)
-                        continue
-                    if cursor.rowcount != 1:
-                        continue
-                    applied.append(item)
+                        if cursor.rowcount == 1:
+                            applied.append(item)
                 self._db.executemany("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?)", overlay.rows())
         except BaseException:
             for item, seq in located:  # nothing was written: these ids are still pending where they were

@@ -298,6 +298,9 @@ def _error_type(body: bytes) -> str:
         return ""
 
 
+NO_BODY = httpx.ByteStream(b"")
+
+
 def environment_proxy(url: str) -> str | None:
     """The proxy the standard *_PROXY/NO_PROXY variables set for `url`, as httpx's trust_env would use it."""
     parts = urllib.parse.urlsplit(url)
@@ -327,8 +330,11 @@ class ZenMuxClient:
         self._clock = clock or SystemClock()
         self.key_kind = key_kind(api_key)
         self._url = config.base_url.rstrip("/") + config.generation_path + "?id="
+        # The request is built with an explicit (empty) stream, so httpx adds no headers of its own: Host is
+        # set here, once, instead of being worked out from the URL on every lookup.
         self._headers = httpx.Headers(
             {
+                "Host": httpx.URL(self._url).netloc.decode("ascii"),
                 "Accept": "*/*",
                 "Accept-Encoding": "gzip, deflate",
                 "Authorization": f"Bearer {api_key}",
@@ -371,6 +377,7 @@ class ZenMuxClient:
             "GET",
             self._url + urllib.parse.quote(generation_id, safe=""),
             headers=self._headers,
+            stream=NO_BODY,
             extensions=self._extensions,
         )
         try:
