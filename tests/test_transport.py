@@ -37,8 +37,13 @@ async def server(handler: Handler, ssl_context: ssl.SSLContext | None = None) ->
         srv.close()
 
 
-def transport(ssl_context: ssl.SSLContext | None = None, connections: int = 2) -> PooledTransport:
-    return PooledTransport(ssl_context=ssl_context or ssl.create_default_context(), max_connections=connections)
+@asynccontextmanager
+async def transport(ssl_context: ssl.SSLContext | None = None, connections: int = 2) -> AsyncIterator[PooledTransport]:
+    client = PooledTransport(ssl_context=ssl_context or ssl.create_default_context(), max_connections=connections)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 async def get(client: PooledTransport, url: str, timeouts: dict[str, float | None] = TIMEOUTS) -> tuple[int, bytes]:
@@ -64,13 +69,9 @@ async def test_keep_alive_reuses_one_connection() -> None:
             writer.write(response(request.split(b" ")[1]))
         writer.close()
 
-    async with server(handle) as port:
-        client = transport()
-        try:
-            for i in range(5):
-                assert await get(client, f"http://127.0.0.1:{port}/x?id={i}") == (200, f"/x?id={i}".encode())
-        finally:
-            await client.aclose()
+    async with server(handle) as port, transport() as client:
+        for i in range(5):
+            assert await get(client, f"http://127.0.0.1:{port}/x?id={i}") == (200, f"/x?id={i}".encode())
     assert connections == 1
 
 
@@ -81,17 +82,13 @@ async def test_a_server_closing_an_idle_connection_is_noticed() -> None:
         await writer.drain()
         writer.close()
 
-    async with server(handle) as port:
-        client = transport()
-        try:
-            for _ in range(3):
-                assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"once")
-                # The close arrives while the connection is idle in the pool: wait until it has.
-                async with asyncio.timeout(2):
-                    while not client.idle_connections_closed_by_peer():
-                        await asyncio.sleep(0)
-        finally:
-            await client.aclose()
+    async with server(handle) as port, transport() as client:
+        for _ in range(3):
+            assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"once")
+            # The close arrives while the connection is idle in the pool: wait until it has.
+            async with asyncio.timeout(2):
+                while not client.idle_connections_closed_by_peer():
+                    await asyncio.sleep(0)
 
 
 async def test_at_most_max_connections_are_open_and_the_rest_wait() -> None:
@@ -114,17 +111,13 @@ async def test_at_most_max_connections_are_open_and_the_rest_wait() -> None:
             open_now -= 1
             writer.close()
 
-    async with server(handle) as port:
-        client = transport(connections=2)
-        try:
-            lookups = [asyncio.ensure_future(get(client, f"http://127.0.0.1:{port}/")) for _ in range(5)]
-            async with asyncio.timeout(2):
-                while open_now < 2:
-                    await asyncio.sleep(0)
-            release.set()
-            assert await asyncio.gather(*lookups) == [(200, b"ok")] * 5
-        finally:
-            await client.aclose()
+    async with server(handle) as port, transport(connections=2) as client:
+        lookups = [asyncio.ensure_future(get(client, f"http://127.0.0.1:{port}/")) for _ in range(5)]
+        async with asyncio.timeout(2):
+            while open_now < 2:
+                await asyncio.sleep(0)
+        release.set()
+        assert await asyncio.gather(*lookups) == [(200, b"ok")] * 5
     assert most == 2
 
 
@@ -133,13 +126,9 @@ async def test_a_silent_server_is_a_read_timeout() -> None:
         await read_request(reader)
         await asyncio.sleep(5)
 
-    async with server(handle) as port:
-        client = transport()
-        try:
-            with pytest.raises(httpx.ReadTimeout):
-                await get(client, f"http://127.0.0.1:{port}/", {**TIMEOUTS, "read": 0.2})
-        finally:
-            await client.aclose()
+    async with server(handle) as port, transport() as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await get(client, f"http://127.0.0.1:{port}/", {**TIMEOUTS, "read": 0.2})
 
 
 async def test_a_reset_mid_body_is_a_transport_error() -> None:
@@ -149,13 +138,9 @@ async def test_a_reset_mid_body_is_a_transport_error() -> None:
         await writer.drain()
         writer.transport.abort()
 
-    async with server(handle) as port:
-        client = transport()
-        try:
-            with pytest.raises(httpx.TransportError):
-                await get(client, f"http://127.0.0.1:{port}/")
-        finally:
-            await client.aclose()
+    async with server(handle) as port, transport() as client:
+        with pytest.raises(httpx.TransportError):
+            await get(client, f"http://127.0.0.1:{port}/")
 
 
 async def test_a_refused_connection_is_a_connect_error() -> None:
@@ -164,12 +149,9 @@ async def test_a_refused_connection_is_a_connect_error() -> None:
 
     async with server(handle) as port:
         pass
-    client = transport()
-    try:
+    async with transport() as client:
         with pytest.raises(httpx.ConnectError):
             await get(client, f"http://127.0.0.1:{port}/")
-    finally:
-        await client.aclose()
 
 
 async def test_a_body_larger_than_the_high_water_mark_arrives_whole() -> None:
@@ -181,12 +163,8 @@ async def test_a_body_larger_than_the_high_water_mark_arrives_whole() -> None:
         await writer.drain()
         writer.close()
 
-    async with server(handle) as port:
-        client = transport()
-        try:
-            assert await get(client, f"http://127.0.0.1:{port}/") == (200, body)
-        finally:
-            await client.aclose()
+    async with server(handle) as port, transport() as client:
+        assert await get(client, f"http://127.0.0.1:{port}/") == (200, body)
 
 
 async def test_a_lookup_cancelled_while_waiting_leaves_the_pool_usable() -> None:
@@ -205,15 +183,11 @@ async def test_a_lookup_cancelled_while_waiting_leaves_the_pool_usable() -> None
             writer.write(response(b"ok"))
         writer.close()
 
-    async with server(handle) as port:
-        client = transport(connections=1)
-        try:
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.1):
-                    await get(client, f"http://127.0.0.1:{port}/")
-            assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"ok")
-        finally:
-            await client.aclose()
+    async with server(handle) as port, transport(connections=1) as client:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await get(client, f"http://127.0.0.1:{port}/")
+        assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"ok")
 
 
 @pytest.fixture(scope="module")
@@ -247,18 +221,12 @@ async def test_tls_verifies_the_server_and_keeps_the_connection(certificate: tup
         writer.close()
 
     async with server(handle, server_context) as port:
-        trusting = transport(ssl.create_default_context(cafile=str(cert)))
-        try:
+        async with transport(ssl.create_default_context(cafile=str(cert))) as trusting:
             for _ in range(3):
                 assert await get(trusting, f"https://localhost:{port}/") == (200, b"secret")
-        finally:
-            await trusting.aclose()
-        untrusting = transport(ssl.create_default_context())
-        try:
+        async with transport(ssl.create_default_context()) as untrusting:
             with pytest.raises(httpx.ConnectError):
                 await get(untrusting, f"https://localhost:{port}/")
-        finally:
-            await untrusting.aclose()
     assert connections in (1, 2)  # one for the trusting client (the refused handshake may count as another)
 
 
