@@ -30,6 +30,10 @@ class HistogramValue:
         return HistogramValue(list(self.buckets), self.sum)
 
 
+# A changed series: its key, its value, and for a histogram rendered as OpenMetrics each bucket's exemplar.
+Changed = tuple[Key, float | HistogramValue, list[Exemplar | None] | None]
+
+
 @dataclass
 class Overlay:
     """Changes of one batch, applied to the ledger only once the batch's transaction has committed."""
@@ -127,6 +131,27 @@ class Ledger:
                 for (m, values), v in self._counters.items()
                 if m == metric and all(values[names.index(k)] == want for k, want in labels.items())
             )
+
+    def take_changed(self, openmetrics: bool) -> list[Changed]:
+        """The series changed since this format last took them, with their values (and, for OpenMetrics,
+        each bucket's exemplar); the format's change set starts again empty."""
+        index = 1 if openmetrics else 0
+        with self._lock:
+            keys = self._changed[index]
+            self._changed = (self._changed[0], set()) if openmetrics else (set(), self._changed[1])
+            changed: list[Changed] = []
+            for key in keys:
+                if key in self._counters:
+                    changed.append((key, self._counters[key], None))
+                elif key in self._histograms:
+                    hist = self._histograms[key]
+                    exemplars = (
+                        [self._exemplars.get((key, i)) for i in range(len(hist.buckets))]
+                        if openmetrics and self._exemplars
+                        else None
+                    )
+                    changed.append((key, hist, exemplars))
+            return changed
 
     def snapshot(
         self,
