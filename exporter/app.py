@@ -30,7 +30,7 @@ from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
 from exporter.state import StateStore
-from exporter.telemetry import QueueCollector, SelfMetrics, tracer_provider
+from exporter.telemetry import HttpCollector, QueueCollector, SelfMetrics, tracer_provider
 from exporter.web import HttpServer
 from exporter.webconfig import WebConfig, load_web_config
 from exporter.zenmux import ZenMuxClient
@@ -129,6 +129,10 @@ class Exporter:
             ledger=exposition,
         )
         self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.ssl_context)
+        http = self.http
+        self.registry.register(
+            HttpCollector(lambda: http.open_connections, lambda: http.rejected_connections, http.max_connections)
+        )
         await self.http.start()
         for source in config.sources:
             if source.type == "udp":

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
@@ -128,6 +128,33 @@ class QueueCollector(Collector):
             "zenmux_exporter_oldest_pending_age_seconds",
             "Age of the oldest pending id (0 when none).",
             value=self._oldest_age(),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class HttpCollector(Collector):
+    """The /metrics server's connections against its bound, read from the server at scrape time."""
+
+    def __init__(self, open_connections: Callable[[], int], refused: Callable[[], int], limit: int) -> None:
+        self._open = open_connections
+        self._refused = refused
+        self._limit = limit
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "zenmux_exporter_http_connections", "Connections open to the metrics server.", value=self._open()
+        )
+        yield GaugeMetricFamily(
+            "zenmux_exporter_http_max_connections",
+            "Connections the metrics server holds open at once; more are closed at once and counted.",
+            value=self._limit,
+        )
+        yield CounterMetricFamily(
+            "zenmux_exporter_http_connections_refused",
+            "Connections closed at once because the metrics server already held its maximum.",
+            value=self._refused(),
         )
 
     def describe(self) -> Iterator[Metric]:

@@ -81,6 +81,10 @@ class HttpServer:
         return len(self._connections)
 
     @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
+    @property
     def port(self) -> int:
         assert self._server is not None, "server not started"
         return int(self._server.sockets[0].getsockname()[1])

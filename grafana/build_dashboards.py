@@ -491,13 +491,25 @@ def exporter_health() -> Json:
                        instant=True)], "short", decimals=0, thresholds=steps(("red", 1)), no_value="0"), 4, 5)
     L.add(table("Build info", "Exporter version and Python runtime per instance.",
                 [target(f"max by (job, instance, version, python_version) (zenmux_exporter_build_info{{{SEL}}})",
-                        "", instant=True, fmt="table")], "short"), 8, 7)
+                        "", instant=True, fmt="table")], "short"), 6, 7)
     L.add(timeseries("Scrape duration", "Time Prometheus needs to scrape /metrics. The exporter renders "
                      "from its ledger; growth here follows label cardinality.",
                      [target(f"scrape_duration_seconds{{{SEL}}}", "{{instance}}")], "s",
-                     thresholds=steps(("orange", 1), ("red", 5))), 8, 7)
+                     thresholds=steps(("orange", 1), ("red", 5))), 6, 7)
     L.add(timeseries("Samples per scrape", "Series exposed per scrape (cardinality).",
-                     [target(f"scrape_samples_scraped{{{SEL}}}", "{{instance}}")], "short"), 8, 7)
+                     [target(f"scrape_samples_scraped{{{SEL}}}", "{{instance}}")], "short"), 6, 7)
+    L.add(timeseries("Metrics server connections", "Connections open to /metrics against the server's bound "
+                     "(zenmux_exporter_http_max_connections), and connections it closed at once because the "
+                     "bound was reached (something holds connections open, or floods the port).",
+                     [target(f"max by (instance) (zenmux_exporter_http_connections{{{SEL}}})", "{{instance}}"),
+                      target(f"max by (instance) (zenmux_exporter_http_max_connections{{{SEL}}})",
+                             "limit {{instance}}", ref="B"),
+                      target(f"sum by (instance) (increase(zenmux_exporter_http_connections_refused_total{{{SEL}}}"
+                             "[$__interval]))", "refused {{instance}}", ref="C")],
+                     "short",
+                     overrides=[{"matcher": {"id": "byRegexp", "options": "limit.*"}, "properties": LIMIT_LINE},
+                                {"matcher": {"id": "byRegexp", "options": "refused.*"}, "properties": [
+                                    {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}}]}]), 6, 7)
 
     L.row("Ingest: ids received, rejected, duplicate; UDP and file sources")
     L.add(timeseries("Ids received by source", "Valid generation ids read per second.",
