@@ -37,7 +37,9 @@ from exporter.zenmux import ZenMuxClient
 
 log = logging.getLogger(__name__)
 
-HOUSEKEEPING_SECONDS = 1.0
+# The oldest-pending gauge is refreshed this often: alerts on it look at minutes, and every wakeup of an
+# idle sidecar costs CPU.
+HOUSEKEEPING_SECONDS = 5.0
 FORGET_EVERY_SECONDS = 3600.0
 LOOKUP_GRACE_SECONDS = 5.0
 FORGET_BATCH = 10_000  # rows per transaction: each batch is a short stall of the event loop, not one long one

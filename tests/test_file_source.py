@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,21 @@ def test_truncated_and_refilled_past_the_offset_is_read_from_the_start(tmp_path:
     tail.log.write_text("".join(json_line(f"new{i}", "other") + "\n" for i in range(10)))
     tail.drain()
     assert tail.state.pending == 13
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="truncate") == 1
+
+
+def test_a_file_refilled_to_the_same_size_is_read_again(tmp_path: Path) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, [json_line(f"old{i}") for i in range(3)])
+    tail.drain()
+    assert not tail.source.poll()  # read to the end: later polls of the unchanged file skip it
+    before = tail.log.stat()
+    # Copied and truncated, then refilled to exactly the old size; only its times and head tell.
+    tail.log.write_text("".join(json_line(f"new{i}") + "\n" for i in range(3)))
+    assert tail.log.stat().st_size == before.st_size
+    os.utime(tail.log, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))  # coarse clocks: a later mtime
+    tail.drain()
+    assert tail.state.pending == 6
     assert tail.metric("zenmux_exporter_file_rotations_total", kind="truncate") == 1
 
 
