@@ -239,18 +239,20 @@ def flat_json_lines(id_field: str, labels: dict[str, str], line_by_line: LinesPa
             and not any(overlap in text for overlap in overlaps)
         ):
             return None
+        # Every count before any findall: a buffer that goes line by line should cost little more than that.
+        counted = [(name, member, text.count(key)) for name, key, member in members]
+        if any(count not in (0, lines) for _, _, count in counted):
+            return None  # a label on some lines only, or more often than once a line
+        present = [(name, member) for name, member, count in counted if count]
         if len(text) > max_line_bytes and max(map(len, text.split("\n"))) > max_line_bytes:
             return None
         ids = id_member.findall(text)
         if len(ids) != lines:
             return None
         columns: list[list[tuple[str, str]]] = []
-        for name, key, member in members:
-            occurrences = text.count(key)
-            if occurrences == 0:
-                continue
+        for name, member in present:
             values = member.findall(text)
-            if occurrences != lines or len(values) != lines:
+            if len(values) != lines:
                 return None
             # One tuple per distinct value, shared by its lines (and by the label encoding cache downstream).
             pairs = {value: (name, value) for value in set(values)}
