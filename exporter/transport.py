@@ -1,12 +1,12 @@
-"""A lean httpx transport: httpcore's HTTP/1.1 connection pool over asyncio's own sockets, without anyio.
+"""A lean httpx transport: httpcore's HTTP/1.1 connections over asyncio's own sockets, pooled here.
 
 httpx's default transport reaches the socket through anyio streams: every read and write opens a cancel
 scope with its own timer, maps exceptions through two context managers, and every pooled connection's
 health check builds anyio's attribute table and polls the socket. That was ~40 % of the exporter's CPU per
 lookup. Here a plain asyncio protocol buffers what arrives; a read takes from the buffer or waits on one
 future with one timer, and an idle connection knows it was closed by its peer without a syscall. HTTP
-itself (h11, keep-alive, pooling, limits, timeouts) is still httpcore's, and requests and responses are
-httpx's.
+itself (h11, keep-alive, timeouts) is still httpcore's `AsyncHTTP11Connection` (which keeps its own anyio
+lock), requests and responses are httpx's; the pool and its bound are `PooledTransport`'s.
 """
 
 # ruff: noqa: ASYNC109 -- httpcore's network interface passes timeouts as arguments
@@ -46,6 +46,9 @@ _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
     (httpcore.ProtocolError, httpx.ProtocolError),
 )
 _CORE_ERRORS = tuple(core for core, _mapped in _ERRORS)
+# What a request on a kept-alive connection meets when the server closed it before answering.
+_STALE_CONNECTION = (httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError)
+_SAFE_TO_RESEND = (b"GET", b"HEAD")
 
 
 def as_httpx_error(err: Exception) -> Exception:
@@ -179,6 +182,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             self._transport.close()
             raise httpcore.ConnectError(str(err)) from None
         if transport is None:  # the peer closed the connection during the handshake
+            self._transport.close()
             raise httpcore.ConnectError("the connection was closed during the TLS handshake")
         assert isinstance(transport, asyncio.Transport)
         # start_tls does not call connection_made again: the receiver pauses and resumes the TLS transport.
@@ -308,14 +312,10 @@ class PooledTransport(httpx.AsyncBaseTransport):
             extensions=request.extensions,
         )
         await self._slots.acquire()
-        connection: httpcore.AsyncHTTP11Connection | None = None
         try:
-            connection = await self._checkout(origin) or await self._connect(origin, core)
-            response = await connection.handle_async_request(core)
+            connection, response = await self._send(origin, core)
         except BaseException as err:
             self._slots.release()
-            if connection is not None:
-                await self._discard(connection)
             if isinstance(err, _CORE_ERRORS):
                 raise as_httpx_error(err) from err
             raise
@@ -326,6 +326,27 @@ class PooledTransport(httpx.AsyncBaseTransport):
             stream=_ResponseStream(response.stream, partial(self._checkin, connection)),
             extensions=response.extensions,
         )
+
+    async def _send(
+        self, origin: httpcore.Origin, request: httpcore.Request
+    ) -> tuple[httpcore.AsyncHTTP11Connection, httpcore.Response]:
+        """Sends on an idle connection, or a new one; a connection that fails is closed and forgotten."""
+        connection = await self._checkout(origin)
+        if connection is not None:
+            try:
+                return connection, await connection.handle_async_request(request)
+            except BaseException as err:
+                await self._discard(connection)
+                if not (isinstance(err, _STALE_CONNECTION) and request.method in _SAFE_TO_RESEND):
+                    raise
+                # A kept-alive connection the server closed as the request went out (its idle timeout may be as
+                # short as our keep-alive): no answer came, so a GET is sent once more, on a new connection.
+        connection = await self._connect(origin, request)
+        try:
+            return connection, await connection.handle_async_request(request)
+        except BaseException:
+            await self._discard(connection)
+            raise
 
     async def _checkout(self, origin: httpcore.Origin) -> httpcore.AsyncHTTP11Connection | None:
         idle = self._idle

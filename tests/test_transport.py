@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -240,3 +241,55 @@ def test_environment_proxies_are_honoured(monkeypatch: pytest.MonkeyPatch) -> No
     assert environment_proxy("http://127.0.0.1:8080/api/v1/generation?id=") is None
     monkeypatch.setenv("NO_PROXY", "zenmux.ai")
     assert environment_proxy("https://zenmux.ai/api/v1/generation?id=") is None
+
+
+async def test_a_get_on_a_connection_the_server_just_closed_is_sent_again_on_a_new_one() -> None:
+    connections = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(response(b"first"))  # keep-alive announced
+        await writer.drain()
+        with contextlib.suppress(asyncio.IncompleteReadError):
+            await read_request(reader)  # the next request arrives, and the server closes instead of answering
+        writer.close()
+
+    async with server(handle) as port, transport() as client:
+        assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"first")
+        assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"first")
+    assert connections == 2
+
+
+async def test_a_lookup_cancelled_while_waiting_for_a_connection_leaves_no_slot_taken() -> None:
+    release = asyncio.Event()
+    served = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            served += 1
+            await release.wait()
+            writer.write(response(b"ok"))
+        writer.close()
+
+    async with server(handle) as port, transport(connections=1) as client:
+        url = f"http://127.0.0.1:{port}/"
+        first = asyncio.ensure_future(get(client, url))
+        async with asyncio.timeout(2):
+            while served < 1:  # the only connection is busy
+                await asyncio.sleep(0)
+        queued = asyncio.ensure_future(get(client, url))
+        await asyncio.sleep(0)  # let it reach the wait for a connection
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        release.set()
+        assert await first == (200, b"ok")
+        assert await get(client, url) == (200, b"ok")  # the slot the cancelled lookup waited for is free
+        assert await get(client, url) == (200, b"ok")
