@@ -217,11 +217,12 @@ def _zenmux(r: _Reader, data: dict[str, Any]) -> ZenMuxConfig:
     p = "zenmux"
     r.unknown_keys(data, {f.name for f in dataclasses.fields(ZenMuxConfig)}, p)
     base_url = r.string(data, "base_url", p, d.base_url).rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", base_url):
-        r.problem(f"{p}.base_url", f"must be an http(s) URL, got {base_url!r}")
+    # The lookup URL is base_url + generation_path + "?id=...": neither part may carry a query or fragment.
+    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", base_url):
+        r.problem(f"{p}.base_url", f"must be an http(s) URL without query or fragment, got {base_url!r}")
     path = r.string(data, "generation_path", p, d.generation_path)
-    if not path.startswith("/"):
-        r.problem(f"{p}.generation_path", f"must start with '/', got {path!r}")
+    if not re.fullmatch(r"/[^\s?#]*", path):
+        r.problem(f"{p}.generation_path", f"must be a path starting with '/', without query or fragment, got {path!r}")
     known_problems = len(r.problems)
     # A Secret injected as an environment variable often ends in a newline: an illegal header value.
     api_key = r.string(data, "api_key", p, "").strip()

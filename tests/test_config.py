@@ -104,6 +104,14 @@ tracing:
             {"zenmux": {"api_key": "k"}, "sources": [{"type": "udp", "listen": "127.0.0.1:\u00b2"}]},
             "sources[0].listen: must be host:port",
         ),
+        (
+            {"zenmux": {"api_key": "k", "generation_path": "/api/v1/generation?x=1"}, "sources": [{"type": "udp"}]},
+            "zenmux.generation_path: must be a path starting with '/', without query or fragment",
+        ),
+        (
+            {"zenmux": {"api_key": "k", "base_url": "https://zenmux.ai/?x=1"}, "sources": [{"type": "udp"}]},
+            "zenmux.base_url: must be an http(s) URL without query or fragment",
+        ),
     ],
 )
 def test_single_problems(data: object, fragment: str) -> None:
