@@ -186,19 +186,24 @@ class LedgerExposition:
         # than ~1 MiB of rendered lines, whose freed memory the next batch reuses (holding it all at once
         # left ~100 MB of fragmented heap the process kept after the scrape).
         work.sort(key=_by_key)
-        batch: list[tuple[LabelValues, bytes]] = []
-        batch_bytes = 0
-        for n, (key, value, exemplars) in enumerate(work):
-            if isinstance(value, HistogramValue):
-                data = self._histogram(key, value, exemplars)
-            else:
-                data = self._counter(key, value)
-            batch.append((key[1], data))
-            batch_bytes += len(data)
-            if n + 1 == len(work) or batch_bytes >= _BATCH_BYTES or work[n + 1][0][0] != key[0]:
-                cache[key[0]].upsert(batch)
-                batch = []
-                batch_bytes = 0
+        try:
+            batch: list[tuple[LabelValues, bytes]] = []
+            batch_bytes = 0
+            for n, (key, value, exemplars) in enumerate(work):
+                if isinstance(value, HistogramValue):
+                    data = self._histogram(key, value, exemplars)
+                else:
+                    data = self._counter(key, value)
+                batch.append((key[1], data))
+                batch_bytes += len(data)
+                if n + 1 == len(work) or batch_bytes >= _BATCH_BYTES or work[n + 1][0][0] != key[0]:
+                    cache[key[0]].upsert(batch)
+                    batch = []
+                    batch_bytes = 0
+        except BaseException:
+            # Whatever was not rendered must be rendered next time, or the cache would keep stale values.
+            self._ledger.changed_again([key for key, _, _ in work], openmetrics)
+            raise
         return cache
 
     def _label_pairs(self, key: Key) -> list[str]:

@@ -153,6 +153,11 @@ class Ledger:
                     changed.append((key, hist, exemplars))
             return changed
 
+    def changed_again(self, keys: Iterable[Key], openmetrics: bool) -> None:
+        """Gives back series taken by `take_changed` that could not be rendered."""
+        with self._lock:
+            self._changed[1 if openmetrics else 0].update(keys)
+
     def snapshot(
         self,
     ) -> tuple[dict[Key, float], dict[Key, HistogramValue], dict[tuple[Key, int], Exemplar]]:

@@ -107,3 +107,18 @@ def test_long_label_values_are_truncated_and_caps_survive_a_restart() -> None:
     restored.load(rows)
     add(restored, record("third"))
     assert restored.limiter.overflows == {"model": 1}
+
+
+def test_changed_series_are_handed_out_once_per_format_and_can_be_given_back() -> None:
+    ledger, _ = book()
+    add(ledger, record())
+    cost_key = ("zenmux_cost_usd", ("openai/gpt-4.1", "chat.completions", "chat"))
+    text = {key for key, _, _ in ledger.take_changed(openmetrics=False)}
+    assert cost_key in text
+    assert ledger.take_changed(openmetrics=False) == []  # taken: nothing changed since
+    # A render that failed gives its series back; the other format never lost them.
+    ledger.changed_again(text, openmetrics=False)
+    again = ledger.take_changed(openmetrics=False)
+    assert {key for key, _, _ in again} == text
+    assert {key: value for key, value, _ in again}[cost_key] == 0.01
+    assert {key for key, _, _ in ledger.take_changed(openmetrics=True)} == text
