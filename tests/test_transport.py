@@ -29,6 +29,15 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
 
 
+async def requests(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    """The requests a client sends on one connection, until it closes it."""
+    while True:
+        try:
+            yield await read_request(reader)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+
+
 @asynccontextmanager
 async def server(handler: Handler, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[int]:
     srv = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=ssl_context)
@@ -62,11 +71,7 @@ async def test_keep_alive_reuses_one_connection() -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        while True:
-            try:
-                request = await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
+        async for request in requests(reader):
             writer.write(response(request.split(b" ")[1]))
         writer.close()
 
@@ -101,11 +106,7 @@ async def test_at_most_max_connections_are_open_and_the_rest_wait() -> None:
         open_now += 1
         most = max(most, open_now)
         try:
-            while True:
-                try:
-                    await read_request(reader)
-                except asyncio.IncompleteReadError:
-                    break
+            async for _ in requests(reader):
                 await release.wait()
                 writer.write(response(b"ok"))
         finally:
@@ -173,11 +174,7 @@ async def test_a_lookup_cancelled_while_waiting_leaves_the_pool_usable() -> None
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal calls
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
+        async for _ in requests(reader):
             calls += 1
             if calls == 1:
                 await asyncio.sleep(1)
@@ -213,11 +210,7 @@ async def test_tls_verifies_the_server_and_keeps_the_connection(certificate: tup
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal connections
         connections += 1
-        while True:
-            try:
-                await read_request(reader)
-            except (asyncio.IncompleteReadError, ConnectionError):
-                break
+        async for _ in requests(reader):
             writer.write(response(b"secret"))
         writer.close()
 
@@ -268,11 +261,7 @@ async def test_a_lookup_cancelled_while_waiting_for_a_connection_leaves_no_slot_
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal served
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
+        async for _ in requests(reader):
             served += 1
             await release.wait()
             writer.write(response(b"ok"))
