@@ -7,7 +7,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
@@ -58,23 +58,34 @@ def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
 
 
 class TokenBucket:
-    """At most `rate` acquisitions a second on average, bursts up to `burst`."""
+    """At most `rate` acquisitions a second on average, bursts up to `burst`.
 
-    def __init__(self, rate: float, burst: float) -> None:
+    It paces real requests, so it reads a monotonic clock and sleeps on the event loop; tests pass their own.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._rate = rate
         self._burst = burst
         self._tokens = burst
-        self._last = time.monotonic()
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._last = monotonic()
 
     async def acquire(self) -> None:
-        while True:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-            self._last = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return
-            await asyncio.sleep((1 - self._tokens) / self._rate)
+        now = self._monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate) - 1
+        self._last = now
+        if self._tokens < 0:
+            # The token is taken now and owed: wait until it has been earned. (Waiting and then checking again
+            # could spin on rounding: a wait of 1e-15 s may not move a float clock at all.)
+            await self._sleep(-self._tokens / self._rate)
 
 
 class Resolver:

@@ -169,23 +169,29 @@ async def test_a_body_larger_than_the_high_water_mark_arrives_whole() -> None:
         assert await get(client, f"http://127.0.0.1:{port}/") == (200, body)
 
 
-async def test_a_lookup_cancelled_while_waiting_leaves_the_pool_usable() -> None:
+async def test_a_lookup_cancelled_while_waiting_for_its_answer_leaves_the_pool_usable() -> None:
     calls = 0
+    first_arrived, never = asyncio.Event(), asyncio.Event()  # never set while the lookup waits
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal calls
         async for _ in requests(reader):
             calls += 1
             if calls == 1:
-                await asyncio.sleep(1)
+                first_arrived.set()
+                await never.wait()  # the first request is never answered
             writer.write(response(b"ok"))
         writer.close()
 
     async with server(handle) as port, transport(connections=1) as client:
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.1):
-                await get(client, f"http://127.0.0.1:{port}/")
+        waiting = asyncio.ensure_future(get(client, f"http://127.0.0.1:{port}/"))
+        await first_arrived.wait()
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        # Its connection is closed, not reused for the next lookup, and its slot is free again.
         assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"ok")
+        never.set()  # let the first handler end with the test
 
 
 @pytest.fixture(scope="module")
