@@ -174,6 +174,9 @@ class Writer:
         self.rng = rng
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.all_ids: list[str] = []
+        # Held while a copytruncate waits for the exporter and copies: nothing is appended meanwhile (lines
+        # written between the check and the truncate would be lost, as with any copytruncate; see README).
+        self.rotating = asyncio.Lock()
 
     async def create(self, client: httpx.AsyncClient, n: int) -> list[str]:
         async def one() -> str:
@@ -212,21 +215,24 @@ class Writer:
             self.log.touch()
             self.run.rotations["rename"] += 1
         else:
-            deadline = time.monotonic() + 1.0
-            while read_position(self.state) != (stat.st_ino, stat.st_size):
-                if time.monotonic() > deadline:
-                    return
-                await asyncio.sleep(0.02)
-            shutil.copyfile(self.log, target)
-            with self.log.open("r+b") as handle:
-                handle.truncate(0)
+            async with self.rotating:
+                stat = self.log.stat()  # a burst may have been appended since the first look
+                deadline = time.monotonic() + 1.0
+                while read_position(self.state) != (stat.st_ino, stat.st_size):
+                    if time.monotonic() > deadline:
+                        return
+                    await asyncio.sleep(0.02)
+                shutil.copyfile(self.log, target)
+                with self.log.open("r+b") as handle:
+                    handle.truncate(0)
             self.run.rotations["copytruncate"] += 1
         self.run.rotated += 1
 
     async def burst(self, client: httpx.AsyncClient, n: int) -> None:
         ids = await self.create(client, n)
         self.all_ids.extend(ids)
-        self.append(ids)
+        async with self.rotating:
+            self.append(ids)
 
     async def loop(self, stop: asyncio.Event) -> None:
         async with httpx.AsyncClient(headers={"Authorization": f"Bearer {PAYG_KEY}"}, timeout=10) as client:
