@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import typing
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from functools import partial
 
 import httpcore
@@ -25,7 +25,6 @@ import httpx
 # quarter of it), so a peer cannot make a connection buffer without bound.
 HIGH_WATER_BYTES = 256 * 1024
 
-SocketOption = tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
 
 # httpcore's errors as httpx's (most specific first), so callers see the same exceptions as with httpx's own
 # transport.
@@ -198,59 +197,17 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         return None if name is None else self._transport.get_extra_info(name)
 
 
-class AsyncioBackend(httpcore.AsyncNetworkBackend):
-    """Opens connections with the running event loop's own transports."""
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, receiver = await loop.create_connection(
-                    lambda: _Receiver(loop),
-                    host,
-                    port,
-                    local_addr=None if local_address is None else (local_address, 0),
-                )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
-        except OSError as err:
-            raise httpcore.ConnectError(str(err)) from None
-        return _stream(transport, receiver, socket_options)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[SocketOption] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout):
-                transport, receiver = await loop.create_unix_connection(lambda: _Receiver(loop), path)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"timed out connecting to {path}") from None
-        except OSError as err:
-            raise httpcore.ConnectError(str(err)) from None
-        return _stream(transport, receiver, socket_options)
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
-def _stream(
-    transport: asyncio.BaseTransport, receiver: _Receiver, options: Iterable[SocketOption] | None
-) -> AsyncioStream:
+async def connect_tcp(host: str, port: int, timeout: float | None) -> AsyncioStream:
+    """A TCP connection on the running event loop's own transport, as the stream httpcore reads and writes."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            transport, receiver = await loop.create_connection(lambda: _Receiver(loop), host, port)
+    except TimeoutError:
+        raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
+    except OSError as err:
+        raise httpcore.ConnectError(str(err)) from None
     assert isinstance(transport, asyncio.Transport)
-    sock = transport.get_extra_info("socket")
-    for option in options or ():
-        sock.setsockopt(*option)
     return AsyncioStream(transport, receiver)
 
 
@@ -278,7 +235,7 @@ class _ResponseStream(httpx.AsyncByteStream):
 
 
 class PooledTransport(httpx.AsyncBaseTransport):
-    """httpx transport over httpcore's HTTP/1.1 connections on `AsyncioBackend`, pooled here.
+    """httpx transport over httpcore's HTTP/1.1 connections on asyncio streams (`connect_tcp`), pooled here.
 
     httpcore's own pool serves any number of waiting requests: a lock, an event and a scan of every
     connection and queued request per request, and again when each response closes (~a third of the CPU of
@@ -295,7 +252,6 @@ class PooledTransport(httpx.AsyncBaseTransport):
     ) -> None:
         self._ssl_context = ssl_context
         self._keepalive_expiry = keepalive_expiry
-        self._backend = AsyncioBackend()
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[httpcore.AsyncHTTP11Connection] = []  # most recently used last
         self._connections: set[httpcore.AsyncHTTP11Connection] = set()
@@ -360,7 +316,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
     async def _connect(self, origin: httpcore.Origin, request: httpcore.Request) -> httpcore.AsyncHTTP11Connection:
         timeout = request.extensions.get("timeout", {}).get("connect")
         host = origin.host.decode("ascii")
-        stream = await self._backend.connect_tcp(host, origin.port, timeout=timeout)
+        stream: httpcore.AsyncNetworkStream = await connect_tcp(host, origin.port, timeout)
         if origin.scheme == b"https":
             self._ssl_context.set_alpn_protocols(["http/1.1"])
             stream = await stream.start_tls(self._ssl_context, server_hostname=host, timeout=timeout)
