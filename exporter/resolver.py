@@ -314,12 +314,12 @@ class Resolver:
             applied = self._state.settle(batch, self._ledger, self._clock.time())
         except Exception as err:
             # Nothing was written: the ids are still pending and will be looked up again.
-            self._unsettled.difference_update(item.id for item in batch)
             self._metrics.state_errors.labels("settle").inc()
             log.error("cannot record %d lookup results in the state database: %s", len(batch), err)
             self._pause(self._clock.time() + STATE_ERROR_PAUSE_SECONDS)
             return
-        self._unsettled.difference_update(item.id for item in batch)
+        finally:
+            self._unsettled.difference_update(item.id for item in batch)  # written or not, they may go out again
         self.settled.set()
         self._wake.set()  # their ids may be due again (retries)
         for item in applied:

@@ -220,14 +220,15 @@ class StateStore:
             by_labels.setdefault(labels, []).append(generation_id)
         with self._transaction():
             for labels, ids in by_labels.items():
+                ids_json = json.dumps(ids)
                 cursor = self._db.execute(
                     "INSERT INTO queue (id, source, labels, first_seen, due) SELECT value, ?, ?, ?, ? "
                     "FROM json_each(?) WHERE NOT EXISTS (SELECT 1 FROM finished WHERE finished.id = value)",
-                    (source, _labels_text(labels), now, due, json.dumps(ids)),
+                    (source, _labels_text(labels), now, due, ids_json),
                 )
                 if cursor.rowcount != len(ids):  # some were resolved already (a file read again after a crash)
                     for (finished_id,) in self._db.execute(
-                        "SELECT id FROM finished WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)
+                        "SELECT id FROM finished WHERE id IN (SELECT value FROM json_each(?))", (ids_json,)
                     ):
                         del fresh[fingerprint(finished_id)]
             if position is not None:

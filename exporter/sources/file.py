@@ -216,6 +216,7 @@ class FileSource:
                 return False
         current = self._current
         stat = _stat(self._path)
+        seen = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if stat is not None and (stat.st_dev, stat.st_ino) != (current.device, current.inode):
             # Renamed away and a new file created. The writer may append to the old file until it reopens
             # its log, so the old file is read on until it has stayed unchanged for a few polls.
@@ -226,7 +227,6 @@ class FileSource:
             self._metrics.file_rotations.labels(self.name, "rename").inc()
             self._switch_to(0)
         else:
-            seen = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
             if seen is not None and seen == self._read_up_to:
                 return False  # unchanged since it was read to the end: no read, no fingerprint (idle polls)
             if self._truncated(current):
@@ -238,8 +238,8 @@ class FileSource:
             size = os.fstat(self._current.handle.fileno()).st_size
             self._metrics.file_read_bytes.labels(self.name).set(self._current.offset)
             self._metrics.file_size_bytes.labels(self.name).set(size)
-            if not busy and not self._ingest.full and stat is not None and stat.st_size == size:
-                self._read_up_to = (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+            if not busy and not self._ingest.full and seen is not None and seen[0] == size:
+                self._read_up_to = seen
         return busy
 
     def _rotated_file_settled(self, current: _Open) -> bool:
