@@ -6,8 +6,8 @@
 --   psql -f docs/fleet-sketch.sql -c "CALL run(10, 500)" -c "TRUNCATE wal" -c "CALL run(400, 500)" \
 --        -c "SELECT phase, round(sum(bytes) / (400 * 500)) FROM wal GROUP BY phase"
 --
--- One CALL is one session that never ends: autovacuum does not clean the queue while it runs. To watch
--- vacuum, issue many short CALLs instead (e.g. 60 x "CALL run(10, 500);").
+-- A long CALL reports its statistics only when its session goes idle, so autovacuum does not see the dead
+-- rows while it runs. To watch vacuum, issue many short CALLs instead (e.g. 60 x "CALL run(10, 500);").
 \set ON_ERROR_STOP 1
 CREATE TABLE queue (id text PRIMARY KEY, due timestamptz NOT NULL, attempts int NOT NULL DEFAULT 0,
   lease_until timestamptz, claimed_by text, labels jsonb);
