@@ -19,6 +19,7 @@ from tests.test_kubernetes import (
     EXPORTER,
     KUBERNETES_VERSIONS,
     KUSTOMIZE,
+    TARGETS,
     Obj,
     assert_strict,
     container,
@@ -137,6 +138,11 @@ def test_fleet_overlay_builds() -> None:
         ["ConfigMap"] * 3 + ["Deployment"] * 3 + ["PodDisruptionBudget"]
     )
     assert {d["metadata"]["name"] for d in of_kind("Deployment")} == set(ROLE_OF)
+
+
+def test_every_overlay_is_tested() -> None:
+    overlays = {p for p in (KUSTOMIZE / "overlays").iterdir() if p.is_dir()}
+    assert overlays == (set(TARGETS.values()) - {KUSTOMIZE / "base"}) | {FLEET}
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
