@@ -222,7 +222,8 @@ class Resolver:
                 children = (self._metrics.lookups.labels(value), self._metrics.lookup_duration.labels(value))
                 self._children[result.outcome] = children
             children[0].inc()
-            children[1].observe(duration)
+            # The health dashboard's lookup-duration panel shows exemplars: each links to its attempt's trace.
+            children[1].observe(duration, exemplar_labels(pending.id, trace_id))
             self._settle(self._decide(pending, attempt, result, trace_id))
         finally:
             self._inflight.pop(pending.id, None)

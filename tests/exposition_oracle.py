@@ -1,16 +1,21 @@
-"""The reference exposition: prometheus_client's own bytes for a ledger, and random ledgers with nasty labels."""
+"""The reference exposition: a prometheus_client collector over a ledger (the oracle the incremental exposition is
+compared with, byte for byte), and random ledgers with nasty labels."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import exposition as text_format
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
-from exporter.contribution import contribution
-from exporter.exposition import LedgerCollector
-from exporter.ledger import Ledger
+from exporter.contribution import SPECS, Key, LabelValues, MetricSpec, contribution
+from exporter.exposition import _bucket_bounds
+from exporter.ledger import HistogramValue, Ledger
 from exporter.zenmux import Billing, FeeItem, GenerationRecord
 
 NASTY = ['plain', 'quo"te', "back\\slash", "new\nline", "ünïcødé ✓", 'all\\"\n"\\', "", "x" * 40, "trailing\\"]
@@ -58,3 +63,55 @@ def reference(ledger: Ledger) -> tuple[bytes, bytes]:
     om = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
     assert om.endswith(b"# EOF\n")
     return text, om[: -len(b"# EOF\n")]
+
+
+class LedgerCollector(Collector):
+    """Renders the ledger as Prometheus counters and histograms (with exemplars), no `_created` series."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def collect(self) -> Iterator[Metric]:
+        counters, histograms, exemplars = self._ledger.snapshot()
+        shape = self._ledger.shape
+        # One pass to group the series by metric, then each group sorted on its own (not every series per metric).
+        counter_series: dict[str, list[tuple[LabelValues, float]]] = {}
+        for (metric, labels), value in counters.items():
+            counter_series.setdefault(metric, []).append((labels, value))
+        histogram_series: dict[str, list[tuple[LabelValues, HistogramValue]]] = {}
+        for (metric, labels), hist in histograms.items():
+            histogram_series.setdefault(metric, []).append((labels, hist))
+        for metric, spec in SPECS.items():
+            names = list(shape.label_names(spec))
+            if spec.is_histogram:
+                histogram = HistogramMetricFamily(metric, spec.help, labels=names)
+                for labels, hist in sorted(histogram_series.get(metric, ()), key=_by_labels):
+                    key = (metric, labels)
+                    histogram.add_metric(list(labels), _buckets(spec, hist, key, exemplars), hist.sum)
+                yield histogram
+            else:
+                counter = CounterMetricFamily(metric, spec.help, labels=names)
+                for labels, value in sorted(counter_series.get(metric, ()), key=_by_labels):
+                    counter.add_metric(list(labels), value)
+                yield counter
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def _buckets(
+    spec: MetricSpec, hist: HistogramValue, key: Key, exemplars: Mapping[tuple[Key, int], Exemplar]
+) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
+    """Cumulative buckets, each with the latest exemplar that landed in it."""
+    out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
+    cumulative = 0.0
+    # The exporter's `le` texts (1048576.0 where prometheus_client's own Histogram writes 1.048576e+06).
+    for i, le in enumerate(_bucket_bounds(spec.buckets)):
+        cumulative += hist.buckets[i]
+        exemplar = exemplars.get((key, i)) if exemplars else None
+        out.append((le, cumulative) if exemplar is None else (le, cumulative, exemplar))
+    return out
+
+
+def _by_labels(series: tuple[LabelValues, object]) -> LabelValues:
+    return series[0]

@@ -23,6 +23,8 @@ import yaml
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
@@ -130,6 +132,11 @@ def samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             yield s.name, s.labels, s.value
+
+
+def openmetrics_families(text: str) -> list[Metric]:
+    """An OpenMetrics exposition parsed by prometheus_client's own parser (exemplars included)."""
+    return list(parse_openmetrics(text))  # type: ignore[no-untyped-call]
 
 
 def value(text: str, name: str, **labels: str) -> float:
