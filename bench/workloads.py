@@ -477,8 +477,8 @@ def build_ledger_state(path: Path, models: int, protocols: int, features: int) -
     from exporter.contribution import LabelLimiter, LedgerShape, contribution
     from exporter.ids import Sighting
     from exporter.ledger import Ledger
+    from exporter.records import Billing, FeeItem, GenerationRecord
     from exporter.state import Resolved, StateStore
-    from exporter.zenmux import Billing, FeeItem, GenerationRecord
 
     protocol_names = ("chat.completions", "responses", "messages", "generateContent")[:protocols]
     store = StateStore(path, max_pending=10**9)

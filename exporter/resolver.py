@@ -16,9 +16,10 @@ from exporter.clock import Clock
 from exporter.config import ResolveConfig
 from exporter.contribution import Contribution, contribution
 from exporter.ledger import Ledger
+from exporter.records import GenerationRecord, LookupResult, Outcome
 from exporter.state import Abandon, PendingId, Resolved, Retry, Settlement, StateStore
 from exporter.telemetry import SelfMetrics
-from exporter.zenmux import GenerationRecord, LookupResult, Outcome, ZenMuxClient
+from exporter.zenmux import ZenMuxClient
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from prometheus_client.samples import Exemplar
 from exporter.contribution import SPECS, Key, LabelValues, MetricSpec, contribution
 from exporter.exposition import _bucket_bounds
 from exporter.ledger import HistogramValue, Ledger
-from exporter.zenmux import Billing, FeeItem, GenerationRecord
+from exporter.records import Billing, FeeItem, GenerationRecord
 
 NASTY = ['plain', 'quo"te', "back\\slash", "new\nline", "ünïcødé ✓", 'all\\"\n"\\', "", "x" * 40, "trailing\\"]
 OM_ACCEPT = "application/openmetrics-text; version=1.0.0"

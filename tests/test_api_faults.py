@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 from opentelemetry.trace import StatusCode
 
 from exporter.config import ZenMuxConfig
+from exporter.records import Outcome, classify
 from exporter.simulate.api import Faults, totals
-from exporter.zenmux import Outcome, ZenMuxClient, classify
+from exporter.zenmux import ZenMuxClient
 from tests.support import (
     MANAGEMENT_KEY,
     PAYG_KEY,

@@ -31,7 +31,7 @@ from exporter.ids import (
     regex_parser,
 )
 from exporter.ledger import Ledger
-from exporter.zenmux import GenerationRecord, Outcome, classify
+from exporter.records import GenerationRecord, Outcome, classify
 from tests.exposition_oracle import LedgerCollector
 from tests.support import FakeApi, StartExporter, append_lines, json_line, make_config, scrape, value, wait_until
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution
 from exporter.ledger import Ledger
-from exporter.zenmux import Billing, FeeItem, GenerationRecord
+from exporter.records import Billing, FeeItem, GenerationRecord
 from tests.exposition_oracle import LedgerCollector
 
 

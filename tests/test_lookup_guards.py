@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from exporter.config import ZenMuxConfig
-from exporter.zenmux import Outcome, ZenMuxClient
+from exporter.records import Outcome
+from exporter.zenmux import ZenMuxClient
 
 KEY = "sk-ai-v1-0123456789abcdef-secret"
 

@@ -12,10 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from exporter.clock import ManualClock
 from exporter.config import ResolveConfig
+from exporter.records import LookupResult, Outcome
 from exporter.resolver import Resolver
 from exporter.state import Abandon, PendingId, Retry
 from exporter.telemetry import SelfMetrics
-from exporter.zenmux import LookupResult, Outcome
 
 
 def make_resolver(clock: ManualClock, give_up: float = 100.0) -> Resolver:
