@@ -54,7 +54,7 @@ def record(generation_id: str) -> dict[str, Any]:
     ("returned", "outcome"),
     [("g-other", Outcome.MALFORMED), ("g-asked", Outcome.RESOLVED), ("", Outcome.RESOLVED)],
 )
-async def test_a_record_for_another_generation_is_malformed(returned: str, outcome: Outcome) -> None:
+async def test_a_record_is_malformed_only_when_it_names_another_generation(returned: str, outcome: Outcome) -> None:
     body = record(returned)
     if not returned:
         del body["generationId"]
