@@ -17,8 +17,8 @@ tools:
 	bash scripts/install-tools.sh
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check exporter tests bench
-	$(BIN)/mypy --strict exporter tests
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict
 
 test: $(BIN)/.installed tools lint
 	$(BIN)/pytest -q

@@ -3,6 +3,7 @@ the simulated API in its own process) and returns result rows."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    API_KEY,
     Metrics,
     Proc,
     Row,
@@ -32,6 +34,8 @@ from bench.common import (
     udp_source,
     wait_for,
 )
+from exporter.simulate.api import GENERATION_PATH, SimConfig, SimulatedZenMux
+from exporter.web import Request
 
 MTAIL_PROGRAM = """counter generation_ids_total
 /"generation_id": "(?P<id>[A-Za-z0-9_.:-]{1,128})"/ {
@@ -473,8 +477,8 @@ def build_ledger_state(path: Path, models: int, protocols: int, features: int) -
     from exporter.contribution import LabelLimiter, LedgerShape, contribution
     from exporter.ids import Sighting
     from exporter.ledger import Ledger
+    from exporter.records import Billing, FeeItem, GenerationRecord
     from exporter.state import Resolved, StateStore
-    from exporter.zenmux import Billing, FeeItem, GenerationRecord
 
     protocol_names = ("chat.completions", "responses", "messages", "generateContent")[:protocols]
     store = StateStore(path, max_pending=10**9)
@@ -625,6 +629,82 @@ def idle(ctx: Context) -> list[Row]:
                 {"seconds": seconds, "rss_mb": memory["VmRSS"]})]
 
 
+# --- 7. fault storm ---------------------------------------------------------------------------------------
+
+
+def storm(ctx: Context) -> list[Row]:
+    """/metrics latency and exporter memory while every lookup answers a 2 MB body (read up to the 64 KiB limit,
+    then dropped) and is retried: the functional suite checks that it happens, this measures what it costs."""
+    directory = ctx.fresh_dir("storm")
+    api_log = directory / "api.log"
+    api_port = free_port()
+    api = Proc([sys.executable, "-m", "exporter", "fake-api", "--listen", f"127.0.0.1:{api_port}",
+                "--billing-delay", "0", "--fault", "oversized=1.0"], api_log)
+    wait_for(lambda: "http://" in api_log.read_text() or not api.alive(), 60, "the simulated API")
+    log = directory / "app.log"
+    log.touch()
+    port = free_port()
+    config = exporter_config(
+        directory, api_url=f"http://127.0.0.1:{api_port}", metrics_port=port, sources=[file_source(log)],
+        billing_delay=0.0, concurrency=8, max_rps=1000.0,
+        extra={"zenmux": {"max_response_bytes": 64 * 1024},
+               "resolve": {"retry_initial_seconds": 0.05, "retry_max_seconds": 0.2}},
+    )
+    proc = start_exporter(config, directory / "exporter.log")
+    metrics = Metrics(port)
+    latencies: list[float] = []
+    try:
+        rss_before = proc.memory_mb()["VmRSS"]
+        append(log, make_log(200, seed=7))
+        wait_for(lambda: metrics.sum("zenmux_exporter_lookups_total", 'outcome="too_large"') >= 200, 60,
+                 "the storm to start")
+        seconds = 3.0 if ctx.quick else 15.0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.monotonic()
+            metrics.text()
+            latencies.append(time.monotonic() - started)
+            time.sleep(0.05)
+        lookups = metrics.sum("zenmux_exporter_lookups_total", 'outcome="too_large"')
+        memory = proc.memory_mb()
+    finally:
+        metrics.close()
+        proc.stop()
+        api.stop()
+    slowest = max(latencies)
+    growth = memory["VmHWM"] - rss_before
+    details = {"seconds": seconds, "scrapes": len(latencies), "too_large_lookups": lookups,
+               "scrape_ms_median": median(latencies) * 1000, "rss_mb_before": rss_before, **memory}
+    return [
+        Row("storm: slowest /metrics, 2 MB bodies", slowest * 1000, "ms", "< 1000", None, None, slowest < 1.0,
+            [t * 1000 for t in latencies], details),
+        Row("storm: exporter memory growth", growth, "MiB", "< 64", None, None, growth < 64, [growth], {}),
+    ]
+
+
+# --- 8. the simulated API's own cost ----------------------------------------------------------------------
+
+
+def simulator(ctx: Context) -> list[Row]:
+    """SimulatedZenMux.handle() per request, without HTTP: guards the workloads' reference API against growing
+    per-request work (the HTTP layer costs far more)."""
+    sim = SimulatedZenMux(SimConfig(billing_delay_seconds=0), rng=random.Random(1))
+    ids = [sim.create()["generationId"] for _ in range(500)]
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    requests = [Request("GET", GENERATION_PATH, {"id": gid}, headers) for gid in ids] * (10 if ctx.quick else 100)
+
+    async def handle_all() -> float:
+        started = time.perf_counter()
+        for request in requests:
+            if (await sim.handle(request)).status != 200:
+                raise RuntimeError("the simulated API did not answer 200")
+        return len(requests) / (time.perf_counter() - started)
+
+    rates = [asyncio.run(handle_all()) for _ in range(ctx.repeats)]
+    rate = median(rates)
+    return [Row("simulator: handle()", rate, "requests/s", "> 20000", None, None, rate > 20_000, rates, {})]
+
+
 WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "file": file_ingest,
     "udp": udp_ingest,
@@ -632,6 +712,8 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "backlog": backlog,
     "scrape": scrape,
     "idle": idle,
+    "storm": storm,
+    "simulator": simulator,
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from exporter.zenmux import GenerationRecord
+from exporter.records import GenerationRecord
 
 LabelValues = tuple[str, ...]
 Key = tuple[str, LabelValues]

@@ -58,7 +58,10 @@ DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_DATAGRAM_BYTES = 65507
 MAX_LABEL_VALUE_CHARS = 1024
 
-_VALID_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# What the exporter accepts as a generation id. Defined here, the one module an application vendors, and used by
+# the exporter's parsers (exporter/ids.py), so what an application sends and what the exporter takes agree.
+ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"
+_VALID_ID = re.compile(ID_PATTERN)
 LabelValue = str | int | float | bool
 
 

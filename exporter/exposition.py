@@ -1,14 +1,12 @@
-"""Renders the ledger for /metrics: a prometheus_client collector, and an incremental cached exposition."""
+"""Renders the ledger for /metrics: an incremental exposition, held compressed."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from functools import lru_cache
 from typing import cast
 
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 from prometheus_client.utils import floatToGoString
 
@@ -17,61 +15,9 @@ from exporter.contribution import (
     SPECS,
     Key,
     LabelValues,
-    MetricSpec,
 )
 from exporter.gzipcache import EMPTY, Blocks, Checksum, Fragment
 from exporter.ledger import HistogramValue, Ledger
-
-
-class LedgerCollector(Collector):
-    """Renders the ledger as Prometheus counters and histograms (with exemplars), no `_created` series."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-
-    def collect(self) -> Iterator[Metric]:
-        counters, histograms, exemplars = self._ledger.snapshot()
-        shape = self._ledger.shape
-        # One pass to group the series by metric, then each group sorted on its own (not every series per metric).
-        counter_series: dict[str, list[tuple[LabelValues, float]]] = {}
-        for (metric, labels), value in counters.items():
-            counter_series.setdefault(metric, []).append((labels, value))
-        histogram_series: dict[str, list[tuple[LabelValues, HistogramValue]]] = {}
-        for (metric, labels), hist in histograms.items():
-            histogram_series.setdefault(metric, []).append((labels, hist))
-        for metric, spec in SPECS.items():
-            names = list(shape.label_names(spec))
-            if spec.is_histogram:
-                histogram = HistogramMetricFamily(metric, spec.help, labels=names)
-                for labels, hist in sorted(histogram_series.get(metric, ()), key=_by_labels):
-                    key = (metric, labels)
-                    histogram.add_metric(list(labels), _buckets(spec, hist, key, exemplars), hist.sum)
-                yield histogram
-            else:
-                counter = CounterMetricFamily(metric, spec.help, labels=names)
-                for labels, value in sorted(counter_series.get(metric, ()), key=_by_labels):
-                    counter.add_metric(list(labels), value)
-                yield counter
-
-    def describe(self) -> Iterator[Metric]:
-        return iter(())
-
-
-def _buckets(
-    spec: MetricSpec, hist: HistogramValue, key: Key, exemplars: Mapping[tuple[Key, int], Exemplar]
-) -> list[tuple[str, float] | tuple[str, float, Exemplar]]:
-    """Cumulative buckets, each with the latest exemplar that landed in it."""
-    out: list[tuple[str, float] | tuple[str, float, Exemplar]] = []
-    cumulative = 0.0
-    for i, le in enumerate(_bucket_bounds(spec.buckets)):
-        cumulative += hist.buckets[i]
-        exemplar = exemplars.get((key, i)) if exemplars else None
-        out.append((le, cumulative) if exemplar is None else (le, cumulative, exemplar))
-    return out
-
-
-def _by_labels(series: tuple[LabelValues, object]) -> LabelValues:
-    return series[0]
 
 
 def _by_key(work: tuple[Key, object, object]) -> Key:
@@ -106,9 +52,10 @@ class LedgerExposition:
     touched it, and kept only inside deflate blocks of ~128 KiB (exporter/gzipcache.py): a change
     re-compresses the block it falls in, and a gzip scrape concatenates the cached blocks into one gzip
     member without compressing or even joining the 59 MB text. An identity scrape inflates the blocks.
-    The bytes are exactly what prometheus_client renders from LedgerCollector (tests/test_exposition.py
-    compares them). The ledger's lock is held only to take the changed keys and references to their
-    (never mutated) values; rendering and compressing happen outside it, in the scrape's worker thread.
+    The bytes are exactly what prometheus_client renders from the same ledger (tests/test_exposition.py
+    compares them with tests/exposition_oracle.py's collector). The ledger's lock is held only to take the
+    changed keys and references to their (never mutated) values; rendering and compressing happen outside it,
+    in the scrape's worker thread.
     """
 
     def __init__(self, ledger: Ledger) -> None:

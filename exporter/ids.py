@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from exporter.config import SourceConfig
+from exporter.emit import ID_PATTERN
 
-VALID_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+VALID_ID = re.compile(ID_PATTERN)
 
 # Rejection reasons: the `reason` label of zenmux_exporter_ids_rejected_total.
 INVALID_ID = "invalid_id"
@@ -220,7 +221,7 @@ def flat_json_lines(id_field: str, labels: dict[str, str], line_by_line: LinesPa
     if not all(BULK_KEY.fullmatch(key) for key in (id_field, *labels.values())):
         return line_by_line
     id_key = f'"{id_field}"'
-    id_member = _member_to_line_end(id_field, r'"([A-Za-z0-9_.:-]{1,128})"')
+    id_member = _member_to_line_end(id_field, f'"({ID_PATTERN})"')
     members = [(name, f'"{origin}"', _member_to_line_end(origin, r'"([^"\n]*)"'))
                for name, origin in sorted(labels.items())]
     # `"k"k"` holds two overlapping occurrences of `"k"`; count() sees one, and the second could match.

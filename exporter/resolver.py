@@ -1,4 +1,5 @@
-"""Scheduling lookups: due ids, bounded concurrency, a token bucket, backoff, give-up, and settling results."""
+"""Scheduling lookups: due ids, bounded concurrency, a token bucket, and settling results (as exporter/policy.py
+decides them)."""
 
 from __future__ import annotations
 
@@ -16,20 +17,16 @@ from exporter.clock import Clock
 from exporter.config import ResolveConfig
 from exporter.contribution import Contribution, contribution
 from exporter.ledger import Ledger
+from exporter.policy import Count, GiveUp, decide
+from exporter.records import GenerationRecord, LookupResult, Outcome
 from exporter.state import Abandon, PendingId, Resolved, Retry, Settlement, StateStore
 from exporter.telemetry import SelfMetrics
-from exporter.zenmux import GenerationRecord, LookupResult, Outcome, ZenMuxClient
+from exporter.zenmux import ZenMuxClient
 
 log = logging.getLogger(__name__)
 
-AUTH_PAUSE_SECONDS = 30.0
-RATE_LIMIT_PAUSE_SECONDS = 1.0
-DRAIN_RETRY_CAP_SECONDS = 2.0
 STATE_ERROR_PAUSE_SECONDS = 1.0
 MAX_WAIT_SECONDS = 5.0
-# Past give_up_after_seconds, an id failing for these reasons is abandoned only after this many attempts.
-MIN_ATTEMPTS_BEFORE_ABANDONING = 3
-TRANSIENT_OUTCOMES = frozenset({Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
 # OpenMetrics caps an exemplar's label names and values at 128 characters in all.
 EXEMPLAR_MAX_CHARS = 128
 # Results are written together: a transaction (BEGIN/COMMIT, the ledger rows of every series touched) costs
@@ -40,12 +37,6 @@ SETTLE_MAX_BATCH = 512
 # Due ids are read from the queue this many at a time and handed out from memory as slots free up, instead
 # of one query (skipping every id in flight) per finished lookup.
 DUE_PREFETCH = 256
-
-
-def backoff(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
-    """Exponential backoff with equal jitter: half fixed, half random, so retries of a burst spread out."""
-    ceiling = min(maximum, initial * 2.0 ** max(attempt - 1, 0))
-    return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 
 def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
@@ -222,15 +213,16 @@ class Resolver:
                 children = (self._metrics.lookups.labels(value), self._metrics.lookup_duration.labels(value))
                 self._children[result.outcome] = children
             children[0].inc()
-            children[1].observe(duration)
-            self._settle(self._decide(pending, attempt, result, trace_id))
+            # The health dashboard's lookup-duration panel shows exemplars: each links to its attempt's trace.
+            children[1].observe(duration, exemplar_labels(pending.id, trace_id))
+            self._settle(self._decide(pending, result, trace_id))
         finally:
             self._inflight.pop(pending.id, None)
             self._metrics.inflight.set(len(self._inflight))
             self._wake.set()
 
-    def _decide(self, pending: PendingId, attempt: int, result: LookupResult, trace_id: str | None) -> Settlement:
-        now = self._clock.time()
+    def _decide(self, pending: PendingId, result: LookupResult, trace_id: str | None) -> Settlement:
+        """The policy's settlement of `result`, with what goes around it: the auth gauge and log, pausing."""
         outcome = result.outcome
         if outcome is Outcome.UNAUTHORIZED:
             self._metrics.auth_failing.set(1)
@@ -240,44 +232,22 @@ class Resolver:
                 result.detail,
                 result.request_id,
             )
-            self._pause(now + AUTH_PAUSE_SECONDS)
-            return Retry(pending.id, now + AUTH_PAUSE_SECONDS, pending.attempts)
-        if outcome in (Outcome.RESOLVED, Outcome.NOT_READY) and "auth" in self._warned:
+        elif outcome in (Outcome.RESOLVED, Outcome.NOT_READY) and "auth" in self._warned:
             log.info("ZenMux accepts the API key again")
             self._metrics.auth_failing.set(0)
             self._warned.discard("auth")
-        if outcome is Outcome.RESOLVED:
-            assert result.record is not None
-            return Resolved(pending.id, self._contribution(result.record, pending, trace_id))
-        if outcome is Outcome.MALFORMED:
+        elif outcome is Outcome.MALFORMED:
             log.warning("malformed response for %s (request id %s): %s", pending.id, result.request_id, result.detail)
-        if now - pending.first_seen >= self._config.give_up_after_seconds and self._may_abandon(pending, outcome):
-            metering = result.record if outcome is Outcome.NOT_READY else None
-            return Abandon(
-                pending.id,
-                outcome.value,
-                None if metering is None else self._contribution(metering, pending, trace_id),
-            )
-        if outcome is Outcome.RATE_LIMITED:
-            wait = result.retry_after if result.retry_after is not None else RATE_LIMIT_PAUSE_SECONDS
-            self._pause(now + wait)
-            return Retry(pending.id, now + wait, pending.attempts)
-        delay = backoff(attempt, self._config.retry_initial_seconds, self._config.retry_max_seconds, self._rng)
-        if result.retry_after is not None:
-            delay = max(delay, result.retry_after)
-        if self.draining:
-            delay = min(delay, DRAIN_RETRY_CAP_SECONDS)
-        return Retry(pending.id, now + delay, attempt)
-
-    @staticmethod
-    def _may_abandon(pending: PendingId, outcome: Outcome) -> bool:
-        """Past the horizon: throttling never abandons an id (after an outage the whole backlog would go at the
-        first 429), and a failing API or network only once the id has been tried a few times."""
-        if outcome is Outcome.RATE_LIMITED:
-            return False
-        if outcome in TRANSIENT_OUTCOMES:
-            return pending.attempts >= MIN_ATTEMPTS_BEFORE_ABANDONING
-        return True
+        decision = decide(pending, result, self._clock.time(), self._config, rng=self._rng, draining=self.draining)
+        if isinstance(decision, Count):
+            return Resolved(pending.id, self._contribution(decision.record, pending, trace_id))
+        if isinstance(decision, GiveUp):
+            metering = decision.metering
+            counted = None if metering is None else self._contribution(metering, pending, trace_id)
+            return Abandon(pending.id, decision.reason, counted)
+        if decision.pause_until is not None:
+            self._pause(decision.pause_until)
+        return Retry(pending.id, decision.due, decision.attempts)
 
     def _contribution(self, record: GenerationRecord, pending: PendingId, trace_id: str | None) -> Contribution:
         extra: Mapping[str, str] = dict(pending.labels)

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter.config import Config, LogConfig, TracingConfig
 from exporter.ids import FILE_REJECT_REASONS, UDP_REJECT_REASONS
-from exporter.zenmux import Outcome
+from exporter.records import Outcome
 
 LOOKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 

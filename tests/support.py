@@ -1,10 +1,17 @@
-"""Helpers shared by the tests: configs, /metrics readers, condition waits, log writers."""
+"""Helpers shared by the tests: configs, /metrics readers, condition waits, log writers, free ports,
+certificates, and the exporter and the simulated API as processes of their own."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -12,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
@@ -124,6 +134,11 @@ def samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
             yield s.name, s.labels, s.value
 
 
+def openmetrics_families(text: str) -> list[Metric]:
+    """An OpenMetrics exposition parsed by prometheus_client's own parser (exemplars included)."""
+    return list(parse_openmetrics(text))  # type: ignore[no-untyped-call]
+
+
 def value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples called `name` whose labels include `labels`."""
     return sum(v for n, lbls, v in samples(text) if n == name and all(lbls.get(k) == w for k, w in labels.items()))
@@ -137,3 +152,106 @@ def append_lines(path: Path, lines: list[str]) -> None:
 def json_line(generation_id: str, feature: str = "chat") -> str:
     line = {"ts": "2026-11-25T10:00:00Z", "level": "info", "generation_id": generation_id, "feature": feature}
     return json.dumps(line)
+
+
+# --------------------------------------------------------------------------- ports and certificates
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_cert(directory: Path, name: str = "server", *, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
+    """A P-256 certificate for 127.0.0.1/localhost: self-signed, or signed by `ca` (cert, key)."""
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    subject = ["-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
+    common = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-days", "2"]
+    if ca is None:
+        subprocess.run(["openssl", "req", "-x509", *common, "-out", str(cert), *subject],
+                       check=True, capture_output=True)
+    else:
+        csr = directory / f"{name}.csr"
+        subprocess.run(["openssl", "req", "-new", *[a for a in common if a not in ("-days", "2")], "-out", str(csr),
+                        *subject], check=True, capture_output=True)
+        subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+                        "-CAcreateserial", "-days", "2", "-out", str(cert), "-copy_extensions", "copy"],
+                       check=True, capture_output=True)
+    return cert, key
+
+
+# --------------------------------------------------------------------------- processes
+
+PYTHON = sys.executable
+
+
+@dataclass
+class ApiProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@contextlib.contextmanager
+def api_process(*args: str, log: Path | None = None) -> Iterator[ApiProcess]:
+    """`zenmux-exporter fake-api` in its own process; yields once it has printed its URL."""
+    stderr = log.open("ab") if log is not None else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [PYTHON, "-m", "exporter", "fake-api", "--listen", "127.0.0.1:0", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().decode()
+        assert "http://" in line, f"fake-api did not start: {line!r}"
+        url = line.split()[4]
+        yield ApiProcess(process, url)
+    finally:
+        api = ApiProcess(process, "")
+        api.stop()
+        if process.stdout is not None:
+            process.stdout.close()
+        if log is not None and not isinstance(stderr, int):
+            stderr.close()
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def spawn_exporter(config: Path, log: Path, *extra_env: tuple[str, str]) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, **dict(extra_env))
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [PYTHON, "-m", "exporter", "run", "--config", str(config)], stdout=out, stderr=out, env=env
+        )
+
+
+async def metrics_text(port: int, client: httpx.AsyncClient) -> str | None:
+    try:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    return response.text if response.status_code == 200 else None
+
+
+async def wait_ready(process: subprocess.Popen[bytes], port: int, client: httpx.AsyncClient) -> None:
+    async def ready() -> bool:
+        assert process.poll() is None, f"exporter exited with {process.returncode}"
+        try:
+            return (await client.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    await wait_until(ready, timeout=20, what="the exporter to answer /readyz")

@@ -1,5 +1,5 @@
-"""API fault storms: every kind is counted in lookups_total and on the lookup span, /metrics keeps answering
-fast, memory stays bounded, rate limits are honoured, and once the API heals every id resolves exactly."""
+"""API fault storms: every kind is counted in lookups_total and on the lookup span, /metrics keeps answering,
+bodies are not read past the limit, rate limits are honoured, and once the API heals every id resolves exactly."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,16 @@ from hypothesis import strategies as st
 from opentelemetry.trace import StatusCode
 
 from exporter.config import ZenMuxConfig
+from exporter.records import Outcome, classify
 from exporter.simulate.api import Faults, totals
-from exporter.zenmux import Outcome, ZenMuxClient, classify
+from exporter.zenmux import ZenMuxClient
 from tests.support import (
     MANAGEMENT_KEY,
     PAYG_KEY,
     FakeApi,
     Spans,
     StartExporter,
+    api_process,
     append_lines,
     json_line,
     make_config,
@@ -32,7 +35,6 @@ from tests.support import (
     value,
     wait_until,
 )
-from tests.test_crash import api_process
 
 IDS = 20
 STORMS: dict[str, tuple[Faults, str]] = {
@@ -44,11 +46,6 @@ STORMS: dict[str, tuple[Faults, str]] = {
     "slow": (Faults(slow=1.0, slow_seconds=3.0), "timeout"),
     "429": (Faults(rate_limited=1.0), "rate_limited"),
 }
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096
 
 
 def fault_config(tmp_path: Path, url: str, **zenmux: Any) -> Any:
@@ -80,22 +77,16 @@ async def test_fault_storm(storm: str, tmp_path: Path, fake_api: FakeApi, start_
     port = exporter.metrics_port
     ids = [fake_api.create() for _ in range(IDS)]
     append_lines(tmp_path / "app.log", [json_line(i) for i in ids])
-    memory_before = rss_bytes()
     wanted = 3 if outcome == "rate_limited" else IDS
 
     async def storming() -> bool:
         return value(await scrape(port), "zenmux_exporter_lookups_total", outcome=outcome) >= wanted
 
     await wait_until(storming, what=f"{wanted} lookups with outcome {outcome}")
-    for _ in range(5):  # /metrics answers quickly through the storm
-        started = time.monotonic()
-        text = await scrape(port)
-        assert time.monotonic() - started < 1.0
+    text = await scrape(port)  # /metrics answers through the storm (its latency is bench/'s `storm` workload)
     assert value(text, "zenmux_generations_total") == 0
     assert value(text, "zenmux_exporter_pending_ids") == IDS
     assert value(text, "zenmux_exporter_inflight_lookups") <= 8
-    if storm != "oversized":  # the in-process simulator builds each 4 MB body: see the test below
-        assert rss_bytes() - memory_before < 64 * 1024 * 1024
     failed = [s for s in spans.exporter.get_finished_spans() if (s.attributes or {}).get("zenmux.outcome") == outcome]
     assert failed, f"no span carries zenmux.outcome={outcome}"
     assert all(s.status.status_code is StatusCode.ERROR for s in failed)
@@ -111,22 +102,30 @@ async def test_fault_storm(storm: str, tmp_path: Path, fake_api: FakeApi, start_
     assert value(await scrape(port), "zenmux_exporter_abandoned_ids_total") == 0
 
 
-async def test_oversized_bodies_keep_the_client_memory_bounded() -> None:
-    """Against the simulated API in its own process (2 MB bodies): reading stops at the limit, memory is flat."""
+@pytest.mark.slow
+async def test_oversized_bodies_are_not_read_past_the_limit() -> None:
+    """Against the simulated API in its own process (2 MB bodies): reading stops at the limit, so what the client
+    allocates for 64 such bodies, 8 at a time, stays below one round of 8 whole bodies (16 MB). Python allocations
+    (tracemalloc) are counted, not the process RSS, which the allocator and other tests move."""
     with api_process("--billing-delay", "0", "--fault", "oversized=1.0") as api:
         client = ZenMuxClient(ZenMuxConfig(base_url=api.url, max_response_bytes=64 * 1024, concurrency=8), PAYG_KEY)
         try:
-            first = await asyncio.gather(*(client.lookup("any-id") for _ in range(8)))
-            baseline = rss_bytes()
-            for _ in range(8):
-                results = await asyncio.gather(*(client.lookup("any-id") for _ in range(8)))
-                assert {r.outcome for r in results} == {Outcome.TOO_LARGE}
+            first = await asyncio.gather(*(client.lookup("any-id") for _ in range(8)))  # connections opened
+            tracemalloc.start()
+            try:
+                for _ in range(8):
+                    results = await asyncio.gather(*(client.lookup("any-id") for _ in range(8)))
+                    assert {r.outcome for r in results} == {Outcome.TOO_LARGE}
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
         finally:
             await client.aclose()
     assert {r.outcome for r in first} == {Outcome.TOO_LARGE}
-    assert rss_bytes() - baseline < 16 * 1024 * 1024  # 64 bodies of 2 MB went by
+    assert peak < 8 * 1024 * 1024, f"{peak} bytes allocated at the peak"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retry_after", [None, 2.0])
 async def test_422_storm_on_the_management_path_honours_retry_after(
     retry_after: float | None, tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
@@ -171,8 +170,28 @@ RECORD: dict[str, Any] = {
 HOSTILE_VALUES = [math.nan, math.inf, -math.inf, -1, -1e-9, 1e300, 10**40, "NaN", "-5", "1e999", [], {}, True, None, ""]
 
 
-@pytest.mark.parametrize("where", ["nativeTokens.prompt_tokens", "usage", "ratingResponses.billAmount", "latency",
-                                   "generationTime", "requestRetryTimes", "model", "streamed", "nativeTokens"])
+# The hostile values that are not hostile where they are put; None (null) is an absent field everywhere.
+ACCEPTED: dict[str, list[Any]] = {
+    "model": ["NaN", "-5", "1e999", ""],  # a model name is any string
+    "streamed": [True],
+    "nativeTokens": [{}],  # no token counts: zeros
+}
+FIELDS = ["nativeTokens.prompt_tokens", "usage", "ratingResponses.billAmount", "latency", "generationTime",
+          "requestRetryTimes", "model", "streamed", "nativeTokens"]
+
+
+def expected_outcome(where: str, bad: Any) -> Outcome:
+    accepted = bad is None or repr(bad) in {repr(v) for v in ACCEPTED.get(where, [])}
+    return Outcome.RESOLVED if accepted else Outcome.MALFORMED
+
+
+def test_the_accepted_table_names_only_hostile_values() -> None:
+    hostile = {repr(v) for v in HOSTILE_VALUES}
+    assert all(repr(v) in hostile for values in ACCEPTED.values() for v in values)
+    assert set(ACCEPTED) <= set(FIELDS)
+
+
+@pytest.mark.parametrize("where", FIELDS)
 @pytest.mark.parametrize("bad", HOSTILE_VALUES, ids=repr)
 def test_wrong_types_nan_negative_and_huge_numbers_are_malformed_never_counted(where: str, bad: Any) -> None:
     body = json.loads(json.dumps(RECORD))
@@ -182,9 +201,12 @@ def test_wrong_types_nan_negative_and_huge_numbers_are_malformed_never_counted(w
         target = target[key]
     target[leaf] = bad
     result = classify(200, json.dumps(body).encode(), {}, True, 0.0)
-    assert result.outcome in (Outcome.MALFORMED, Outcome.RESOLVED, Outcome.NOT_READY)
-    if result.record is not None:
+    assert result.outcome is expected_outcome(where, bad), (where, bad, result.detail)
+    if result.outcome is Outcome.MALFORMED:
+        assert result.record is None
+    else:
         record = result.record
+        assert record is not None
         numbers = [record.prompt_tokens, record.completion_tokens, record.upstream_retries,
                    record.latency_seconds or 0.0, record.generation_seconds or 0.0]
         if record.billing is not None:

@@ -8,7 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from bench.__main__ import main
+
+pytestmark = pytest.mark.slow  # a benchmark workload with real processes
 
 
 def test_quick_idle_workload_produces_a_row(tmp_path: Path) -> None:

@@ -17,101 +17,32 @@ import signal
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from exporter.simulate.api import totals
 from tests.support import PAYG_KEY, samples, value, wait_until
 
-PYTHON = sys.executable
+# These helpers live in tests/support.py; their names stay importable from here for tests written against them.
+from tests.support import PYTHON as PYTHON
+from tests.support import ApiProcess as ApiProcess
+from tests.support import api_process as api_process
+from tests.support import free_port as free_port
+from tests.support import metrics_text as metrics_text
+from tests.support import spawn_exporter as spawn_exporter
+from tests.support import wait_ready as wait_ready
+from tests.support import write_config as write_config
+
+pytestmark = pytest.mark.slow  # a minute of kill -9 against real processes
+
 # A UDP id sent this long before a kill, or later, may be lost with the process (socket and 50 ms buffer).
 UDP_EDGE_SECONDS = 1.0
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ApiProcess:
-    process: subprocess.Popen[bytes]
-    url: str
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-@contextlib.contextmanager
-def api_process(*args: str, log: Path | None = None) -> Iterator[ApiProcess]:
-    """`zenmux-exporter fake-api` in its own process; yields once it has printed its URL."""
-    stderr = log.open("ab") if log is not None else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [PYTHON, "-m", "exporter", "fake-api", "--listen", "127.0.0.1:0", *args],
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline().decode()
-        assert "http://" in line, f"fake-api did not start: {line!r}"
-        url = line.split()[4]
-        yield ApiProcess(process, url)
-    finally:
-        api = ApiProcess(process, "")
-        api.stop()
-        if process.stdout is not None:
-            process.stdout.close()
-        if log is not None and not isinstance(stderr, int):
-            stderr.close()
-
-
-def write_config(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
-
-
-def spawn_exporter(config: Path, log: Path, *extra_env: tuple[str, str]) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, **dict(extra_env))
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [PYTHON, "-m", "exporter", "run", "--config", str(config)], stdout=out, stderr=out, env=env
-        )
-
-
-async def metrics_text(port: int, client: httpx.AsyncClient) -> str | None:
-    try:
-        response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=2.0)
-    except httpx.HTTPError:
-        return None
-    return response.text if response.status_code == 200 else None
-
-
-async def wait_ready(process: subprocess.Popen[bytes], port: int, client: httpx.AsyncClient) -> None:
-    async def ready() -> bool:
-        assert process.poll() is None, f"exporter exited with {process.returncode}"
-        try:
-            return (await client.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0)).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    await wait_until(ready, timeout=20, what="the exporter to answer /readyz")
 
 
 def read_state(path: Path) -> tuple[dict[str, int], tuple[int, int] | None]:
@@ -268,6 +199,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 async def test_exactly_once_through_kill_9_rotation_and_api_faults(tmp_path: Path, soak: bool) -> None:
     kills_wanted = 60 if soak else 12
     seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))
+    # Printed before anything runs, so a failure's captured output names the seed that reproduces it.
+    print(f"crash-loop seed: {seed} (rerun with CRASH_SEED={seed})", flush=True)
     rng = random.Random(seed)
     logs, state_dir = tmp_path / "logs", tmp_path / "state"
     logs.mkdir()

@@ -13,6 +13,8 @@ import pytest
 
 from tests.support import samples, value
 
+pytestmark = pytest.mark.slow  # `zenmux-exporter demo` as a process
+
 
 def test_demo_shows_cost_by_model_within_15_seconds() -> None:
     process = subprocess.Popen(

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.support import (
@@ -65,6 +66,7 @@ async def test_stop_drains_every_pending_id(tmp_path: Path, fake_api: FakeApi, s
     assert exporter.ledger.value("zenmux_generations") == 20
 
 
+@pytest.mark.slow
 async def test_sigterm_to_the_process_drains_then_exits(
     tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:

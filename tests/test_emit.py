@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,10 +128,8 @@ def test_udp_socket_is_non_blocking_and_a_flood_does_not_wait() -> None:
         sender = UdpEmitter("127.0.0.1", _port(sink), format="json")
         assert sender._sock is not None and sender._sock.gettimeout() == 0.0
         sender._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        started = time.monotonic()
-        for i in range(20_000):
+        for i in range(20_000):  # a blocking send would hang here; a non-blocking one drops or sends
             assert isinstance(sender.emit(f"gen-{i}", {"feature": "f" * 500}), bool)
-        assert time.monotonic() - started < 10  # generous: a blocking send would hang forever
         assert sender.sent + sender.dropped == 20_000
 
 

@@ -22,7 +22,7 @@ from exporter.exposition import LedgerExposition
 from exporter.gzipcache import Blocks, Checksum, Fragment, crc32_combine, gzip_member
 from exporter.ledger import Ledger
 from exporter.web import HttpServer
-from tests.test_exposition import OM_ACCEPT, add, reference
+from tests.exposition_oracle import OM_ACCEPT, add, reference
 
 payloads = st.binary(max_size=3000)
 

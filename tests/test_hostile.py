@@ -20,7 +20,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import ConfigError, parse_config
 from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution
-from exporter.exposition import LedgerCollector
 from exporter.ids import (
     INVALID_ID,
     NO_ID,
@@ -32,7 +31,8 @@ from exporter.ids import (
     regex_parser,
 )
 from exporter.ledger import Ledger
-from exporter.zenmux import GenerationRecord, Outcome, classify
+from exporter.records import GenerationRecord, Outcome, classify
+from tests.exposition_oracle import LedgerCollector
 from tests.support import FakeApi, StartExporter, append_lines, json_line, make_config, scrape, value, wait_until
 
 VALID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")

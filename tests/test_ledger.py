@@ -7,9 +7,9 @@ import json
 from prometheus_client import CollectorRegistry
 
 from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution
-from exporter.exposition import LedgerCollector
 from exporter.ledger import Ledger
-from exporter.zenmux import Billing, FeeItem, GenerationRecord
+from exporter.records import Billing, FeeItem, GenerationRecord
+from tests.exposition_oracle import LedgerCollector
 
 
 def record(model: str = "openai/gpt-4.1", *, billed: bool = True, latency: float | None = 0.7) -> GenerationRecord:

@@ -14,8 +14,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import FakeApi, StartExporter, append_lines, json_line, make_config, scrape, value, wait_until
-from tests.test_dashboards import (
+from tests.dashboard_contract import (
     BUSINESS_LABELS,
     EXPORTER_METRICS,
     EXTRA_LABELS,
@@ -27,8 +26,9 @@ from tests.test_dashboards import (
     is_business,
     metric_names,
     recording_rules,
+    rules,
 )
-from tests.test_rules import rules
+from tests.support import FakeApi, StartExporter, append_lines, json_line, make_config, scrape, value, wait_until
 
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 

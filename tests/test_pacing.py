@@ -7,7 +7,8 @@ from itertools import pairwise
 
 import pytest
 
-from exporter.resolver import TokenBucket, backoff
+from exporter.policy import backoff
+from exporter.resolver import TokenBucket
 
 
 class FakeTime:

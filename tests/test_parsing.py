@@ -19,7 +19,7 @@ from exporter.ids import (
     plain_parser,
     regex_parser,
 )
-from exporter.zenmux import MalformedResponse, Outcome, classify, parse_generation, parse_retry_after
+from exporter.records import MalformedResponse, Outcome, classify, parse_generation, parse_retry_after
 
 EXAMPLE: dict[str, Any] = {
     "api": "chat.completions",

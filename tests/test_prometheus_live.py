@@ -39,8 +39,20 @@ import yaml
 
 from exporter.app import Exporter
 from exporter.simulate.api import Faults
-from tests.support import FakeApi, StartExporter, append_lines, json_line, make_config, scrape, value, wait_until
-from tests.test_dashboards import RULE_FILES, dashboard_queries, dashboards, recording_rules
+from tests.dashboard_contract import RULE_FILES, dashboard_queries, dashboards, recording_rules
+from tests.support import (
+    FakeApi,
+    StartExporter,
+    append_lines,
+    free_port,
+    json_line,
+    make_config,
+    scrape,
+    value,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow  # a real Prometheus scraping a real exporter
 
 JOB = "zenmux-live"
 GIVE_UP_SECONDS = 4.0
@@ -66,13 +78,6 @@ FAULTS = Faults(
 )
 # alerts the generated conditions must make fire (no `for:`, so within an evaluation or two)
 EXPECTED_ALERTS = ("ZenMuxIdsAbandoned", "ZenMuxMalformedLookupResponses")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def prometheus_regex(value: str) -> str:

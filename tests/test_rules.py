@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.test_dashboards import DOCS, PROMETHEUS_DIR, RULE_FILES, check_expr, readme_section
+from tests.dashboard_contract import DOCS, PROMETHEUS_DIR, RULE_FILES, check_expr, readme_section, rules
 
 TEST_FILES = sorted((PROMETHEUS_DIR / "tests").glob("*.test.yaml"))
 EXAMPLE_CONFIG = PROMETHEUS_DIR / "prometheus.example.yaml"
@@ -27,11 +27,6 @@ SEVERITIES = frozenset({"warning", "critical"})
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["promtool", *args], capture_output=True, text=True, check=False, cwd=cwd)
-
-
-def rules(path: Path) -> list[dict[str, Any]]:
-    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
 def alerts() -> dict[str, dict[str, Any]]:
@@ -57,6 +52,7 @@ def test_check_rules() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_rule_unit_tests_pass() -> None:
     assert TEST_FILES
     result = promtool("test", "rules", *map(str, TEST_FILES))

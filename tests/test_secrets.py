@@ -13,10 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from exporter.config import SourceConfig, parse_config
-from tests.support import PAYG_KEY, value, wait_until
-from tests.test_crash import api_process, free_port, metrics_text, spawn_exporter, wait_ready, write_config
+from tests.support import (
+    PAYG_KEY,
+    api_process,
+    free_port,
+    metrics_text,
+    spawn_exporter,
+    value,
+    wait_ready,
+    wait_until,
+    write_config,
+)
+
+pytestmark = pytest.mark.slow  # whole sessions of the exporter as processes
 
 WRONG_KEY = "sk-ai-v1-" + secrets.token_hex(20)  # unknown to the API: every lookup answers 401
 

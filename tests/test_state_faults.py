@@ -83,6 +83,7 @@ def run_cli(tmp_path: Path, fake_api: FakeApi) -> subprocess.CompletedProcess[st
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "zeroed_header"])
 async def test_a_damaged_database_is_refused_kept_and_recoverable(
     damage: str, tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter

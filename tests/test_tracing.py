@@ -22,6 +22,7 @@ from tests.support import (
     append_lines,
     json_line,
     make_config,
+    openmetrics_families,
     scrape,
     value,
     wait_until,
@@ -63,6 +64,36 @@ async def test_one_span_per_attempt_with_attributes(
     # The resolved generation's exemplar points at its trace.
     openmetrics = await scrape(exporter.metrics_port, openmetrics=True)
     assert f'trace_id="{format(last.context.trace_id, "032x")}"' in openmetrics
+
+
+async def test_lookup_durations_carry_exemplars_of_their_attempts(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    """The health dashboard's "Lookup duration" panel shows exemplars: each bucket's links to an attempt's span."""
+    spans = Spans()
+    exporter = await start_exporter(make_config(tmp_path, fake_api.url), tracing=spans.provider())
+    generation_id = fake_api.create()
+    append_lines(tmp_path / "app.log", [json_line(generation_id)])
+
+    async def resolved() -> bool:
+        return value(await scrape(exporter.metrics_port), "zenmux_generations_total") == 1
+
+    await wait_until(resolved, what="the generation resolved")
+    attempts = {format(s.context.trace_id, "032x"): s for s in spans.exporter.get_finished_spans()
+                if s.name == "zenmux.generation.lookup"}
+    text = await scrape(exporter.metrics_port, openmetrics=True)
+    exemplars = [
+        (sample.labels["outcome"], sample.exemplar)
+        for family in openmetrics_families(text)
+        if family.name == "zenmux_exporter_lookup_duration_seconds"
+        for sample in family.samples
+        if sample.exemplar is not None
+    ]
+    assert {outcome for outcome, _ in exemplars} == {"resolved"} | ({"not_ready"} if len(attempts) > 1 else set())
+    for outcome, exemplar in exemplars:
+        assert exemplar.labels["generation_id"] == generation_id
+        span = attempts[exemplar.labels["trace_id"]]
+        assert span.attributes is not None and span.attributes["zenmux.outcome"] == outcome
 
 
 async def test_failed_attempts_are_error_spans(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from exporter.transport import HIGH_WATER_BYTES, PooledTransport
 from exporter.zenmux import environment_proxy
+from tests.support import make_cert
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 TIMEOUTS = httpx.Timeout(2.0).as_dict()
@@ -196,15 +196,7 @@ async def test_a_lookup_cancelled_while_waiting_for_its_answer_leaves_the_pool_u
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    return make_cert(tmp_path_factory.mktemp("tls"), "localhost")
 
 
 async def test_tls_verifies_the_server_and_keeps_the_connection(certificate: tuple[Path, Path]) -> None:

@@ -17,27 +17,9 @@ import yaml
 
 from exporter.config import ConfigError
 from exporter.webconfig import load_web_config
-from tests.support import FakeApi, StartExporter, make_config
+from tests.support import FakeApi, StartExporter, make_cert, make_config
 
 PASSWORD = "correct horse battery staple"
-
-
-def make_cert(directory: Path, name: str = "server", *, ca: tuple[Path, Path] | None = None) -> tuple[Path, Path]:
-    """A P-256 certificate for 127.0.0.1/localhost: self-signed, or signed by `ca` (cert, key)."""
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subject = ["-subj", f"/CN={name}", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"]
-    common = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-days", "2"]
-    if ca is None:
-        subprocess.run(["openssl", "req", "-x509", *common, "-out", str(cert), *subject],
-                       check=True, capture_output=True)
-    else:
-        csr = directory / f"{name}.csr"
-        subprocess.run(["openssl", "req", "-new", *[a for a in common if a not in ("-days", "2")], "-out", str(csr),
-                        *subject], check=True, capture_output=True)
-        subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-                        "-CAcreateserial", "-days", "2", "-out", str(cert), "-copy_extensions", "copy"],
-                       check=True, capture_output=True)
-    return cert, key
 
 
 def write_web_config(path: Path, data: dict[str, object]) -> Path:
