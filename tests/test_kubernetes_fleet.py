@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from exporter.config import Config, load_config
-from tests.test_kubernetes import (
+from tests.kubernetes_manifests import (
     APP,
     APP_SHUTDOWN_SECONDS,
     CONFIG_MOUNT_KEY,
