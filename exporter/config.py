@@ -35,7 +35,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class ZenMuxConfig:
     base_url: str = "https://zenmux.ai"
-    generation_path: str = "/api/v1/generation"
+    generation_path: str = "/api/v1/management/generation"
     api_key: str = field(default="", repr=False)
     api_key_file: str = ""
     connect_timeout_seconds: float = 5.0

@@ -579,7 +579,7 @@ def exporter_health() -> Json:
                      "s",
                      overrides=[{"matcher": {"id": "byRegexp", "options": "give-up horizon.*"},
                                  "properties": LIMIT_LINE}]), 6, 8)
-    L.add(timeseries("In-flight lookups", "Lookups in progress against GET /api/v1/generation, against the "
+    L.add(timeseries("In-flight lookups", "Lookups in progress against GET /api/v1/management/generation, against the "
                      "configured limit (zenmux.concurrency, zenmux_exporter_lookup_concurrency_limit). Pinned "
                      "at the limit while the backlog grows: the exporter is the bottleneck.",
                      [target(f"sum by (instance) (zenmux_exporter_inflight_lookups{{{SEL}}})", "{{instance}}"),

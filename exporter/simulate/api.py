@@ -550,8 +550,6 @@ class SimulatedZenMux:
         kind = self._authenticate(request)
         if isinstance(kind, Response):
             return kind
-        if management and kind == "subscription":
-            return _json(403, _error_body(403, "access_denied", "Subscription keys cannot use the management API"))
         if not self._take_token(request.header("authorization")):
             return self._rate_limited(management)
         generation_id = request.query.get("id", "")
