@@ -405,6 +405,10 @@ class SimulatedZenMux:
             "/_sim/stats": self._sim_stats,
             "/_sim/config": self._sim_config,
         }
+        from exporter.simulate.account import AccountEndpoints  # it builds on this module
+
+        self.account = AccountEndpoints(self, clock)
+        self._routes.update(self.account.routes)
         self.configure(config if config is not None else SimConfig())
 
     # -- configuration ----------------------------------------------------------------------------------

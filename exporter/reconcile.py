@@ -1,0 +1,478 @@
+"""Reconciliation with ZenMux's own books: account cost per day and model against the ledger, and the balance."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+import httpx
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from exporter.clock import Clock
+from exporter.config import ReconcileConfig
+from exporter.contribution import COST_UNITS_PER_USD, LabelLimiter
+from exporter.ledger import Ledger
+from exporter.resolver import TokenBucket
+from exporter.state import StateStore
+from exporter.telemetry import SelfMetrics
+from exporter.zenmux import MalformedResponse, Outcome, parse_retry_after
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+COST_PATH = "/api/v1/management/cost"
+BALANCE_PATH = "/api/v1/management/payg/balance"
+DAYS = ("yesterday", "today")  # the `day` label: the closed day and the day so far (UTC)
+ENDPOINTS = ("cost", "balance")
+DEFAULT_RETRY_AFTER_SECONDS = 60.0  # the documented Retry-After of the cost endpoint; 422 carries none
+BACKOFF_INITIAL_SECONDS = 5.0
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+
+
+# --- parsing (pure) ---------------------------------------------------------------------------------------
+
+
+def parse_decimal(value: Any, where: str) -> Decimal | None:
+    """An amount or count ZenMux writes as a decimal string, exactly; None for null (no statistic)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise MalformedResponse(f"{where} has type {type(value).__name__}, not a decimal string")
+    try:
+        # A JSON number stands for its shortest repr (0.1 is "0.1"), not the binary float's expansion.
+        number = Decimal(value.strip() if isinstance(value, str) else repr(value))
+    except InvalidOperation:
+        raise MalformedResponse(f"{where} is not a decimal number") from None
+    if not number.is_finite():
+        raise MalformedResponse(f"{where} is not finite")
+    return number
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCost:
+    """ZenMux's figures for one model and day; None where ZenMux has no statistic."""
+
+    cost_usd: Decimal | None
+    requests: Decimal | None
+
+
+def _data(payload: Any) -> Mapping[str, Any]:
+    if not isinstance(payload, dict):
+        raise MalformedResponse(f"body is a JSON {type(payload).__name__}, not an object")
+    if payload.get("success") is False:
+        raise MalformedResponse("success is false")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise MalformedResponse("data is not an object")
+    return data
+
+
+def _add(total: Decimal | None, part: Decimal | None) -> Decimal | None:
+    return None if total is None or part is None else total + part
+
+
+def parse_cost_by_model(payload: Any) -> dict[str, ModelCost]:
+    """The day's cost and requests per model from a `type=cost` answer, summing costByModel's hourly rows.
+
+    An empty analysis or a null summary is a day without spend (an empty dict); a null amount makes that
+    model's figure unknown for the day.
+    """
+    analysis = _data(payload).get("analysis")
+    if analysis is None:
+        return {}
+    if not isinstance(analysis, dict):
+        raise MalformedResponse("data.analysis is not an object")
+    rows = analysis.get("costByModel") or []
+    if not isinstance(rows, list):
+        raise MalformedResponse("data.analysis.costByModel is not a list")
+    out: dict[str, ModelCost] = {}
+    for i, row in enumerate(rows):
+        where = f"costByModel[{i}]"
+        if not isinstance(row, dict):
+            raise MalformedResponse(f"{where} is not an object")
+        model = row.get("modelSlug")
+        if not isinstance(model, str) or not model:
+            raise MalformedResponse(f"{where}.modelSlug is not a string")
+        bill = parse_decimal(row.get("billAmount"), f"{where}.billAmount")
+        requests = parse_decimal(row.get("requestCounts"), f"{where}.requestCounts")
+        seen = out.get(model, ModelCost(Decimal(0), Decimal(0)))
+        out[model] = ModelCost(_add(seen.cost_usd, bill), _add(seen.requests, requests))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    total_usd: Decimal
+    top_up_usd: Decimal
+    bonus_usd: Decimal
+
+
+def parse_balance(payload: Any) -> Balance:
+    data = _data(payload)
+    values = {}
+    for name in ("total_credits", "top_up_credits", "bonus_credits"):
+        value = parse_decimal(data.get(name), f"data.{name}")
+        if value is None:
+            raise MalformedResponse(f"data.{name} is missing")
+        values[name] = value
+    return Balance(values["total_credits"], values["top_up_credits"], values["bonus_credits"])
+
+
+def utc_day(when: datetime) -> str:
+    return when.strftime("%Y%m%d")
+
+
+def closed_and_open_days(now: float) -> dict[str, str]:
+    """{"yesterday": YYYYMMDD, "today": YYYYMMDD} in UTC at `now`."""
+    today = datetime.fromtimestamp(now, UTC)
+    return {"yesterday": utc_day(today - timedelta(days=1)), "today": utc_day(today)}
+
+
+# --- comparison (pure) ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One model on one day: ZenMux's figures, ours, and what ZenMux billed that we never saw."""
+
+    model: str
+    zenmux_usd: Decimal | None
+    exporter_usd: Decimal
+    zenmux_requests: Decimal | None
+    exporter_requests: int
+
+    @property
+    def difference_usd(self) -> Decimal | None:
+        return None if self.zenmux_usd is None else self.zenmux_usd - self.exporter_usd
+
+    @property
+    def unseen_usd(self) -> Decimal | None:
+        difference = self.difference_usd
+        return None if difference is None else max(difference, Decimal(0))
+
+
+def compare(
+    zenmux: Mapping[str, ModelCost], ours: Mapping[str, tuple[float, float]], limiter: LabelLimiter | None
+) -> list[Line]:
+    """Per model (ZenMux's slugs folded by the same cap as ours), sorted: both sides of one day."""
+    folded: dict[str, ModelCost] = {}
+    for slug, cost in zenmux.items():
+        model = limiter.value("model", slug) if limiter is not None else slug
+        seen = folded.get(model, ModelCost(Decimal(0), Decimal(0)))
+        folded[model] = ModelCost(_add(seen.cost_usd, cost.cost_usd), _add(seen.requests, cost.requests))
+    lines = []
+    for model in sorted(set(folded) | set(ours)):
+        theirs = folded.get(model, ModelCost(Decimal(0), Decimal(0)))
+        units, generations = ours.get(model, (0.0, 0.0))
+        lines.append(
+            Line(
+                model=model,
+                zenmux_usd=theirs.cost_usd,
+                exporter_usd=Decimal(int(units)) / COST_UNITS_PER_USD,
+                zenmux_requests=theirs.requests,
+                exporter_requests=int(generations),
+            )
+        )
+    return lines
+
+
+# --- HTTP ---------------------------------------------------------------------------------------------------
+
+
+class PollError(Exception):
+    """An account request that gave nothing usable; `outcome` is its label, `retry_after` how long to wait."""
+
+    def __init__(self, outcome: Outcome, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.retry_after = retry_after
+
+
+class AccountClient:
+    """GETs on the account endpoints with the management key; raises PollError, never leaks the key."""
+
+    def __init__(
+        self,
+        base_url: str,
+        management_key: str,
+        *,
+        timeout_seconds: float,
+        transport: httpx.AsyncBaseTransport | None = None,
+        clock: Clock,
+    ) -> None:
+        self._clock = clock
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            transport=transport,
+            timeout=timeout_seconds,
+            headers={"Authorization": f"Bearer {management_key}", "User-Agent": "zenmux-exporter"},
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def cost(self, day: str) -> dict[str, ModelCost]:
+        params = {"type": "cost", "query_dimension": "BIZ_DT", "query_time": day}
+        return parse_cost_by_model(await self._get(COST_PATH, params))
+
+    async def balance(self) -> Balance:
+        return parse_balance(await self._get(BALANCE_PATH, {}))
+
+    async def _get(self, path: str, params: Mapping[str, str]) -> Any:
+        try:
+            response = await self._http.get(path, params=params)
+        except httpx.TimeoutException:
+            raise PollError(Outcome.TIMEOUT, f"{path}: timed out") from None
+        except httpx.HTTPError as err:
+            raise PollError(Outcome.CONNECTION_ERROR, f"{path}: {type(err).__name__}") from None
+        status = response.status_code
+        if status in (429, 422):
+            wait = parse_retry_after(response.headers.get("retry-after"), self._clock.time())
+            raise PollError(Outcome.RATE_LIMITED, f"{path}: {status}", wait or DEFAULT_RETRY_AFTER_SECONDS)
+        if status in (401, 403):
+            raise PollError(Outcome.UNAUTHORIZED, f"{path}: {status} (is reconcile's key a management key?)")
+        if status >= 500:
+            raise PollError(Outcome.SERVER_ERROR, f"{path}: {status}")
+        if status != 200:
+            raise PollError(Outcome.CLIENT_ERROR, f"{path}: {status}")
+        if len(response.content) > MAX_RESPONSE_BYTES:
+            raise PollError(Outcome.TOO_LARGE, f"{path}: body over {MAX_RESPONSE_BYTES} bytes")
+        try:
+            return response.json()
+        except ValueError:
+            raise PollError(Outcome.MALFORMED, f"{path}: body is not JSON") from None
+
+
+# --- the poller ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The last comparison: lines per `day` label, and the balance (None until first read)."""
+
+    days: Mapping[str, Sequence[Line]]
+    balance: Balance | None
+
+
+class Reconciler:
+    """Polls yesterday's and today's account cost and the balance, and compares them with the ledger.
+
+    Every request passes a token bucket (`max_requests_per_minute`, the account's 60/min being shared with
+    its usage endpoint); a 429/422 holds that endpoint back for Retry-After (else 60 s); server and connection
+    errors back off exponentially up to the poll interval. A failed request keeps the last good figures.
+    """
+
+    def __init__(
+        self,
+        config: ReconcileConfig,
+        client: AccountClient,
+        ledger: Ledger,
+        metrics: SelfMetrics,
+        *,
+        clock: Clock,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._config = config
+        self._client = client
+        self._ledger = ledger
+        self._metrics = metrics
+        self._clock = clock
+        self._bucket = TokenBucket(
+            config.max_requests_per_minute / 60.0, min(3.0, config.max_requests_per_minute), monotonic=clock.time,
+            sleep=sleep,
+        )
+        self._held_until = dict.fromkeys(ENDPOINTS, 0.0)
+        self._backoff = 0.0
+        self._costs: dict[str, tuple[str, dict[str, ModelCost]]] = {}  # day label -> (YYYYMMDD, ZenMux's)
+        self.snapshot = Snapshot({}, None)
+
+    async def poll(self) -> float:
+        """One round; returns the seconds until the next (the poll interval, or sooner/later after errors)."""
+        days = closed_and_open_days(self._clock.time())
+        failed: list[PollError] = []
+        for label, day in days.items():
+            try:
+                costs = await self._request("cost", functools.partial(self._client.cost, day))
+            except PollError as err:
+                failed.append(err)
+                continue
+            if costs is not None:
+                self._costs[label] = (day, costs)
+        balance = self.snapshot.balance
+        try:
+            balance = await self._request("balance", self._client.balance) or balance
+        except PollError as err:
+            failed.append(err)
+        lines = {
+            label: compare(costs, self._ledger.daily(day), self._ledger.limiter)
+            for label, (day, costs) in self._costs.items()
+            if days[label] == day  # after midnight, yesterday's "today" is not today's
+        }
+        self.snapshot = Snapshot(lines, balance)
+        return self._next_delay(failed)
+
+    async def _request(self, endpoint: str, call: Callable[[], Awaitable[T]]) -> T | None:
+        """The call's result, or None when the endpoint is held back by a rate limit (the call is not made)."""
+        if self._clock.time() < self._held_until[endpoint]:
+            return None
+        await self._bucket.acquire()
+        try:
+            result = await call()
+        except PollError as err:
+            self._metrics.reconcile_requests.labels(endpoint, err.outcome.value).inc()
+            if err.retry_after is not None:
+                self._held_until[endpoint] = self._clock.time() + err.retry_after
+            log.warning("reconcile: %s", err)
+            raise
+        self._metrics.reconcile_requests.labels(endpoint, "ok").inc()
+        return result
+
+    def _next_delay(self, failed: list[PollError]) -> float:
+        """Transient failures are tried again sooner, backing off; a rate-limited endpoint is skipped by the
+        rounds until its Retry-After has passed, and a refused key waits the whole interval."""
+        interval = self._config.poll_interval_seconds
+        if any(e.outcome not in (Outcome.RATE_LIMITED, Outcome.UNAUTHORIZED) for e in failed):
+            self._backoff = min(interval, self._backoff * 2 if self._backoff else BACKOFF_INITIAL_SECONDS)
+            return self._backoff
+        self._backoff = 0.0
+        return interval
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            delay = await self.poll()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+
+def prune_days(state: StateStore, ledger: Ledger, now: float, days_kept: int) -> int:
+    """Drops per-day ledger rows older than `days_kept` days (UTC) from the state, then from memory."""
+    cutoff = utc_day(datetime.fromtimestamp(now, UTC) - timedelta(days=days_kept - 1))
+    keys = ledger.daily_rows_before(cutoff)
+    if keys:
+        state.drop_ledger_rows(keys)
+        ledger.forget_daily_before(cutoff)
+    return len(keys)
+
+
+# --- exposition -----------------------------------------------------------------------------------------------
+
+
+class ReconcileCollector(Collector):
+    """The last comparison and balance as gauges, by `day` ("yesterday" | "today") and model."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._snapshot()
+        p = "zenmux_reconcile_"
+        families = {
+            "zenmux_usd": GaugeMetricFamily(
+                p + "zenmux_cost_usd", "Cost ZenMux's account books show for the UTC day, USD.", labels=["day", "model"]
+            ),
+            "exporter_usd": GaugeMetricFamily(
+                p + "exporter_cost_usd",
+                "Cost of the generations this exporter resolved, by their createAt UTC day, USD.",
+                labels=["day", "model"],
+            ),
+            "difference_usd": GaugeMetricFamily(
+                p + "difference_usd", "ZenMux's cost minus the exporter's, USD.", labels=["day", "model"]
+            ),
+            "unseen_usd": GaugeMetricFamily(
+                p + "unseen_cost_usd",
+                "Spend ZenMux billed that never reached this exporter (ids not seen), USD.",
+                labels=["day", "model"],
+            ),
+            "zenmux_requests": GaugeMetricFamily(
+                p + "zenmux_requests", "Requests ZenMux's account books count for the UTC day.", labels=["day", "model"]
+            ),
+            "exporter_requests": GaugeMetricFamily(
+                p + "exporter_requests", "Generations this exporter resolved for the UTC day.", labels=["day", "model"]
+            ),
+        }
+        for day, lines in snapshot.days.items():
+            for line in lines:
+                for name, family in families.items():
+                    value = getattr(line, name)
+                    if value is not None:
+                        family.add_metric([day, line.model], float(value))
+        yield from families.values()
+        if snapshot.balance is not None:
+            balance = snapshot.balance
+            yield GaugeMetricFamily(
+                "zenmux_payg_balance_usd", "Pay-as-you-go credit balance (total_credits), USD.",
+                value=float(balance.total_usd),
+            )
+            parts = GaugeMetricFamily(
+                "zenmux_payg_balance_part_usd", "Parts of the PAYG balance (top-up and bonus credits), USD.",
+                labels=["part"],
+            )
+            parts.add_metric(["top_up"], float(balance.top_up_usd))
+            parts.add_metric(["bonus"], float(balance.bonus_usd))
+            yield parts
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+# --- the audit command ------------------------------------------------------------------------------------------
+
+
+def _cell(value: Decimal | int | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, Decimal) and value != value.to_integral_value():
+        return f"{value.quantize(Decimal('1E-10')):f}"
+    return f"{value:f}" if isinstance(value, Decimal) else str(value)
+
+
+AUDIT_COLUMNS = ("model", "zenmux_usd", "exporter_usd", "difference_usd", "zenmux_requests", "exporter_requests")
+
+
+def audit_table(lines: Sequence[Line]) -> str:
+    """The audit as aligned text: one row per model and a total (unknown when any ZenMux figure is)."""
+    total_zenmux: Decimal | None = Decimal(0)
+    total_requests: Decimal | None = Decimal(0)
+    for line in lines:
+        total_zenmux = _add(total_zenmux, line.zenmux_usd)
+        total_requests = _add(total_requests, line.zenmux_requests)
+    total = Line(
+        "TOTAL",
+        total_zenmux,
+        sum((line.exporter_usd for line in lines), Decimal(0)),
+        total_requests,
+        sum(line.exporter_requests for line in lines),
+    )
+    rows = [list(AUDIT_COLUMNS)]
+    for line in (*lines, total):
+        rows.append(
+            [
+                line.model,
+                _cell(line.zenmux_usd),
+                _cell(line.exporter_usd),
+                _cell(line.difference_usd),
+                _cell(line.zenmux_requests),
+                _cell(line.exporter_requests),
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(AUDIT_COLUMNS))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
+
+
+async def audit(client: AccountClient, ledger: Ledger, day: str) -> list[Line]:
+    """One UTC day (YYYYMMDD), ZenMux's account cost against the ledger's rows (uncapped model names)."""
+    return compare(await client.cost(day), ledger.daily(day), None)
