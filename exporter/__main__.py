@@ -255,6 +255,7 @@ def demo_config(api_url: str, directory: Path, listen: str) -> Config:
             "state": {"path": str(directory / "state.db")},
             "metrics": {"listen": listen, "extra_labels": ["feature"]},
             "shutdown": {"drain_seconds": 0},
+            "reconcile": {"management_api_key": "sk-mg-v1-demo", "poll_interval_seconds": 10},
         },
         "demo",
     )

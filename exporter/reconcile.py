@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -221,14 +222,19 @@ class AccountClient:
 
     async def cost(self, day: str) -> dict[str, ModelCost]:
         params = {"type": "cost", "query_dimension": "BIZ_DT", "query_time": day}
-        return parse_cost_by_model(await self._get(COST_PATH, params))
+        return await self._get(COST_PATH, params, parse_cost_by_model)
 
     async def balance(self) -> Balance:
-        return parse_balance(await self._get(BALANCE_PATH, {}))
+        return await self._get(BALANCE_PATH, {}, parse_balance)
 
-    async def _get(self, path: str, params: Mapping[str, str]) -> Any:
+    async def _get(self, path: str, params: Mapping[str, str], parse: Callable[[Any], T]) -> T:
         try:
-            response = await self._http.get(path, params=params)
+            async with self._http.stream("GET", path, params=params) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise PollError(Outcome.TOO_LARGE, f"{path}: body over {MAX_RESPONSE_BYTES} bytes")
         except httpx.TimeoutException:
             raise PollError(Outcome.TIMEOUT, f"{path}: timed out") from None
         except httpx.HTTPError as err:
@@ -243,11 +249,11 @@ class AccountClient:
             raise PollError(Outcome.SERVER_ERROR, f"{path}: {status}")
         if status != 200:
             raise PollError(Outcome.CLIENT_ERROR, f"{path}: {status}")
-        if len(response.content) > MAX_RESPONSE_BYTES:
-            raise PollError(Outcome.TOO_LARGE, f"{path}: body over {MAX_RESPONSE_BYTES} bytes")
         try:
-            return response.json()
-        except ValueError:
+            return parse(json.loads(body))
+        except MalformedResponse as err:
+            raise PollError(Outcome.MALFORMED, f"{path}: {err}") from None
+        except (ValueError, RecursionError):
             raise PollError(Outcome.MALFORMED, f"{path}: body is not JSON") from None
 
 

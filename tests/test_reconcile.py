@@ -446,6 +446,43 @@ async def test_server_errors_back_off_exponentially_up_to_the_interval() -> None
         await server.close()
 
 
+async def test_malformed_and_oversized_answers_are_counted_and_keep_the_last_good_figures() -> None:
+    answers: list[Response] = []
+    good_cost = json.dumps({"success": True, "data": {"summary": None, "analysis": {"costByModel": [
+        {"bizTime": "2026092101", "modelSlug": "m", "billAmount": "1.5000000000", "requestCounts": "3"}]}}})
+    good_balance = json.dumps({"success": True, "data": {"total_credits": 9.5, "top_up_credits": 0,
+                                                         "bonus_credits": 9.5}})
+
+    async def handler(request: Request) -> Response:
+        if answers:
+            return answers.pop(0)
+        body = good_cost if request.path == COST_PATH else good_balance
+        return Response(status=200, body=body.encode(), content_type="application/json")
+
+    server = HttpServer(handler, "127.0.0.1", 0)
+    await server.start()
+    try:
+        clock = ManualClock(START)
+        reconciler, metrics, registry, _ = poller(f"http://127.0.0.1:{server.port}", clock,
+                                                  max_requests_per_minute=600)
+        await reconciler.poll()
+        labels = {"day": "today", "model": "m"}
+        assert registry.get_sample_value("zenmux_reconcile_zenmux_cost_usd", labels) == 1.5
+        answers.extend([
+            Response(status=200, body=b"<html>maintenance</html>", content_type="text/html"),
+            Response(status=200, body=b'{"success": true, "data": {"analysis": {"costByModel": "n/a"}}}'),
+            Response(status=200, body=b"x" * (5 * 1024 * 1024), content_type="application/json"),
+        ])
+        await reconciler.poll()
+        counts = metrics.reconcile_requests
+        assert counts.labels("cost", "malformed")._value.get() == 2
+        assert counts.labels("balance", "too_large")._value.get() == 1
+        assert registry.get_sample_value("zenmux_reconcile_zenmux_cost_usd", labels) == 1.5
+        assert registry.get_sample_value("zenmux_payg_balance_usd") == 9.5
+    finally:
+        await server.close()
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 

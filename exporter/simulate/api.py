@@ -377,7 +377,8 @@ class SimulatedZenMux:
     """An in-memory ZenMux.
 
     HTTP (`handle`): GET /api/v1/generation and /api/v1/management/generation?id=, POST /api/v1/generations,
-    and the ground-truth endpoints GET /_sim/records[?ready=1], GET /_sim/stats, GET|POST /_sim/config.
+    and the ground-truth endpoints GET /_sim/records[?ready=1], GET /_sim/stats, GET|POST /_sim/config; the
+    account endpoints (cost, PAYG balance) and POST|GET /_sim/unseen are `account` (exporter/simulate/account.py).
     Faults and rate limits apply to lookups only, so traffic creation (and thus the totals) stays exact.
     In process: `create`, `record`, `records`, `stats`, `configure`.
     """
