@@ -432,12 +432,12 @@ class ReconcileCollector(Collector):
 # --- the audit command ------------------------------------------------------------------------------------------
 
 
-def _cell(value: Decimal | int | None) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, Decimal) and value != value.to_integral_value():
-        return f"{value.quantize(Decimal('1E-10')):f}"
-    return f"{value:f}" if isinstance(value, Decimal) else str(value)
+def _usd(value: Decimal | None) -> str:
+    return "-" if value is None else f"{value.quantize(Decimal('1E-10')):f}"
+
+
+def _count(value: Decimal | int | None) -> str:
+    return "-" if value is None else str(int(value))
 
 
 AUDIT_COLUMNS = ("model", "zenmux_usd", "exporter_usd", "difference_usd", "zenmux_requests", "exporter_requests")
@@ -462,11 +462,11 @@ def audit_table(lines: Sequence[Line]) -> str:
         rows.append(
             [
                 line.model,
-                _cell(line.zenmux_usd),
-                _cell(line.exporter_usd),
-                _cell(line.difference_usd),
-                _cell(line.zenmux_requests),
-                _cell(line.exporter_requests),
+                _usd(line.zenmux_usd),
+                _usd(line.exporter_usd),
+                _usd(line.difference_usd),
+                _count(line.zenmux_requests),
+                _count(line.exporter_requests),
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(AUDIT_COLUMNS))]
