@@ -154,15 +154,15 @@ class Ledger:
                     out[model] = (cost + value, count) if metric == DAILY_COST else (cost, count + value)
         return out
 
-    def daily_rows_before(self, day: str) -> list[tuple[str, str]]:
-        """The (metric, labels) row keys of days before `day` (YYYYMMDD), as the store holds them."""
+    def daily_rows_outside(self, first: str, last: str) -> list[tuple[str, str]]:
+        """The (metric, labels) row keys, as the store holds them, of days (YYYYMMDD) not in [first, last]."""
         with self._lock:
-            return [(metric, _labels_json(labels)) for metric, labels in self._daily if labels[0] < day]
+            return [(m, _labels_json(labels)) for m, labels in self._daily if not first <= labels[0] <= last]
 
-    def forget_daily_before(self, day: str) -> None:
-        """Drops days before `day` from memory (after the store dropped their rows)."""
+    def forget_daily_outside(self, first: str, last: str) -> None:
+        """Drops days not in [first, last] from memory (after the store dropped their rows)."""
         with self._lock:
-            for key in [key for key in self._daily if key[1][0] < day]:
+            for key in [key for key in self._daily if not first <= key[1][0] <= last]:
                 del self._daily[key]
 
     def take_changed(self, openmetrics: bool) -> list[Changed]:

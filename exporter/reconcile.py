@@ -359,12 +359,14 @@ class Reconciler:
 
 
 def prune_days(state: StateStore, ledger: Ledger, now: float, days_kept: int) -> int:
-    """Drops per-day ledger rows older than `days_kept` days (UTC) from the state, then from memory."""
-    cutoff = utc_day(datetime.fromtimestamp(now, UTC) - timedelta(days=days_kept - 1))
-    keys = ledger.daily_rows_before(cutoff)
+    """Drops per-day ledger rows of days older than the last `days_kept` (UTC), or after tomorrow (a createAt
+    no clock agrees with), from the state and then from memory; returns how many rows."""
+    today = datetime.fromtimestamp(now, UTC)
+    first, last = utc_day(today - timedelta(days=days_kept - 1)), utc_day(today + timedelta(days=1))
+    keys = ledger.daily_rows_outside(first, last)
     if keys:
         state.drop_ledger_rows(keys)
-        ledger.forget_daily_before(cutoff)
+        ledger.forget_daily_outside(first, last)
     return len(keys)
 
 

@@ -202,14 +202,15 @@ def test_daily_rows_are_settled_with_the_ledger_exactly_restored_and_never_expos
 def test_days_beyond_the_bound_leave_the_state_and_the_ledger(tmp_path: Path) -> None:
     state = StateStore(tmp_path / "s.db", max_pending=100)
     ledger = Ledger(LedgerShape(()), LabelLimiter(10, 10, 64))
-    days = ["20260918", "20260919", "20260920", "20260921"]
+    days = ["20260918", "20260919", "20260920", "20260921", "20260922", "20991231"]
     state.enqueue("src", [Sighting(d) for d in days], now=0, due=0)
     state.settle([Resolved(d, billed("m", 0.5, d, d)) for d in days], ledger, now=1)
-    assert prune_days(state, ledger, START, days_kept=2) == 4  # 2 days x (cost, generations)
-    assert [d for d in days if ledger.daily(d)] == ["20260920", "20260921"]
+    # START is on 2026-09-21: two days kept, tomorrow tolerated (clock skew), 2099 dropped
+    assert prune_days(state, ledger, START, days_kept=2) == 6  # 3 days x (cost, generations)
+    assert [d for d in days if ledger.daily(d)] == ["20260920", "20260921", "20260922"]
     restored = Ledger(LedgerShape(()), LabelLimiter(10, 10, 64))
     restored.load(state.ledger_rows())
-    assert [d for d in days if restored.daily(d)] == ["20260920", "20260921"]
+    assert [d for d in days if restored.daily(d)] == ["20260920", "20260921", "20260922"]
     assert prune_days(state, ledger, START, days_kept=2) == 0
 
 
