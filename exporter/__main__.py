@@ -143,10 +143,11 @@ def cmd_lookup(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from datetime import datetime
 
+    from exporter.account import AccountClient, PollError
     from exporter.clock import SystemClock
     from exporter.contribution import LabelLimiter, LedgerShape
     from exporter.ledger import Ledger
-    from exporter.reconcile import AccountClient, PollError, audit, audit_table
+    from exporter.reconcile import audit, audit_table
     from exporter.state import StateStore
 
     try:

@@ -18,6 +18,7 @@ import prometheus_client
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from exporter.account import AccountClient
 from exporter.clock import Clock, SystemClock
 from exporter.config import Config, split_host_port
 from exporter.contribution import LabelLimiter, LedgerShape
@@ -26,7 +27,7 @@ from exporter.exposition import LedgerExposition
 from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
-from exporter.reconcile import AccountClient, ReconcileCollector, Reconciler, prune_days
+from exporter.reconcile import ReconcileCollector, Reconciler, prune_days
 from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from exporter.__main__ import main
+from exporter.account import AccountClient, ModelCost, parse_balance, parse_cost_by_model, parse_decimal
 from exporter.clock import ManualClock
 from exporter.config import ConfigError, ReconcileConfig, parse_config, redacted
 from exporter.contribution import (
@@ -33,17 +34,7 @@ from exporter.contribution import (
 )
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
-from exporter.reconcile import (
-    AccountClient,
-    ModelCost,
-    ReconcileCollector,
-    Reconciler,
-    closed_and_open_days,
-    parse_balance,
-    parse_cost_by_model,
-    parse_decimal,
-    prune_days,
-)
+from exporter.reconcile import ReconcileCollector, Reconciler, closed_and_open_days, prune_days
 from exporter.simulate.account import BALANCE_PATH, COST_PATH, UNSEEN_PATH, amount
 from exporter.simulate.api import SimConfig, SimulatedZenMux, serve
 from exporter.state import Resolved, StateStore
