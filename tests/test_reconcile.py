@@ -475,6 +475,22 @@ async def test_malformed_and_oversized_answers_are_counted_and_keep_the_last_goo
         await server.close()
 
 
+async def test_a_refused_management_key_is_counted_and_never_logged(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "sk-mg-v1-revoked-0123456789"
+    async with account_api() as (_, _, clock, url):
+        registry = CollectorRegistry()
+        metrics = SelfMetrics(registry)
+        client = AccountClient(url, secret, timeout_seconds=5, clock=clock)
+        ledger = Ledger(LedgerShape(()), LabelLimiter(10, 10, 64))
+        settings = ReconcileConfig(management_api_key=secret, max_requests_per_minute=600)
+        reconciler = Reconciler(settings, client, ledger, metrics, clock=clock)
+        assert await reconciler.poll() == settings.poll_interval_seconds  # a refused key waits a whole round
+        assert metrics.reconcile_requests.labels("cost", "unauthorized")._value.get() == 2
+        assert metrics.reconcile_requests.labels("balance", "unauthorized")._value.get() == 1
+        await client.aclose()
+    assert "401" in caplog.text and secret not in caplog.text
+
+
 # ------------------------------------------------------------------------------------------ end to end
 
 
