@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -121,18 +123,19 @@ class Reconciler:
         metrics: SelfMetrics,
         *,
         clock: Clock,
+        monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._config = config
         self._client = client
         self._ledger = ledger
         self._metrics = metrics
-        self._clock = clock
-        self._bucket = TokenBucket(
-            config.max_requests_per_minute / 60.0, min(3.0, config.max_requests_per_minute), monotonic=clock.time,
-            sleep=sleep,
-        )
-        self._held_until = dict.fromkeys(ENDPOINTS, 0.0)
+        self._clock = clock  # wall time: which UTC days
+        # Pacing and Retry-After holds on a clock no NTP step moves (a step back would hold for its length).
+        self._monotonic = monotonic
+        burst = min(3.0, config.max_requests_per_minute)
+        self._bucket = TokenBucket(config.max_requests_per_minute / 60.0, burst, monotonic=monotonic, sleep=sleep)
+        self._held_until = dict.fromkeys(ENDPOINTS, -math.inf)
         self._backoff = 0.0
         self._costs: dict[str, tuple[str, dict[str, ModelCost]]] = {}  # day label -> (YYYYMMDD, ZenMux's)
         self.snapshot = Snapshot({}, None)
@@ -164,7 +167,7 @@ class Reconciler:
 
     async def _request(self, endpoint: str, call: Callable[[], Awaitable[T]]) -> T | None:
         """The call's result, or None when the endpoint is held back by a rate limit (the call is not made)."""
-        if self._clock.time() < self._held_until[endpoint]:
+        if self._monotonic() < self._held_until[endpoint]:
             return None
         await self._bucket.acquire()
         try:
@@ -172,7 +175,7 @@ class Reconciler:
         except PollError as err:
             self._metrics.reconcile_requests.labels(endpoint, err.outcome.value).inc()
             if err.retry_after is not None:
-                self._held_until[endpoint] = self._clock.time() + err.retry_after
+                self._held_until[endpoint] = self._monotonic() + err.retry_after
             log.warning("reconcile: %s", err)
             raise
         self._metrics.reconcile_requests.labels(endpoint, "ok").inc()

@@ -377,7 +377,7 @@ def poller(
     settings = ReconcileConfig(management_api_key=MANAGEMENT_KEY, **config)
     client = AccountClient(url, MANAGEMENT_KEY, timeout_seconds=5, clock=clock)
     ledger = ledger or Ledger(LedgerShape(()), LabelLimiter(10, 10, 64))
-    reconciler = Reconciler(settings, client, ledger, metrics, clock=clock, sleep=sleep)
+    reconciler = Reconciler(settings, client, ledger, metrics, clock=clock, monotonic=clock.time, sleep=sleep)
     registry.register(ReconcileCollector(lambda: reconciler.snapshot))
     return reconciler, metrics, registry, slept
 
@@ -483,7 +483,7 @@ async def test_a_refused_management_key_is_counted_and_never_logged(caplog: pyte
         client = AccountClient(url, secret, timeout_seconds=5, clock=clock)
         ledger = Ledger(LedgerShape(()), LabelLimiter(10, 10, 64))
         settings = ReconcileConfig(management_api_key=secret, max_requests_per_minute=600)
-        reconciler = Reconciler(settings, client, ledger, metrics, clock=clock)
+        reconciler = Reconciler(settings, client, ledger, metrics, clock=clock, monotonic=clock.time)
         assert await reconciler.poll() == settings.poll_interval_seconds  # a refused key waits a whole round
         assert metrics.reconcile_requests.labels("cost", "unauthorized")._value.get() == 2
         assert metrics.reconcile_requests.labels("balance", "unauthorized")._value.get() == 1
