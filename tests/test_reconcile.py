@@ -520,7 +520,9 @@ async def test_resolved_plus_unseen_spend_difference_is_exactly_the_unseen_spend
         ("yesterday", models[0]): sum((account.create_unseen(model=models[0], created_at=now - DAY) for _ in range(3)),
                                       Decimal(0)),
         ("today", models[1]): account.create_unseen(model=models[1], created_at=now - 2),
-        ("today", "google/gemini-2.5-flash"): account.create_unseen(model="google/gemini-2.5-flash", created_at=now - 2),
+        ("today", "google/gemini-2.5-flash"): account.create_unseen(
+            model="google/gemini-2.5-flash", created_at=now - 2
+        ),
     }
     unseen_counts = {("yesterday", models[0]): 3, ("today", models[1]): 1, ("today", "google/gemini-2.5-flash"): 1}
     reconciler = exporter.reconciler
