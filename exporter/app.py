@@ -18,6 +18,7 @@ import prometheus_client
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+from exporter.account import AccountClient
 from exporter.clock import Clock, SystemClock
 from exporter.config import Config, split_host_port
 from exporter.contribution import LabelLimiter, LedgerShape
@@ -26,6 +27,7 @@ from exporter.exposition import LedgerExposition
 from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
+from exporter.reconcile import ReconcileCollector, Reconciler, prune_days
 from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
@@ -66,9 +68,15 @@ class Exporter:
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        management_key: str | None = None,
+        account_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self._api_key = api_key
+        # Read by the caller (it may come from a file), else the inline key; "" leaves reconciliation off.
+        self._management_key = config.reconcile.management_api_key if management_key is None else management_key
+        self._account_transport = account_transport
+        self.reconciler: Reconciler | None = None
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry if registry is not None else CollectorRegistry()
         self.tracing = tracing if tracing is not None else tracer_provider(config.tracing)
@@ -149,6 +157,8 @@ class Exporter:
                 self._source_tasks.append(self._watch(tail.run(self._stop_sources), f"source {source.name}"))
         self._tasks.append(self._watch(self.resolver.run(self._stop_resolver), "resolver"))
         self._tasks.append(self._watch(self._housekeeping(), "housekeeping"))
+        if self._management_key:
+            self._start_reconciler()
         self._started = True
         log.info(
             "zenmux-exporter serving /metrics on %s:%d; %d pending ids in %s",
@@ -157,6 +167,20 @@ class Exporter:
             self.state.pending,
             config.state.path,
         )
+
+    def _start_reconciler(self) -> None:
+        config = self.config
+        self.account = AccountClient(
+            config.zenmux.base_url,
+            self._management_key,
+            timeout_seconds=config.reconcile.timeout_seconds,
+            transport=self._account_transport,
+            clock=self.clock,
+        )
+        reconciler = Reconciler(config.reconcile, self.account, self.ledger, self.metrics, clock=self.clock)
+        self.registry.register(ReconcileCollector(lambda: reconciler.snapshot))
+        self.reconciler = reconciler
+        self._tasks.append(self._watch(reconciler.run(self._stop_resolver), "reconcile"))
 
     def _watch(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A background task whose death by an exception is logged and fails /healthz (so a liveness probe
@@ -196,6 +220,11 @@ class Exporter:
                 forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
                 if forgotten:
                     log.info("forgot %d resolved ids older than the dedupe window", forgotten)
+                try:
+                    prune_days(self.state, self.ledger, now, self.config.reconcile.days_kept)
+                except sqlite3.Error as err:
+                    self.metrics.state_errors.labels("forget").inc()
+                    log.error("cannot drop old per-day ledger rows from the state database: %s", err)
                 last_forget = now
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_resolver.wait(), HOUSEKEEPING_SECONDS)
@@ -256,6 +285,8 @@ class Exporter:
             )
         await self.http.close()
         await self.client.aclose()
+        if self.reconciler is not None:
+            await self.account.aclose()
         self.state.close()
         self.tracing.shutdown()
         self.stopped = True

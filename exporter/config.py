@@ -35,7 +35,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class ZenMuxConfig:
     base_url: str = "https://zenmux.ai"
-    generation_path: str = "/api/v1/generation"
+    generation_path: str = "/api/v1/management/generation"
     api_key: str = field(default="", repr=False)
     api_key_file: str = ""
     connect_timeout_seconds: float = 5.0
@@ -110,6 +110,24 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class ReconcileConfig:
+    """Reconciliation with ZenMux's account cost and PAYG balance: on when a management key is set."""
+
+    management_api_key: str = field(default="", repr=False)
+    management_api_key_file: str = ""
+    poll_interval_seconds: float = 300.0
+    # Account requests per minute we allow ourselves: the account's 60/min is shared with its usage endpoint.
+    max_requests_per_minute: int = 20
+    timeout_seconds: float = 30.0
+    # Days of per-day, per-model ledger rows kept (in the state) for the comparison and the audit command.
+    days_kept: int = 35
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.management_api_key or self.management_api_key_file)
+
+
+@dataclass(frozen=True)
 class Config:
     zenmux: ZenMuxConfig = field(default_factory=ZenMuxConfig)
     resolve: ResolveConfig = field(default_factory=ResolveConfig)
@@ -119,6 +137,7 @@ class Config:
     tracing: TracingConfig = field(default_factory=TracingConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
 
 
 T = TypeVar("T")
@@ -250,6 +269,34 @@ def _zenmux(r: _Reader, data: dict[str, Any]) -> ZenMuxConfig:
             data, "max_requests_per_second", p, d.max_requests_per_second, exclusive_minimum=True
         ),
         max_response_bytes=r.integer(data, "max_response_bytes", p, d.max_response_bytes, minimum=1024),
+    )
+
+
+MANAGEMENT_KEY_PREFIX = "sk-mg-"
+
+
+def _reconcile(r: _Reader, data: dict[str, Any]) -> ReconcileConfig:
+    d = ReconcileConfig()
+    p = "reconcile"
+    r.unknown_keys(data, {f.name for f in dataclasses.fields(ReconcileConfig)}, p)
+    known_problems = len(r.problems)
+    key = r.string(data, "management_api_key", p, "").strip()
+    key_file = r.string(data, "management_api_key_file", p, "")
+    if len(r.problems) == known_problems and key:
+        problem = key_problem(key) or (
+            "" if key.startswith(MANAGEMENT_KEY_PREFIX) else "must be a management key (sk-mg-v1-...)"
+        )
+        if problem:
+            r.problem(f"{p}.management_api_key", problem)
+    if key and key_file:
+        r.problem(p, "set management_api_key or management_api_key_file, not both")
+    return ReconcileConfig(
+        management_api_key=key,
+        management_api_key_file=key_file,
+        poll_interval_seconds=r.number(data, "poll_interval_seconds", p, d.poll_interval_seconds, minimum=10.0),
+        max_requests_per_minute=r.integer(data, "max_requests_per_minute", p, d.max_requests_per_minute),
+        timeout_seconds=r.number(data, "timeout_seconds", p, d.timeout_seconds, exclusive_minimum=True),
+        days_kept=r.integer(data, "days_kept", p, d.days_kept, minimum=2),
     )
 
 
@@ -448,6 +495,7 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
             level=_one_of("debug", "info", "warning", "error"),
             format=_one_of("text", "json"),
         ),
+        reconcile=_reconcile(r, r.section(data, "reconcile", "reconcile")),
     )
     if not 0.0 <= config.tracing.sample_ratio <= 1.0:
         r.problem("tracing.sample_ratio", "must be between 0 and 1")
@@ -489,17 +537,28 @@ def read_api_key(config: ZenMuxConfig) -> str:
     """The key itself: inline, or read (stripped) from the mounted secret file."""
     if config.api_key:
         return config.api_key
-    where = "zenmux.api_key_file"
+    return _read_key_file(config.api_key_file, "zenmux.api_key_file")
+
+
+def _read_key_file(path: str, where: str, prefix: str = "") -> str:
+    """A key read (stripped) from a mounted secret file; ConfigError naming `where` if unusable."""
     try:
-        key = Path(config.api_key_file).read_text(encoding="utf-8").strip()
+        key = Path(path).read_text(encoding="utf-8").strip()
     except OSError as err:
         raise ConfigError(where, [f"{where}: cannot read: {err.strerror}"]) from None
     except UnicodeDecodeError:
         raise ConfigError(where, [f"{where}: is not UTF-8 text"]) from None
-    problem = key_problem(key)
+    problem = key_problem(key) or ("" if key.startswith(prefix) else f"does not start with {prefix}")
     if problem:
         raise ConfigError(where, [f"{where}: the key {problem}"])
     return key
+
+
+def read_management_key(config: ReconcileConfig) -> str:
+    """The management key (inline or from its file), or "" when reconciliation is off."""
+    if not config.management_api_key_file:
+        return config.management_api_key
+    return _read_key_file(config.management_api_key_file, "reconcile.management_api_key_file", MANAGEMENT_KEY_PREFIX)
 
 
 def redacted(config: Config) -> dict[str, Any]:
@@ -507,6 +566,8 @@ def redacted(config: Config) -> dict[str, Any]:
     data = dataclasses.asdict(config)
     if data["zenmux"]["api_key"]:
         data["zenmux"]["api_key"] = REDACTED
+    if data["reconcile"]["management_api_key"]:
+        data["reconcile"]["management_api_key"] = REDACTED
     data["metrics"]["extra_labels"] = list(config.metrics.extra_labels)
     data["sources"] = [dict(s, labels=dict(s["labels"])) for s in data["sources"]]
     return data

@@ -56,6 +56,17 @@ SPECS = {
 }
 
 
+# Internal ledger rows, never exposed as such: cost and generations per UTC day of createAt and model, labels
+# (day, model), for reconciling with ZenMux's account cost (exporter/reconcile.py). Stored with the rest of the
+# ledger, so every state backend keeps them in the same transaction. Cost is an integer count of 1e-10 USD, the
+# precision of ZenMux's decimal strings: sums of whole numbers in a float are exact up to 2**53 units
+# (~900,000 USD per day and model), so the books compare to the last digit with no float drift.
+DAILY_COST = "daily:cost_1e-10_usd"
+DAILY_GENERATIONS = "daily:generations"
+DAILY_METRICS = frozenset({DAILY_COST, DAILY_GENERATIONS})
+COST_UNITS_PER_USD = 10**10
+
+
 class LabelLimiter:
     """Caps distinct values per label (overflow becomes "other") and truncates long values."""
 
@@ -137,6 +148,12 @@ def contribution(
     add("zenmux_generation_duration_seconds", record.generation_seconds)
     add("zenmux_upstream_retries", float(record.upstream_retries))
     add("zenmux_generation_upstream_retries", float(record.upstream_retries))
+    if record.day:
+        daily = (record.day, base[0])
+        out.append(Increment(DAILY_GENERATIONS, daily, 1.0))
+        if record.billing is not None:
+            # Amounts carry at most 10 decimals, so the nearest whole unit is the amount itself.
+            out.append(Increment(DAILY_COST, daily, float(round(record.billing.bill_usd * COST_UNITS_PER_USD))))
     if record.billing is not None:
         billing = record.billing
         add("zenmux_cost_usd", billing.bill_usd)

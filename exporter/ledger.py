@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from bisect import bisect_left
@@ -12,6 +13,8 @@ from functools import lru_cache
 from prometheus_client.samples import Exemplar
 
 from exporter.contribution import (
+    DAILY_COST,
+    DAILY_METRICS,
     SPECS,
     Contribution,
     Key,
@@ -41,9 +44,10 @@ class Overlay:
     counters: dict[Key, float] = field(default_factory=dict)
     histograms: dict[Key, HistogramValue] = field(default_factory=dict)
     exemplars: dict[tuple[Key, int], Exemplar] = field(default_factory=dict)
+    daily: dict[Key, float] = field(default_factory=dict)  # DAILY_METRICS: stored, never exposed
 
     def rows(self) -> Iterator[tuple[str, str, str]]:
-        for (metric, labels), value in self.counters.items():
+        for (metric, labels), value in itertools.chain(self.counters.items(), self.daily.items()):
             yield metric, _labels_json(labels), json.dumps(value)
         for (metric, labels), hist in self.histograms.items():
             yield metric, _labels_json(labels), json.dumps({"b": hist.buckets, "s": hist.sum})
@@ -63,6 +67,7 @@ class Ledger:
         self._counters: dict[Key, float] = {}
         self._histograms: dict[Key, HistogramValue] = {}
         self._exemplars: dict[tuple[Key, int], Exemplar] = {}
+        self._daily: dict[Key, float] = {}  # (DAILY_* metric, (day, model)) -> value
         self._lock = threading.Lock()  # /metrics renders on another thread
         # Series changed since each format was last rendered (see LedgerExposition).
         self._changed: tuple[set[Key], set[Key]] = (set(), set())
@@ -72,6 +77,9 @@ class Ledger:
         for metric, labels_json, value_json in rows:
             spec = SPECS.get(metric)
             labels = tuple(json.loads(labels_json))
+            if metric in DAILY_METRICS and len(labels) == 2:
+                self._daily[(metric, labels)] = float(json.loads(value_json))
+                continue
             if spec is None or len(labels) != len(self.shape.label_names(spec)):
                 continue
             for name, value in zip(self.shape.label_names(spec), labels, strict=True):
@@ -96,7 +104,10 @@ class Ledger:
     def add(self, overlay: Overlay, item: Contribution) -> None:
         for inc in item.increments:
             key = (inc.metric, inc.labels)
-            spec = SPECS[inc.metric]
+            spec = SPECS.get(inc.metric)
+            if spec is None:  # a DAILY_* row
+                overlay.daily[key] = overlay.daily.get(key, self._daily.get(key, 0.0)) + inc.value
+                continue
             if not spec.is_histogram:
                 overlay.counters[key] = overlay.counters.get(key, self._counters.get(key, 0.0)) + inc.value
                 continue
@@ -118,6 +129,7 @@ class Ledger:
             self._counters.update(overlay.counters)
             self._histograms.update(overlay.histograms)
             self._exemplars.update(overlay.exemplars)
+            self._daily.update(overlay.daily)
             for changed in self._changed:
                 changed.update(overlay.counters)
                 changed.update(overlay.histograms)
@@ -131,6 +143,27 @@ class Ledger:
                 for (m, values), v in self._counters.items()
                 if m == metric and all(values[names.index(k)] == want for k, want in labels.items())
             )
+
+    def daily(self, day: str) -> dict[str, tuple[float, float]]:
+        """Per model on a UTC day (YYYYMMDD): (cost in 1e-10 USD units, generations), as committed."""
+        out: dict[str, tuple[float, float]] = {}
+        with self._lock:
+            for (metric, (row_day, model)), value in self._daily.items():
+                if row_day == day:
+                    cost, count = out.get(model, (0.0, 0.0))
+                    out[model] = (cost + value, count) if metric == DAILY_COST else (cost, count + value)
+        return out
+
+    def daily_rows_outside(self, first: str, last: str) -> list[tuple[str, str]]:
+        """The (metric, labels) row keys, as the store holds them, of days (YYYYMMDD) not in [first, last]."""
+        with self._lock:
+            return [(m, _labels_json(labels)) for m, labels in self._daily if not first <= labels[0] <= last]
+
+    def forget_daily_outside(self, first: str, last: str) -> None:
+        """Drops days not in [first, last] from memory (after the store dropped their rows)."""
+        with self._lock:
+            for key in [key for key in self._daily if not first <= key[1][0] <= last]:
+                del self._daily[key]
 
     def take_changed(self, openmetrics: bool) -> list[Changed]:
         """The series changed since this format last took them, with their values (and, for OpenMetrics,

@@ -8,6 +8,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -59,6 +60,8 @@ class GenerationRecord:
     finish_reason: str
     upstream_retries: int
     billing: Billing | None
+    # The UTC day (YYYYMMDD) of createAt, the day ZenMux's account cost books the generation on; "" if unknown.
+    day: str = ""
 
 
 class MalformedResponse(ValueError):
@@ -181,6 +184,23 @@ def _bool(value: Any, where: str) -> bool | None:
     raise MalformedResponse(f"{where} is not a boolean")
 
 
+def utc_day(value: Any) -> str:
+    """YYYYMMDD of an ISO-8601 time in UTC (a time without an offset is UTC); "" if it is not one."""
+    if not isinstance(value, str):
+        return ""
+    if len(value) >= 20 and value.endswith("Z") and value[4] == "-" and value[7] == "-" and value[10] == "T":
+        day = value[0:4] + value[5:7] + value[8:10]  # ZenMux's own form: no parsing on the hot path
+        if day.isdigit():
+            return day
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return ""
+    if when.tzinfo is not None:
+        when = when.astimezone(UTC)
+    return when.strftime("%Y%m%d")
+
+
 def parse_generation(payload: Any) -> GenerationRecord:
     """A generation record from a decoded JSON body, tolerant of the API's known variations."""
     record = unwrap(payload)
@@ -204,6 +224,7 @@ def parse_generation(payload: Any) -> GenerationRecord:
         finish_reason=_text(record.get("finishReason"), "finishReason", "unknown") or "unknown",
         upstream_retries=_count(record.get("requestRetryTimes"), "requestRetryTimes"),
         billing=_billing(record),
+        day=utc_day(record.get("createAt", record.get("createdAt"))),
     )
 
 

@@ -357,6 +357,11 @@ class StateStore:
     def ledger_rows(self) -> Iterator[tuple[str, str, str]]:
         yield from self._db.execute("SELECT metric, labels, value FROM ledger")
 
+    def drop_ledger_rows(self, keys: Sequence[tuple[str, str]]) -> None:
+        """Deletes ledger rows by (metric, labels) in one transaction: the bound on the per-day rows."""
+        with self._transaction():
+            self._db.executemany("DELETE FROM ledger WHERE metric = ? AND labels = ?", keys)
+
     def forget_finished(self, before: float, limit: int = 10_000) -> int:
         """Drops up to `limit` done/abandoned ids older than the dedupe window (the bound on the dedupe memory),
         in one short transaction; call again while it returns `limit`, yielding to the event loop in between."""

@@ -22,6 +22,8 @@ from exporter.config import Config, LogConfig, TracingConfig
 from exporter.ids import FILE_REJECT_REASONS, UDP_REJECT_REASONS
 from exporter.records import Outcome
 
+# The outcome label of zenmux_exporter_reconcile_requests_total: "ok", or why the account request failed.
+RECONCILE_OUTCOMES = ("ok", *(o.value for o in Outcome if o not in (Outcome.RESOLVED, Outcome.NOT_READY)))
 LOOKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -71,6 +73,12 @@ class SelfMetrics:
             p + "label_overflow", "Label values folded into 'other' by a cardinality cap.", ["label"], registry=registry
         )
         self.draining = Gauge(p + "draining", "1 while shutting down and draining pending ids.", registry=registry)
+        self.reconcile_requests = Counter(
+            p + "reconcile_requests",
+            "Account requests (cost, balance) made for reconciliation, by outcome.",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
         self.state_errors = Counter(
             p + "state_errors", "State database writes that failed (retried).", ["operation"], registry=registry
         )
@@ -110,6 +118,10 @@ class SelfMetrics:
             else:
                 self.udp_datagrams.labels(source.name)
                 self.udp_dropped.labels(source.name)
+        if config.reconcile.enabled:
+            for endpoint in ("cost", "balance"):
+                for label in RECONCILE_OUTCOMES:
+                    self.reconcile_requests.labels(endpoint, label)
         self.give_up_after.set(config.resolve.give_up_after_seconds)
         self.max_pending.set(config.state.max_pending)
         self.concurrency_limit.set(config.zenmux.concurrency)

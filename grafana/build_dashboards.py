@@ -443,6 +443,56 @@ def cost_and_usage() -> Json:
                        "without cost", instant=True)], "short",
                thresholds=steps(("orange", 1))), 8, 8)
 
+    # ZenMux's figures are the account's (the same on every exporter of a job: max); the exporters' add up.
+    L.row("Reconciliation: do our numbers match ZenMux's books (reconcile.management_api_key)")
+    rsel = 'job=~"$job", model=~"$model"'
+    L.add(timeseries("ZenMux vs exporters by model, closed day (USD)",
+                     "Yesterday's (UTC) cost per model in ZenMux's account books (GET /api/v1/management/cost) "
+                     "and in the exporters' ledgers (generations by their createAt day). They should be equal.",
+                     [target(f'max by (model) (zenmux_reconcile_zenmux_cost_usd{{{rsel}, day="yesterday"}})',
+                             "ZenMux {{model}}"),
+                      target(f'sum by (model) (zenmux_reconcile_exporter_cost_usd{{{rsel}, day="yesterday"}})',
+                             "exporters {{model}}", ref="B")],
+                     "currencyUSD"), 12, 8)
+    L.add(timeseries("Difference by model (USD)",
+                     "ZenMux's cost minus the exporters', per UTC day (yesterday: closed; today: so far, moving "
+                     "while both sides catch up). ZenMuxReconcileDifference fires on the closed day beyond "
+                     "zenmux:reconcile_difference_max_usd and _ratio. Requires prometheus/rules.yaml.",
+                     [target(f"job_day_model:zenmux_reconcile_difference_usd:fleet{{{rsel}}}",
+                             "{{day}} {{model}}")],
+                     "currencyUSD", minimum=None), 12, 8)
+    L.add(stat("Unseen spend, closed day", "Spend ZenMux billed yesterday whose ids never reached an exporter "
+               "(uninstrumented apps or keys, lost ids): the positive differences, summed over models.",
+               [target(f'sum(clamp_min(job_day_model:zenmux_reconcile_difference_usd:fleet{{{rsel}, '
+                       f'day="yesterday"}}, 0))', "unseen")], "currencyUSD", decimals=4,
+               thresholds=steps(("orange", 0.1))), 4, 8)
+    L.add(table("Per exporter: difference and unseen spend",
+                "Each exporter against the whole account (right when one exporter sees all of its traffic).",
+                [target(f'zenmux_reconcile_difference_usd{{{SEL}, model=~"$model"}}', instant=True,
+                        fmt="table"),
+                 target(f'zenmux_reconcile_unseen_cost_usd{{{SEL}, model=~"$model"}}', ref="B", instant=True,
+                        fmt="table")],
+                "currencyUSD"), 8, 8)
+    L.add(timeseries("Requests: ZenMux vs exporters", "Requests per UTC day in ZenMux's books and generations "
+                     "the exporters resolved.",
+                     [target(f"sum by (day) (max by (day, model) (zenmux_reconcile_zenmux_requests{{{rsel}}}))",
+                             "ZenMux {{day}}"),
+                      target(f"sum by (day) (zenmux_reconcile_exporter_requests{{{rsel}}})", "exporters {{day}}",
+                             ref="B")],
+                     "short"), 12, 8)
+    L.add(stat("PAYG balance", "The account's pay-as-you-go credit balance (total_credits).",
+               [target('max(zenmux_payg_balance_usd{job=~"$job"})', "balance")], "currencyUSD", decimals=2,
+               graph=True), 4, 8)
+    L.add(stat("Runway", "Hours the PAYG balance lasts at the last hour's spend rate. ZenMuxPaygRunwayLow fires "
+               "under zenmux:runway_min_hours (24 h by default). Unseen spend shortens it further.",
+               [target('min(job:zenmux_payg_runway_hours:rate1h{job=~"$job"}) * 3600', "runway")], "s",
+               decimals=1, thresholds={"mode": "absolute", "steps": [{"color": "red", "value": None},
+                                                                    {"color": "orange", "value": 86400},
+                                                                    {"color": "green", "value": 259200}]}), 4, 8)
+    L.add(timeseries("Balance: top-up and bonus credits", "The parts of the PAYG balance.",
+                     [target('max by (part) (zenmux_payg_balance_part_usd{job=~"$job"})', "{{part}}")],
+                     "currencyUSD", stack=True), 8, 8)
+
     extra = {
         "name": "extra_label", "label": "Extra label", "type": "textbox", "query": "feature",
         "current": {"selected": False, "text": "feature", "value": "feature"},
@@ -579,7 +629,7 @@ def exporter_health() -> Json:
                      "s",
                      overrides=[{"matcher": {"id": "byRegexp", "options": "give-up horizon.*"},
                                  "properties": LIMIT_LINE}]), 6, 8)
-    L.add(timeseries("In-flight lookups", "Lookups in progress against GET /api/v1/generation, against the "
+    L.add(timeseries("In-flight lookups", "Lookups in progress against GET /api/v1/management/generation, against the "
                      "configured limit (zenmux.concurrency, zenmux_exporter_lookup_concurrency_limit). Pinned "
                      "at the limit while the backlog grows: the exporter is the bottleneck.",
                      [target(f"sum by (instance) (zenmux_exporter_inflight_lookups{{{SEL}}})", "{{instance}}"),
@@ -608,6 +658,10 @@ def exporter_health() -> Json:
                      "(subscription_key, gave_up_waiting).",
                      [target(f"sum by (reason) (increase(zenmux_exporter_billing_unavailable_total{{{SEL}}}"
                              "[$__interval]))", "{{reason}}")], "short"), 8, 8)
+    L.add(timeseries("Reconciliation requests", "Account requests for reconciliation (cost, balance) by "
+                     "outcome: rate_limited is ZenMux's 60/min account limit (429) or a management endpoint's (422).",
+                     [target(f"sum by (endpoint, outcome) (rate(zenmux_exporter_reconcile_requests_total{{{SEL}}}"
+                             f"[{RI}]))", "{{endpoint}} {{outcome}}")], "reqps"), 8, 8)
     L.add(timeseries("Malformed and auth failures", "Malformed responses (ZenMuxMalformedLookupResponses) "
                      "and 401/403 answers (ZenMuxApiAuthFailing) per interval.",
                      [target(f'sum by (outcome) (increase(zenmux_exporter_lookups_total{{{SEL}, '

@@ -136,7 +136,7 @@ def test_check_config_prints_the_effective_config_without_the_key(
     monkeypatch.setenv("ZENMUX_API_KEY", SECRET)
     assert main(["check-config", "--config", str(ROOT / "config.example.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "valid" in out and "<redacted>" in out and "generation_path: /api/v1/generation" in out
+    assert "valid" in out and "<redacted>" in out and "generation_path: /api/v1/management/generation" in out
     assert SECRET not in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("zenmux: {api_key: x}\nsources: [{type: file}]\n")

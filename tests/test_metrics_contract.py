@@ -28,7 +28,17 @@ from tests.dashboard_contract import (
     recording_rules,
     rules,
 )
-from tests.support import FakeApi, StartExporter, append_lines, json_line, make_config, scrape, value, wait_until
+from tests.support import (
+    MANAGEMENT_KEY,
+    FakeApi,
+    StartExporter,
+    append_lines,
+    json_line,
+    make_config,
+    scrape,
+    value,
+    wait_until,
+)
 
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
@@ -57,7 +67,12 @@ async def test_live_exposition_matches_the_readme_contract(
     tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:
     # max_label_values 3 folds some of the 5 features into "other": label_overflow_total gets samples
-    exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"max_label_values": 3}))
+    # reconciliation on: its gauges and the balance are part of the contract
+    exporter = await start_exporter(
+        make_config(
+            tmp_path, fake_api.url, metrics={"max_label_values": 3}, reconcile={"management_api_key": MANAGEMENT_KEY}
+        )
+    )
     file_ids = [fake_api.create() for _ in range(10)]
     udp_ids = [fake_api.create() for _ in range(5)]
     append_lines(tmp_path / "app.log", [json_line(i, f"feature-{n % 5}") for n, i in enumerate(file_ids)])

@@ -41,6 +41,7 @@ from exporter.app import Exporter
 from exporter.simulate.api import Faults
 from tests.dashboard_contract import RULE_FILES, dashboard_queries, dashboards, recording_rules
 from tests.support import (
+    MANAGEMENT_KEY,
     FakeApi,
     StartExporter,
     append_lines,
@@ -291,6 +292,8 @@ async def problems_now(
         'zenmux_exporter_file_rotations_total{kind="rename"} > 0',
         "zenmux_exporter_ids_rejected_total > 0",
         "zenmux_exporter_ids_duplicate_total > 0",
+        'zenmux_reconcile_unseen_cost_usd{day="yesterday"} > 0',
+        'zenmux_reconcile_exporter_cost_usd{day="yesterday"} > 0',
         "zenmux_exporter_label_overflow_total > 0",
         f"zenmux_exporter_give_up_after_seconds == {GIVE_UP_SECONDS:g}",
     ):
@@ -325,7 +328,12 @@ async def test_every_dashboard_query_and_rule_returns_data_from_a_real_prometheu
         zenmux={"timeout_seconds": 0.5, "concurrency": 8},
         resolve={"give_up_after_seconds": GIVE_UP_SECONDS},
         metrics={"max_label_values": 4},
+        # reconciliation on: a closed day with generations seen and unseen, today's unseen spend, the balance
+        reconcile={"management_api_key": MANAGEMENT_KEY, "poll_interval_seconds": 10, "max_requests_per_minute": 600},
     )
+    yesterday = [fake_api.create(created_at=started - 86400) for _ in range(3)]
+    sim.account.create_unseen(created_at=started - 86400)
+    sim.account.create_unseen(created_at=started)
     exporter = await start_exporter(config)
     instance = f"127.0.0.1:{exporter.metrics_port}"
     prometheus = start_prometheus(instance)
@@ -350,6 +358,7 @@ async def test_every_dashboard_query_and_rule_returns_data_from_a_real_prometheu
             # conditions first, without faults, so their outcome is the one intended
             never_bills = sim.create(created_at=time.time() + 3600)["generationId"]  # partial answers only
             append_lines(log_file, [json_line(never_bills), "not json at all", '{"no_id_here": 1}'])
+            append_lines(log_file, [json_line(gid) for gid in yesterday])
             traffic.send_udp(b"unknown_generation_id_0001\n\xff\xfe not an id\n")  # 404 until abandoned; rejected
             duplicate = fake_api.create()
             traffic.send_udp(duplicate.encode())

@@ -377,7 +377,8 @@ class SimulatedZenMux:
     """An in-memory ZenMux.
 
     HTTP (`handle`): GET /api/v1/generation and /api/v1/management/generation?id=, POST /api/v1/generations,
-    and the ground-truth endpoints GET /_sim/records[?ready=1], GET /_sim/stats, GET|POST /_sim/config.
+    and the ground-truth endpoints GET /_sim/records[?ready=1], GET /_sim/stats, GET|POST /_sim/config; the
+    account endpoints (cost, PAYG balance) and POST|GET /_sim/unseen are `account` (exporter/simulate/account.py).
     Faults and rate limits apply to lookups only, so traffic creation (and thus the totals) stays exact.
     In process: `create`, `record`, `records`, `stats`, `configure`.
     """
@@ -405,6 +406,10 @@ class SimulatedZenMux:
             "/_sim/stats": self._sim_stats,
             "/_sim/config": self._sim_config,
         }
+        from exporter.simulate.account import AccountEndpoints  # it builds on this module
+
+        self.account = AccountEndpoints(self, clock)
+        self._routes.update(self.account.routes)
         self.configure(config if config is not None else SimConfig())
 
     # -- configuration ----------------------------------------------------------------------------------
@@ -550,8 +555,6 @@ class SimulatedZenMux:
         kind = self._authenticate(request)
         if isinstance(kind, Response):
             return kind
-        if management and kind == "subscription":
-            return _json(403, _error_body(403, "access_denied", "Subscription keys cannot use the management API"))
         if not self._take_token(request.header("authorization")):
             return self._rate_limited(management)
         generation_id = request.query.get("id", "")
