@@ -11,9 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from exporter import emit
-from exporter.emit import FileEmitter, NullEmitter, UdpEmitter, encode_json, open_emitter, valid_id
+from zenmux_emit import emit
+from zenmux_emit.emit import FileEmitter, NullEmitter, UdpEmitter, encode_json, open_emitter, valid_id
 
 
 @pytest.fixture

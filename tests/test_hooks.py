@@ -12,16 +12,17 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-
-from exporter.emit import LabelValue, UdpEmitter
-from exporter.hooks import (
+from zenmux_emit.emit import LabelValue, UdpEmitter
+from zenmux_emit.hooks import (
     AsyncGenerationIdHook,
     GenerationIdHook,
     async_event_hooks,
     event_hooks,
     extract_id,
+    find_body_id,
     is_generation_request,
 )
+
 from exporter.simulate.api import CREATE_PATH, SimulatedZenMux
 from exporter.web import HttpServer, Request, Response
 
@@ -240,7 +241,7 @@ def test_stream_id_is_emitted_as_the_caller_reads_the_first_event() -> None:
         response = client.send(request, stream=True)
         assert pulled == [] and recorder.ids == []
         received = b""
-        raw = response.iter_raw()
+        raw = response.iter_bytes()
         while not recorder.ids:
             received += next(raw)
         assert len(pulled) == 3 and received == chunks[0] + first  # nothing read beyond the first event
@@ -294,15 +295,37 @@ def test_unusable_bodies_never_reach_the_caller_as_errors(headers: dict[str, str
     assert recorder.ids == []
 
 
-def test_large_json_body_is_skipped_not_buffered_forever() -> None:
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        # Chat completions, Responses and Anthropic put the id first; a big body is not parsed again for it.
+        ({"id": "gen-big-first", "object": "chat.completion", "choices": [{"text": "x" * 300_000}]}, "gen-big-first"),
+        ({"model": "m", "type": "message", "id": "msg_third", "content": ["y" * 300_000]}, "msg_third"),
+        # Vertex AI puts responseId after the candidates: found in the last bytes.
+        (
+            {"candidates": [{"text": 'quoted \\"responseId\\":\\"fake\\"' + "z" * 300_000}], "responseId": "VTX1"},
+            "VTX1",
+        ),
+        # An id nested deep in a big body, behind a container: left alone rather than parsed a second time.
+        ({"choices": ["w" * 300_000], "id": "gen-buried"}, None),
+    ],
+)
+def test_large_json_bodies_read_at_their_edges(document: dict[str, object], expected: str | None) -> None:
+    body = json.dumps(document).encode()
     recorder = Recorder()
-    hook = GenerationIdHook(recorder, max_json_bytes=1024)
-    big = json.dumps({"pad": "x" * 5000, "id": "gen-big"}).encode()
-    small = b'{"id":"gen-small"}'
-    for body in (big, small):
-        with _mock_client(hook, {"content-type": "application/json"}, [body]) as client:
-            assert client.post("https://x/v1/chat/completions").content == body
-    assert recorder.ids == ["gen-small"]
+    chunks = [body[i : i + 16_384] for i in range(0, len(body), 16_384)]
+    with _mock_client(GenerationIdHook(recorder), {"content-type": "application/json"}, chunks) as client:
+        assert client.post("https://x/v1/chat/completions").content == body
+    assert recorder.ids == ([expected] if expected else [])
+
+
+def test_body_id_from_head_and_tail() -> None:
+    assert find_body_id(b'{"id":"a1"}') == "a1"
+    assert find_body_id(b'{"object":"x", "id" : "a2", "choices":[', whole=False) == "a2"
+    assert find_body_id(b'{"choices":[{"id":"nested"}', b'"usage":{}}', whole=False) is None
+    assert find_body_id(b'{"candidates":[', b'x"}],"responseId": "R-1"}', whole=False) == "R-1"
+    assert find_body_id(b"[1,2]", b"", whole=False) is None
+    assert find_body_id(b'{"id":"unterminated', whole=False) is None
 
 
 def test_a_raising_emitter_or_label_function_stays_inside_the_hook(llm: str) -> None:
@@ -320,7 +343,7 @@ def test_a_raising_emitter_or_label_function_stays_inside_the_hook(llm: str) -> 
 
 
 def test_default_emitter_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, llm: str) -> None:
-    from exporter import emit
+    from zenmux_emit import emit
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
         receiver.bind(("127.0.0.1", 0))
