@@ -116,7 +116,7 @@ class _Counted:
         """The target cannot work as given: say so once now, so a typo is seen before any id is lost."""
         self.last_error = reason
         self._warned_at = self._clock()
-        log.warning("zenmux_emit: %s; every id will be dropped", reason)
+        log.warning("zenmux_emit: %s; ids are dropped until this is fixed", reason)
 
     def _drop(self, reason: str) -> bool:
         self.dropped += 1
