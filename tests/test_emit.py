@@ -1,4 +1,4 @@
-"""Tests of exporter.emit: real UDP sockets, real files and FIFOs; never raises, never waits."""
+"""Tests of zenmux_emit.emit: real UDP sockets, real files and FIFOs; never raises, never waits."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,8 +22,10 @@ assert not {"httpx", "httpx2"} & set(sys.modules), "the hooks must not import an
 
 
 def test_the_wheel_installs_alone_and_emits(tmp_path: Path) -> None:
+    source = tmp_path / "zenmux-emit"  # a copy: setuptools leaves build/ beside the sources it builds
+    shutil.copytree(ROOT / "zenmux-emit", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT / "zenmux-emit")],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(source)],
         check=True,
         timeout=300,
     )

@@ -1,4 +1,4 @@
-"""Tests of exporter.hooks against real loopback HTTP servers (the simulated ZenMux API and exporter.web)."""
+"""Tests of zenmux_emit.hooks against real loopback HTTP servers (the simulated ZenMux API and exporter.web)."""
 
 from __future__ import annotations
 

@@ -233,7 +233,7 @@ def test_the_app_writes_where_the_exporter_reads(target: str, tmp_path: Path) ->
         assert exporter_mount["name"] == app_mount["name"] and exporter_rel == app_rel
         assert not app_mount.get("readOnly")
         assert "emptyDir" in volume(spec, app_mount["name"])
-        assert source.format == "json"  # what exporter.emit's FileEmitter writes
+        assert source.format == "json"  # what zenmux_emit.emit's FileEmitter writes
     else:
         host, _, port = source.listen.rpartition(":")
         assert host == "127.0.0.1", "the UDP source stays on the pod's loopback"

@@ -96,7 +96,7 @@ def encode_json(
 
 
 class Emitter(Protocol):
-    """Anything that can take a generation id; what `exporter.hooks` sends to."""
+    """Anything that can take a generation id; what `zenmux_emit.hooks` sends to."""
 
     def emit(self, generation_id: str, labels: Mapping[str, LabelValue] | None = None) -> bool: ...
 
