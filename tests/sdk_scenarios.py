@@ -284,6 +284,19 @@ async def async_scenarios(run: Run) -> None:
         done = await client.aio.models.generate_content(model=GEMINI, contents="hello")
         return [str(done.response_id)], done.text or ""
 
+    async def gemini_own_client() -> tuple[list[str], str]:
+        # google-genai 2.x sends async calls through aiohttp when it is installed, unless given an httpx client.
+        try:
+            import httpx2 as http
+        except ImportError:
+            import httpx as http  # type: ignore[no-redef]
+        hooked = http.AsyncClient(event_hooks=run._hooks("async.genai.own_client", asynchronous=True))
+        options = types.HttpOptions(base_url=run.base + "/api/vertex-ai", api_version="v1", httpx_async_client=hooked)
+        client = genai.Client(vertexai=True, api_key=run.key, http_options=options)
+        done = await client.aio.models.generate_content(model=GEMINI, contents="hello")
+        await hooked.aclose()
+        return [str(done.response_id)], done.text or ""
+
     async def gemini_stream() -> tuple[list[str], str]:
         client = run.genai("async.genai.generate.stream")
         stream = await client.aio.models.generate_content_stream(model=GEMINI, contents="hello")
@@ -297,6 +310,7 @@ async def async_scenarios(run: Run) -> None:
     await run.arecord("async.anthropic.messages.stream_helper", messages_helper)
     await run.arecord("async.genai.generate", gemini)
     await run.arecord("async.genai.generate.stream", gemini_stream)
+    await run.arecord("async.genai.own_client", gemini_own_client)
 
 
 def main(argv: list[str]) -> int:

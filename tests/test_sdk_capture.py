@@ -76,7 +76,7 @@ def check_report(report: dict[str, Any], sim: SimulatedZenMux) -> None:
         assert record is not None, name
         protocol = next(p for prefix, p in PROTOCOL.items() if name.removeprefix("async.").startswith(prefix))
         assert record["api"] == protocol, name
-    assert len(results) == 28
+    assert len(results) == 29
 
 
 async def test_current_majors(fake_api: FakeApi, tmp_path: Path) -> None:

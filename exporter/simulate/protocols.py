@@ -7,7 +7,9 @@ Anthropic ``message.id`` in ``message_start``, Responses ``response.id``, Vertex
 metering inline. Base URLs, as ZenMux documents them: ``/api/v1`` (OpenAI), ``/api/anthropic`` (Anthropic) and
 ``/api/vertex-ai`` (Vertex AI, ``v1`` with or without ``projects/P/locations/L/``).
 
-Two request headers exist for tests only: ``x-sim-id-header: 1`` adds the ``x-generation-id`` response header,
+The answer is always the same whole text (finish reason stop, so the SDKs' stream helpers never raise on a
+cut answer); the record's own finishReason is drawn as for any generation. Two request headers exist for tests
+only: ``x-sim-id-header: 1`` adds the ``x-generation-id`` response header,
 and ``x-sim-content-encoding: gzip|br|zstd`` compresses the body (when the request accepts that encoding).
 """
 
@@ -146,7 +148,7 @@ class Protocols:
         if isinstance(record, Response):
             return record
         gid, model, created = record["generationId"], record["model"], int(time.time())
-        finish = "length" if record["finishReason"] == "length" else "stop"
+        finish = "stop"  # the simulated answer is always whole (the SDKs' helpers raise on "length")
         usage = inline_usage(record)
         if not stream:
             document = {
@@ -252,7 +254,7 @@ class Protocols:
         if isinstance(record, Response):
             return record
         usage = inline_usage(record)
-        stop = "max_tokens" if record["finishReason"] == "length" else "end_turn"
+        stop = "end_turn"
         message = {
             "id": record["generationId"],
             "type": "message",
@@ -312,7 +314,7 @@ class Protocols:
         if isinstance(record, Response):
             return record
         tail = {"modelVersion": model, "createTime": iso_ms(time.time()), "responseId": record["generationId"]}
-        finish = "MAX_TOKENS" if record["finishReason"] == "length" else "STOP"
+        finish = "STOP"
 
         def chunk(text: str, last: bool) -> dict[str, Any]:
             candidate: dict[str, Any] = {"content": {"role": "model", "parts": [{"text": text}]}, "index": 0}
