@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -286,12 +287,23 @@ def test_gzip_stream_split_across_chunks_and_crlf() -> None:
     ],
 )
 def test_unusable_bodies_never_reach_the_caller_as_errors(headers: dict[str, str], body: bytes) -> None:
+    def read(hook: GenerationIdHook | None) -> bytes | str:
+        hooks: dict[str, list[Any]] = {"response": [hook]} if hook else {}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, headers=headers, stream=_chunked_stream([body[:3], body[3:]], []))
+
+        try:
+            with (
+                httpx.Client(transport=httpx.MockTransport(handler), event_hooks=hooks) as client,
+                client.stream("POST", "https://x/v1/chat/completions") as response,
+            ):
+                return b"".join(response.iter_bytes())
+        except Exception as exc:
+            return type(exc).__name__
+
     recorder = Recorder()
-    with (
-        _mock_client(GenerationIdHook(recorder), headers, [body[:3], body[3:]]) as client,
-        client.stream("POST", "https://x/v1/chat/completions") as response,
-    ):
-        assert b"".join(response.iter_raw()) == body
+    assert read(GenerationIdHook(recorder)) == read(None)  # the same bytes, or the same error, as without the hook
     assert recorder.ids == []
 
 
@@ -383,3 +395,12 @@ async def test_async_simulated_zenmux(sim: tuple[SimulatedZenMux, str]) -> None:
         response = await client.post(CREATE_PATH, json={"streamed": True}, headers={"Authorization": f"Bearer {KEY}"})
     assert recorder.ids == [response.json()["id"]]
     assert simulated.record(recorder.ids[0]) is not None
+
+
+def test_a_large_body_is_not_parsed_whole() -> None:
+    """A large body whose end is not JSON still yields the id at its start: the hook never parsed all of it."""
+    body = b'{"id": "gen-head", "choices": [{"text": "' + b"x" * 400_000 + b" <cut>"
+    recorder = Recorder()
+    with _mock_client(GenerationIdHook(recorder), {"content-type": "application/json"}, [body]) as client:
+        assert client.post("https://x/v1/chat/completions").content == body
+    assert recorder.ids == ["gen-head"]
