@@ -404,3 +404,11 @@ def test_a_large_body_is_not_parsed_whole() -> None:
     with _mock_client(GenerationIdHook(recorder), {"content-type": "application/json"}, [body]) as client:
         assert client.post("https://x/v1/chat/completions").content == body
     assert recorder.ids == ["gen-head"]
+
+
+def test_a_first_event_in_a_chunk_larger_than_the_look_is_still_read() -> None:
+    body = b'data: {"id":"gen-wide","pad":"' + b"p" * 100_000 + b'"}\n\n' + b"data: [DONE]\n\n"
+    recorder = Recorder()
+    with _mock_client(GenerationIdHook(recorder), {"content-type": "text/event-stream"}, [body]) as client:
+        assert client.post("https://x/v1/chat/completions").content == body
+    assert recorder.ids == ["gen-wide"]

@@ -63,7 +63,8 @@ GENERATION_PATH_MARKERS = (":generateContent", ":streamGenerateContent")
 ID_KEYS = ("id", "responseId", "message.id", "response.id")
 # A JSON body up to twice this is parsed whole; a larger one is read in its first and last this many bytes.
 EDGE_BYTES = 64 * 1024
-# A stream whose first events (this many, or this many bytes) carry no id is left alone.
+# A stream whose first events (this many, or this many bytes give or take the chunk being read) carry no id is
+# left alone.
 MAX_SSE_EVENTS = 4
 MAX_SSE_BYTES = 64 * 1024
 
@@ -153,6 +154,7 @@ class _Watcher:
         self._head = bytearray()
         self._tail = bytearray()
         self._whole = True
+        self._seen = 0
         self._events = 0
         self.done = False
 
@@ -162,10 +164,10 @@ class _Watcher:
         try:
             if self._sse:
                 self._head += chunk
-                if len(self._head) > MAX_SSE_BYTES:
-                    self._give_up()
-                else:
-                    self._scan_events()
+                self._seen += len(chunk)
+                self._scan_events()
+                if self._seen > MAX_SSE_BYTES:
+                    self._give_up()  # the first events are over and carried no id
                 return
             room = 2 * EDGE_BYTES - len(self._head) if self._whole else 0
             if room > 0:
