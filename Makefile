@@ -1,13 +1,21 @@
 # The two front doors: `make demo` and `make test`. Everything else is a helper of theirs.
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The previous majors of openai/anthropic/google-genai (httpx-based) cannot share .venv with the current ones.
+SDK_PREV ?= .venv-sdk-prev
 
 .PHONY: demo test lint tools bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml zenmux-emit/pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e ./zenmux-emit -e '.[dev]'
+	touch $@
+
+$(SDK_PREV)/.installed: tests/sdk-prev-requirements.txt zenmux-emit/pyproject.toml
+	python3 -m venv $(SDK_PREV)
+	$(SDK_PREV)/bin/python -m pip install -q --upgrade pip
+	$(SDK_PREV)/bin/python -m pip install -q -r tests/sdk-prev-requirements.txt -e ./zenmux-emit
 	touch $@
 
 demo: $(BIN)/.installed
@@ -20,11 +28,11 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict
 
-test: $(BIN)/.installed tools lint
+test: $(BIN)/.installed $(SDK_PREV)/.installed tools lint
 	$(BIN)/pytest -q
 
 bench: $(BIN)/.installed tools
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SDK_PREV) .mypy_cache .pytest_cache .ruff_cache

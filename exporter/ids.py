@@ -8,8 +8,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from exporter.config import SourceConfig
-from exporter.emit import ID_PATTERN
 
+# What ZenMux ids look like (see the API reference); zenmux_emit.emit.ID_PATTERN, the app-side copy, must equal it.
+ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"
 VALID_ID = re.compile(ID_PATTERN)
 
 # Rejection reasons: the `reason` label of zenmux_exporter_ids_rejected_total.

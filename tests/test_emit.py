@@ -1,4 +1,4 @@
-"""Tests of exporter.emit: real UDP sockets, real files and FIFOs; never raises, never waits."""
+"""Tests of zenmux_emit.emit: real UDP sockets, real files and FIFOs; never raises, never waits."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from exporter import emit
-from exporter.emit import FileEmitter, NullEmitter, UdpEmitter, encode_json, open_emitter, valid_id
+from zenmux_emit import emit
+from zenmux_emit.emit import FileEmitter, NullEmitter, UdpEmitter, encode_json, open_emitter, valid_id
 
 
 @pytest.fixture
@@ -243,15 +242,75 @@ def test_module_emit_swallows_emitter_errors(monkeypatch: pytest.MonkeyPatch) ->
     assert emit.emit("gen-1") is False
 
 
-def test_emit_imports_only_the_standard_library() -> None:
+def test_zenmux_emit_imports_only_the_standard_library() -> None:
     import ast
     import sys
 
-    tree = ast.parse(Path(emit.__file__).read_text())
-    modules = {
-        (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name.split(".")[0]
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import | ast.ImportFrom)
-        for alias in node.names
-    }
-    assert modules - {"__future__"} <= sys.stdlib_module_names
+    for source in Path(emit.__file__).parent.glob("*.py"):
+        tree = ast.parse(source.read_text())
+        modules = {
+            (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        assert modules - {"__future__", "zenmux_emit"} <= sys.stdlib_module_names, source.name
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "zenmux_emit" and r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize(
+    ("target", "said"),
+    [
+        ("udp://localhost", "udp target needs host:port"),
+        ("udp://127.0.0.1:9467?format=jsn", "unknown format 'jsn'"),
+        ("file:///nonexistent-dir-zenmux/ids.log", "directory /nonexistent-dir-zenmux does not exist"),
+        ("tcp://127.0.0.1:1", "unknown target"),
+    ],
+)
+def test_an_unusable_target_is_said_once_when_built(
+    target: str, said: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sender = open_emitter(target)
+    assert len(_warnings(caplog)) == 1 and said in _warnings(caplog)[0]
+    for _ in range(5):
+        assert sender.emit("gen-1") is False
+    assert len(_warnings(caplog)) == 1  # the drops that follow are within the rate limit
+    assert sender.dropped == 5 and sender.last_error  # the latest reason: for a file, the failed write
+
+
+def test_target_none_discards_silently(caplog: pytest.LogCaptureFixture) -> None:
+    sender = open_emitter("none")
+    assert sender.emit("gen-1") is False and sender.dropped == 1
+    assert _warnings(caplog) == []
+
+
+def test_drops_warn_on_the_first_then_once_per_interval(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = [1000.0]
+    (tmp_path / "gone").mkdir()
+    sender = FileEmitter(tmp_path / "gone" / "ids.log", clock=lambda: now[0])
+    assert _warnings(caplog) == []  # the directory exists when the emitter is built
+    (tmp_path / "gone").rmdir()
+    assert sender.emit("gen-1") is False
+    assert len(_warnings(caplog)) == 1 and "1 generation id(s) dropped" in _warnings(caplog)[0]
+    for _ in range(9):
+        now[0] += 1.0
+        sender.emit("gen-2")
+    assert len(_warnings(caplog)) == 1
+    now[0] += emit.WARN_INTERVAL_SECONDS
+    sender.emit("gen-3")
+    assert len(_warnings(caplog)) == 2 and "10 generation id(s) dropped (11 in all)" in _warnings(caplog)[1]
+    assert (sender.sent, sender.dropped) == (0, 11)
+    (tmp_path / "gone").mkdir()
+    assert sender.emit("gen-4") and sender.sent == 1
+
+
+def test_the_app_side_id_pattern_is_the_exporters() -> None:
+    # zenmux-emit is its own standard-library distribution, so it carries a copy of the exporter's id pattern.
+    from zenmux_emit.emit import ID_PATTERN as APP_SIDE
+
+    from exporter.ids import ID_PATTERN
+
+    assert APP_SIDE == ID_PATTERN

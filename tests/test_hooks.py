@@ -1,4 +1,4 @@
-"""Tests of exporter.hooks against real loopback HTTP servers (the simulated ZenMux API and exporter.web)."""
+"""Tests of zenmux_emit.hooks against real loopback HTTP servers (the simulated ZenMux API and exporter.web)."""
 
 from __future__ import annotations
 
@@ -9,19 +9,21 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
-
-from exporter.emit import LabelValue, UdpEmitter
-from exporter.hooks import (
+from zenmux_emit.emit import LabelValue, UdpEmitter
+from zenmux_emit.hooks import (
     AsyncGenerationIdHook,
     GenerationIdHook,
     async_event_hooks,
     event_hooks,
     extract_id,
+    find_body_id,
     is_generation_request,
 )
+
 from exporter.simulate.api import CREATE_PATH, SimulatedZenMux
 from exporter.web import HttpServer, Request, Response
 
@@ -240,7 +242,7 @@ def test_stream_id_is_emitted_as_the_caller_reads_the_first_event() -> None:
         response = client.send(request, stream=True)
         assert pulled == [] and recorder.ids == []
         received = b""
-        raw = response.iter_raw()
+        raw = response.iter_bytes()
         while not recorder.ids:
             received += next(raw)
         assert len(pulled) == 3 and received == chunks[0] + first  # nothing read beyond the first event
@@ -285,24 +287,57 @@ def test_gzip_stream_split_across_chunks_and_crlf() -> None:
     ],
 )
 def test_unusable_bodies_never_reach_the_caller_as_errors(headers: dict[str, str], body: bytes) -> None:
+    def read(hook: GenerationIdHook | None) -> bytes | str:
+        hooks: dict[str, list[Any]] = {"response": [hook]} if hook else {}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, headers=headers, stream=_chunked_stream([body[:3], body[3:]], []))
+
+        try:
+            with (
+                httpx.Client(transport=httpx.MockTransport(handler), event_hooks=hooks) as client,
+                client.stream("POST", "https://x/v1/chat/completions") as response,
+            ):
+                return b"".join(response.iter_bytes())
+        except Exception as exc:
+            return type(exc).__name__
+
     recorder = Recorder()
-    with (
-        _mock_client(GenerationIdHook(recorder), headers, [body[:3], body[3:]]) as client,
-        client.stream("POST", "https://x/v1/chat/completions") as response,
-    ):
-        assert b"".join(response.iter_raw()) == body
+    assert read(GenerationIdHook(recorder)) == read(None)  # the same bytes, or the same error, as without the hook
     assert recorder.ids == []
 
 
-def test_large_json_body_is_skipped_not_buffered_forever() -> None:
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        # Chat completions, Responses and Anthropic put the id first; a big body is not parsed again for it.
+        ({"id": "gen-big-first", "object": "chat.completion", "choices": [{"text": "x" * 300_000}]}, "gen-big-first"),
+        ({"model": "m", "type": "message", "id": "msg_third", "content": ["y" * 300_000]}, "msg_third"),
+        # Vertex AI puts responseId after the candidates: found in the last bytes.
+        (
+            {"candidates": [{"text": 'quoted \\"responseId\\":\\"fake\\"' + "z" * 300_000}], "responseId": "VTX1"},
+            "VTX1",
+        ),
+        # An id nested deep in a big body, behind a container: left alone rather than parsed a second time.
+        ({"choices": ["w" * 300_000], "id": "gen-buried"}, None),
+    ],
+)
+def test_large_json_bodies_read_at_their_edges(document: dict[str, object], expected: str | None) -> None:
+    body = json.dumps(document).encode()
     recorder = Recorder()
-    hook = GenerationIdHook(recorder, max_json_bytes=1024)
-    big = json.dumps({"pad": "x" * 5000, "id": "gen-big"}).encode()
-    small = b'{"id":"gen-small"}'
-    for body in (big, small):
-        with _mock_client(hook, {"content-type": "application/json"}, [body]) as client:
-            assert client.post("https://x/v1/chat/completions").content == body
-    assert recorder.ids == ["gen-small"]
+    chunks = [body[i : i + 16_384] for i in range(0, len(body), 16_384)]
+    with _mock_client(GenerationIdHook(recorder), {"content-type": "application/json"}, chunks) as client:
+        assert client.post("https://x/v1/chat/completions").content == body
+    assert recorder.ids == ([expected] if expected else [])
+
+
+def test_body_id_from_head_and_tail() -> None:
+    assert find_body_id(b'{"id":"a1"}') == "a1"
+    assert find_body_id(b'{"object":"x", "id" : "a2", "choices":[', whole=False) == "a2"
+    assert find_body_id(b'{"choices":[{"id":"nested"}', b'"usage":{}}', whole=False) is None
+    assert find_body_id(b'{"candidates":[', b'x"}],"responseId": "R-1"}', whole=False) == "R-1"
+    assert find_body_id(b"[1,2]", b"", whole=False) is None
+    assert find_body_id(b'{"id":"unterminated', whole=False) is None
 
 
 def test_a_raising_emitter_or_label_function_stays_inside_the_hook(llm: str) -> None:
@@ -320,7 +355,7 @@ def test_a_raising_emitter_or_label_function_stays_inside_the_hook(llm: str) -> 
 
 
 def test_default_emitter_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch, llm: str) -> None:
-    from exporter import emit
+    from zenmux_emit import emit
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
         receiver.bind(("127.0.0.1", 0))
@@ -360,3 +395,20 @@ async def test_async_simulated_zenmux(sim: tuple[SimulatedZenMux, str]) -> None:
         response = await client.post(CREATE_PATH, json={"streamed": True}, headers={"Authorization": f"Bearer {KEY}"})
     assert recorder.ids == [response.json()["id"]]
     assert simulated.record(recorder.ids[0]) is not None
+
+
+def test_a_large_body_is_not_parsed_whole() -> None:
+    """A large body whose end is not JSON still yields the id at its start: the hook never parsed all of it."""
+    body = b'{"id": "gen-head", "choices": [{"text": "' + b"x" * 400_000 + b" <cut>"
+    recorder = Recorder()
+    with _mock_client(GenerationIdHook(recorder), {"content-type": "application/json"}, [body]) as client:
+        assert client.post("https://x/v1/chat/completions").content == body
+    assert recorder.ids == ["gen-head"]
+
+
+def test_a_first_event_in_a_chunk_larger_than_the_look_is_still_read() -> None:
+    body = b'data: {"id":"gen-wide","pad":"' + b"p" * 100_000 + b'"}\n\n' + b"data: [DONE]\n\n"
+    recorder = Recorder()
+    with _mock_client(GenerationIdHook(recorder), {"content-type": "text/event-stream"}, [body]) as client:
+        assert client.post("https://x/v1/chat/completions").content == body
+    assert recorder.ids == ["gen-wide"]

@@ -377,6 +377,7 @@ class SimulatedZenMux:
     """An in-memory ZenMux.
 
     HTTP (`handle`): GET /api/v1/generation and /api/v1/management/generation?id=, POST /api/v1/generations,
+    the LLM protocol endpoints of `exporter.simulate.protocols`,
     and the ground-truth endpoints GET /_sim/records[?ready=1], GET /_sim/stats, GET|POST /_sim/config; the
     account endpoints (cost, PAYG balance) and POST|GET /_sim/unseen are `account` (exporter/simulate/account.py).
     Faults and rate limits apply to lookups only, so traffic creation (and thus the totals) stays exact.
@@ -406,10 +407,12 @@ class SimulatedZenMux:
             "/_sim/stats": self._sim_stats,
             "/_sim/config": self._sim_config,
         }
-        from exporter.simulate.account import AccountEndpoints  # it builds on this module
+        from exporter.simulate.account import AccountEndpoints  # they build on this module
+        from exporter.simulate.protocols import Protocols
 
         self.account = AccountEndpoints(self, clock)
         self._routes.update(self.account.routes)
+        self._protocols = Protocols(self)
         self.configure(config if config is not None else SimConfig())
 
     # -- configuration ----------------------------------------------------------------------------------
@@ -500,7 +503,7 @@ class SimulatedZenMux:
     # -- HTTP -------------------------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
-        route = self._routes.get(request.path)
+        route = self._routes.get(request.path) or self._protocols.route(request.path)
         if route is None:
             response = _json(404, _error_body(404, "not_found", f"no route for {request.path}"))
         else:

@@ -1,8 +1,8 @@
 """Sending generation ids to the exporter from an application: UDP datagrams or JSON lines, never blocking or raising.
 
-Standard library only, so an application can vendor this one file. Usage::
+Standard library only (the `zenmux-emit` distribution), so an application can also vendor this one file. Usage::
 
-    from exporter import emit
+    from zenmux_emit import emit
 
     emit.emit(response.id, {"feature": "chat"})          # target from $ZENMUX_EMIT (default udp://127.0.0.1:9467)
 
@@ -20,6 +20,11 @@ Targets (`open_emitter`, `$ZENMUX_EMIT`):
 
 Every `emit` returns True when the id was handed to the kernel and False when it was dropped
 (invalid id, unreachable or unwritable target, full buffer); it never raises and never waits.
+
+Drops are counted and said: each emitter has ``sent`` and ``dropped`` counters and ``last_error`` (the reason of
+the last drop). A target that cannot be used (``udp://localhost`` without a port, ``?format=jsn``, a file in a
+missing directory) logs one warning on the ``zenmux_emit`` logger when the emitter is built; the first drop logs
+one warning, and later drops at most one every `WARN_INTERVAL_SECONDS`, with the count since the last one.
 """
 
 from __future__ import annotations
@@ -27,14 +32,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import socket
 import stat
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
+
+log = logging.getLogger("zenmux_emit")
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -57,6 +66,8 @@ DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
 # The largest UDP payload over IPv4; the exporter's default max_datagram_bytes.
 MAX_DATAGRAM_BYTES = 65507
 MAX_LABEL_VALUE_CHARS = 1024
+# After the first drop's warning, at most one warning per this many seconds (with the count since the last).
+WARN_INTERVAL_SECONDS = 60.0
 
 # What the exporter accepts as a generation id. Defined here, the one module an application vendors, and used by
 # the exporter's parsers (exporter/ids.py), so what an application sends and what the exporter takes agree.
@@ -88,34 +99,56 @@ def encode_json(
 
 
 class Emitter(Protocol):
-    """Anything that can take a generation id; what `exporter.hooks` sends to."""
+    """Anything that can take a generation id; what `zenmux_emit.hooks` sends to."""
 
     def emit(self, generation_id: str, labels: Mapping[str, LabelValue] | None = None) -> bool: ...
 
 
 class _Counted:
-    """Shared bookkeeping: how many ids went out, how many were dropped, and the last reason."""
+    """Shared bookkeeping: how many ids went out, how many were dropped, the last reason, and the warnings."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.sent = 0
         self.dropped = 0
         self.last_error = ""
+        self._clock = clock
+        self._warned_at: float | None = None
+        self._unwarned = 0
+
+    def _unusable(self, reason: str) -> None:
+        """The target cannot work as given: say so once now, so a typo is seen before any id is lost."""
+        self.last_error = reason
+        self._warned_at = self._clock()
+        log.warning("zenmux_emit: %s; ids are dropped until this is fixed", reason)
 
     def _drop(self, reason: str) -> bool:
         self.dropped += 1
         self.last_error = reason
+        self._unwarned += 1
+        now = self._clock()
+        if self._warned_at is None or now - self._warned_at >= WARN_INTERVAL_SECONDS:
+            log.warning(
+                "zenmux_emit: %d generation id(s) dropped (%d in all): %s", self._unwarned, self.dropped, reason
+            )
+            self._warned_at = now
+            self._unwarned = 0
         return False
 
 
 class NullEmitter(_Counted):
     """Discards every id (target ``none``); also what a target that cannot be parsed turns into."""
 
-    def __init__(self, reason: str = "") -> None:
-        super().__init__()
-        self.last_error = reason
+    def __init__(self, reason: str = "", *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(clock)
+        self.reason = reason
+        if reason:
+            self._unusable(reason)
 
     def emit(self, generation_id: str, labels: Mapping[str, LabelValue] | None = None) -> bool:
-        return self._drop(self.last_error or "discarding (target none)")
+        if not self.reason:  # target none: discarding is what was asked for, so it is counted but not said
+            self.dropped += 1
+            return False
+        return self._drop(self.reason)
 
 
 class UdpEmitter(_Counted):
@@ -128,17 +161,18 @@ class UdpEmitter(_Counted):
         *,
         format: str = "plain",
         id_field: str = DEFAULT_ID_FIELD,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__()
+        super().__init__(clock)
         self.format = format
         self.id_field = id_field
         self._sock: socket.socket | None = None
         self._address: tuple[str, int] | tuple[str, int, int, int] | None = None
         if format not in ("plain", "json"):
-            self.last_error = f"unknown format {format!r} (plain or json)"
+            self._unusable(f"udp://{host}:{port}: unknown format {format!r} (plain or json)")
             return
         if not 0 < port < 65536:
-            self.last_error = f"port out of range: {port}"
+            self._unusable(f"udp://{host}:{port}: port out of range")
             return
         try:
             # Resolved once here, so emit() never waits on DNS; use an IP literal to avoid even this lookup.
@@ -148,7 +182,7 @@ class UdpEmitter(_Counted):
             sock = socket.socket(family, socket.SOCK_DGRAM)
             sock.setblocking(False)
         except (OSError, UnicodeError, ValueError, OverflowError) as err:
-            self.last_error = f"cannot set up udp://{host}:{port}: {err}"
+            self._unusable(f"cannot set up udp://{host}:{port}: {err}")
             return
         self._sock = sock
         self._address = address  # type: ignore[assignment]
@@ -192,12 +226,17 @@ class FileEmitter(_Counted):
         id_field: str = DEFAULT_ID_FIELD,
         max_bytes: int = DEFAULT_MAX_FILE_BYTES,
         mode: int = 0o644,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__()
+        super().__init__(clock)
         self.path = os.fspath(path)
         self.id_field = id_field
         self.max_bytes = max_bytes
         self.mode = mode
+        directory = os.path.dirname(self.path) or "."
+        if not os.path.isdir(directory):
+            # Kept (the directory may be created later), but a typo should not go unnoticed.
+            self._unusable(f"file://{self.path}: directory {directory} does not exist")
 
     def emit(self, generation_id: str, labels: Mapping[str, LabelValue] | None = None) -> bool:
         try:
