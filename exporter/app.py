@@ -133,7 +133,8 @@ class Exporter:
         self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.ssl_context)
         http = self.http
         self.registry.register(
-            HttpCollector(lambda: http.open_connections, lambda: http.rejected_connections, http.max_connections)
+            HttpCollector(lambda: http.open_connections, lambda: http.rejected_connections, http.max_connections,
+                          lambda: http.rejected)
         )
         await self.http.start()
         for source in config.sources:

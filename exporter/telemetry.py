@@ -6,7 +6,7 @@ import json
 import logging
 import platform
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 
 from opentelemetry.sdk.resources import Resource
@@ -137,10 +137,17 @@ class QueueCollector(Collector):
 class HttpCollector(Collector):
     """The /metrics server's connections against its bound, read from the server at scrape time."""
 
-    def __init__(self, open_connections: Callable[[], int], refused: Callable[[], int], limit: int) -> None:
+    def __init__(
+        self,
+        open_connections: Callable[[], int],
+        refused: Callable[[], int],
+        limit: int,
+        rejected: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
         self._open = open_connections
         self._refused = refused
         self._limit = limit
+        self._rejected = rejected
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -153,9 +160,18 @@ class HttpCollector(Collector):
         )
         yield CounterMetricFamily(
             "zenmux_exporter_http_connections_refused",
-            "Connections closed at once because the metrics server already held its maximum.",
+            "Connections closed at once because the metrics server held its maximum, each running a handler.",
             value=self._refused(),
         )
+        rejected = CounterMetricFamily(
+            "zenmux_exporter_http_requests_rejected",
+            "Requests or connections the metrics server cut off: a deadline or size bound hit, bad framing, "
+            "or evicted at the connection bound for a new one.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._rejected().items()):
+            rejected.add_metric([reason], count)
+        yield rejected
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
