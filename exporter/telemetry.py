@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter.config import Config, LogConfig, TracingConfig
 from exporter.ids import FILE_REJECT_REASONS, UDP_REJECT_REASONS
+from exporter.redact import Redactor
 from exporter.zenmux import Outcome
 
 LOOKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -200,7 +201,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self._secrets = [s for s in secrets if s]
+        self._redact = Redactor(s for s in secrets if s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -208,9 +209,8 @@ class RedactingFilter(logging.Filter):
             message += "\n" + logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
             record.exc_text = None
-        for secret in self._secrets:
-            message = message.replace(secret, "<redacted>")
-        record.msg, record.args = message, None
+        # Whole or cut (an error message truncated mid-key): any piece of 8 characters or more.
+        record.msg, record.args = self._redact(message), None
         return True
 
 

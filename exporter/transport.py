@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import typing
+import zlib
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -268,3 +269,71 @@ class PooledTransport(httpx.AsyncBaseTransport):
         connections, self._connections, self._idle = self._connections, set(), []
         for connection in connections:
             await connection.aclose()
+
+
+# -- reading a response body within a bound ------------------------------------------------------------------
+
+# More codings than this on one response is no real server: a stack of gzip layers multiplies a bomb.
+MAX_CONTENT_CODINGS = 2
+
+
+class BodyTooLarge(Exception):
+    """The body, as received or once decoded by any of its content codings, is over the limit."""
+
+
+class BodyEncodingError(Exception):
+    """The body's Content-Encoding is not one we asked for, or its bytes do not decode."""
+
+
+class _Inflate:
+    """One gzip or deflate layer whose output is bounded in total: zlib is never asked for more than fits."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        if coding in ("gzip", "x-gzip"):
+            self._wbits = 16 + zlib.MAX_WBITS
+        elif coding == "deflate":
+            self._wbits = zlib.MAX_WBITS
+        else:
+            raise BodyEncodingError(f"content-encoding {coding[:32]!r} was not asked for")
+        self._coding = coding
+        self._zlib = zlib.decompressobj(self._wbits)
+        self._started = False
+        self._left = limit
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            out = self._zlib.decompress(data, self._left + 1)
+        except zlib.error:
+            if self._wbits != zlib.MAX_WBITS or self._started:
+                raise BodyEncodingError(f"the body does not decode as {self._coding}") from None
+            # "deflate" is raw deflate for some servers (as httpx's decoder allows).
+            self._wbits = -zlib.MAX_WBITS
+            self._zlib = zlib.decompressobj(self._wbits)
+            return self.feed(data)
+        self._started = True
+        if len(out) > self._left or self._zlib.unconsumed_tail:
+            raise BodyTooLarge("decoded body over the limit")
+        self._left -= len(out)
+        return out
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The response body decoded, never holding more than `limit` bytes at any layer (a 2 KB gzip bomb that
+    inflates to gigabytes stops at `limit` + 1 byte). Raises BodyTooLarge or BodyEncodingError."""
+    codings = [c.strip().lower() for c in response.headers.get("content-encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if len(codings) > MAX_CONTENT_CODINGS:
+        raise BodyEncodingError(f"{len(codings)} content codings")
+    layers = [_Inflate(coding, limit) for coding in reversed(codings)]  # the last applied is undone first
+    body = bytearray()
+    received = 0
+    async for chunk in response.aiter_raw():
+        received += len(chunk)
+        if received > limit:
+            raise BodyTooLarge("body over the limit as received")
+        for layer in layers:
+            chunk = layer.feed(chunk)
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge("decoded body over the limit")
+    return bytes(body)
