@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.app import Exporter
 from exporter.config import Config, parse_config
 from exporter.simulate.api import SimulatedZenMux
-from exporter.web import HttpServer
+from exporter.simulate.server import ThreadedServer
 
 PAYG_KEY = "sk-ai-v1-demo"
 SUBSCRIPTION_KEY = "sk-ss-v1-demo"
@@ -30,7 +30,7 @@ MANAGEMENT_KEY = "sk-mg-v1-demo"
 @dataclass
 class FakeApi:
     sim: SimulatedZenMux
-    server: HttpServer
+    server: ThreadedServer
     url: str
 
     def create(self, **kwargs: Any) -> str:
