@@ -103,6 +103,9 @@ class Limits:
     write_stall_seconds: float = 10.0  # one write the peer does not take
     response_seconds: float = 60.0  # a whole response, against peers that read a byte at a time
     handshake_seconds: float = 10.0
+    # asyncio gives each TLS connection a 256 KiB read buffer from its first byte: a flood of handshakes that
+    # never finish is held to this many (the stalest is evicted), not to max_connections.
+    max_handshakes: int = 64
 
 
 class _Cut(Exception):
@@ -119,6 +122,7 @@ class _Connection:
         self.receiver: Receiver | None = None
         self.progress_at = time.monotonic()
         self.busy = False  # a handler runs: never evicted
+        self.handshaking = False
 
 
 class HttpServer:
@@ -216,6 +220,10 @@ class HttpServer:
                 backoff = min(backoff * 2, 1.0)
                 continue
             backoff = 0.05
+            if self._tls is not None:
+                handshakes = [c for c in self._connections.values() if c.handshaking]
+                if len(handshakes) >= self._limits.max_handshakes:
+                    self._evict(handshakes)
             if len(self._connections) >= self._limits.max_connections and not self._evict():
                 self.rejected_connections += 1
                 if self.rejected_connections == 1 or self.rejected_connections % 1000 == 0:
@@ -224,6 +232,7 @@ class HttpServer:
                 sock.close()
                 continue
             connection = _Connection()
+            connection.handshaking = self._tls is not None
             task = asyncio.create_task(self._serve(sock, connection))
             connection.task = task
             self._connections[task] = connection
@@ -236,9 +245,9 @@ class HttpServer:
             log.error("cannot accept connections: %s (%d times so far); backing off until one closes",
                       err.strerror or err, self._fd_errors)
 
-    def _evict(self) -> bool:
+    def _evict(self, among: list[_Connection] | None = None) -> bool:
         """Closes the connection that has waited longest without progress and runs no handler."""
-        idle = [c for c in self._connections.values() if not c.busy]
+        idle = [c for c in (self._connections.values() if among is None else among) if not c.busy]
         if not idle:
             return False
         victim = min(idle, key=lambda c: c.progress_at)
@@ -266,6 +275,7 @@ class HttpServer:
             except (OSError, ssl.SSLError):
                 raise _Cut("handshake_failed" if tls else "") from None
             assert isinstance(transport, asyncio.Transport)
+            connection.handshaking = False
             receiver.transport = transport
             transport.set_write_buffer_limits(high=WRITE_CHUNK)
             connection.progress_at = time.monotonic()
