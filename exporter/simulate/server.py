@@ -27,6 +27,8 @@ ANSWER_TIMEOUT_SECONDS = 120.0
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog is 5: a burst of new connections from a test's client pool overflows it.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(address, _RequestHandler)
