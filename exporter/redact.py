@@ -19,6 +19,9 @@ class Redactor:
     def __init__(self, secrets: Iterable[str]) -> None:
         pieces: set[str] = set()
         self._whole = sorted({s for s in secrets if s}, key=len, reverse=True)
+        # Any MIN_PIECE-long piece holds one of these 4-character blocks (the ones starting at multiples of 4):
+        # `in` on each is a fast first test that nearly every text fails, before the regex (~5-10 us) runs.
+        self._blocks = {secret[i: i + 4] for secret in self._whole for i in range(0, max(len(secret) - 3, 1), 4)}
         for secret in self._whole:
             public = _PUBLIC_PREFIX.match(secret)
             skip = public.end() if public else 0
@@ -35,7 +38,7 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         pattern = self._pattern
-        if pattern is None or pattern.search(text) is None:
+        if pattern is None or not self.found_in(text):
             return text
         for secret in self._whole:  # the whole key first: its public prefix goes too
             text = text.replace(secret, REDACTED)
@@ -54,4 +57,8 @@ class Redactor:
         return "".join(parts)
 
     def found_in(self, text: str) -> bool:
-        return self._pattern is not None and self._pattern.search(text) is not None
+        return (
+            self._pattern is not None
+            and any(block in text for block in self._blocks)
+            and self._pattern.search(text) is not None
+        )
