@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -160,3 +162,32 @@ async def test_a_peer_that_does_not_read_is_cut_at_the_write_deadline() -> None:
         writer.close()
     finally:
         await server.close()
+
+
+async def test_a_tls_handshake_counts_against_the_bound_and_has_a_deadline(tmp_path: Path) -> None:
+    from tests.test_web_auth import make_cert
+
+    cert, key = make_cert(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = HttpServer(ok, "127.0.0.1", 0, ssl_context=context, limits=SHORT)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)  # plain TCP: no ClientHello
+        await wait_until(lambda: server.open_connections == 1, what="the handshake counted as a connection")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert server.rejected["handshake_timeout"] == 1
+        client = ssl.create_default_context(cafile=str(cert))
+        answer = await exchange_tls(server.port, client)
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        await server.close()
+
+
+async def exchange_tls(port: int, context: ssl.SSLContext) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="localhost")
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return answer
