@@ -210,7 +210,7 @@ class HttpServer:
                 sock, _ = await loop.sock_accept(listener)
             except OSError as err:
                 if err.errno not in _FD_ERRORS:
-                    log.warning("accept failed: %s", err)
+                    log.debug("accept failed: %s", err)  # a peer that went away before accept (ECONNABORTED)
                     continue
                 self._out_of_descriptors(err)
                 # Until a connection closes (its descriptor is free again), at most `backoff`.
@@ -264,6 +264,7 @@ class HttpServer:
         limits = self._limits
         receiver = Receiver(loop, limits.read_buffer_bytes)
         connection.receiver = receiver
+        graceful = False
         try:
             tls = self._tls() if callable(self._tls) else self._tls
             try:
@@ -287,7 +288,9 @@ class HttpServer:
             if cut.reason:
                 self.rejected[cut.reason] += 1
         except (ConnectionError, ssl.SSLError, asyncio.CancelledError):
-            graceful = False
+            pass
+        except Exception:  # a bug here must cost one connection, not the server
+            log.exception("HTTP connection failed")
         finally:
             try:
                 await self._close(receiver, sock, graceful)
