@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.account import AccountClient
 from exporter.clock import Clock, SystemClock
-from exporter.config import Config, split_host_port
+from exporter.config import Config, ConfigError, split_host_port
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
 from exporter.exposition import LedgerExposition
@@ -33,7 +33,7 @@ from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
 from exporter.state import StateStore
 from exporter.telemetry import HttpCollector, QueueCollector, SelfMetrics, tracer_provider
-from exporter.web import HttpServer
+from exporter.web import REJECT_REASONS, HttpServer
 from exporter.webconfig import WebConfig, load_web_config
 from exporter.zenmux import ZenMuxClient
 
@@ -44,7 +44,9 @@ log = logging.getLogger(__name__)
 HOUSEKEEPING_SECONDS = 5.0
 FORGET_EVERY_SECONDS = 3600.0
 LOOKUP_GRACE_SECONDS = 5.0
-FORGET_BATCH = 10_000  # rows per transaction: each batch is a short stall of the event loop, not one long one
+FORGET_BATCH = 10_000
+# The probe listener serves the kubelet (a connection every few seconds) and whoever else finds it.
+PROBE_MAX_CONNECTIONS = 32  # rows per transaction: each batch is a short stall of the event loop, not one long one
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,10 @@ class Exporter:
         config = self.config
         web_config = config.metrics.web_config_file
         web = load_web_config(web_config) if web_config else WebConfig()  # ConfigError before any side effect
+        if web.client_certificate_required and not config.metrics.probe_listen:
+            raise ConfigError(web_config, [
+                "tls_server_config.client_auth_type: RequireAndVerifyClientCert fails the kubelet's probes (they "
+                "present no certificate): set metrics.probe_listen for a plain probe listener"])
         self.state = StateStore(config.state.path, max_pending=config.state.max_pending)
         shape = LedgerShape(config.metrics.extra_labels)
         limiter = LabelLimiter(
@@ -138,12 +144,25 @@ class Exporter:
             ready=self._not_ready_reason,
             ledger=exposition,
         )
-        self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.ssl_context)
-        http = self.http
+        self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.server_tls(),
+                               headers=web.headers)
+        servers = [self.http]
+        self.probe_http: HttpServer | None = None
+        if config.metrics.probe_listen:
+            probe_host, probe_port = split_host_port(config.metrics.probe_listen)
+            self.probe_http = HttpServer(endpoints.probes, probe_host, probe_port,
+                                         max_connections=PROBE_MAX_CONNECTIONS, headers=web.headers)
+            servers.append(self.probe_http)
         self.registry.register(
-            HttpCollector(lambda: http.open_connections, lambda: http.rejected_connections, http.max_connections)
+            HttpCollector(
+                lambda: sum(s.open_connections for s in servers),
+                lambda: sum(s.rejected_connections for s in servers),
+                sum(s.max_connections for s in servers),
+                lambda: {reason: sum(s.rejected[reason] for s in servers) for reason in REJECT_REASONS},
+            )
         )
-        await self.http.start()
+        for server in servers:
+            await server.start()
         for source in config.sources:
             if source.type == "udp":
                 udp = UdpSource(source, parser_for(source), ingest, self.metrics)
@@ -202,6 +221,11 @@ class Exporter:
     @property
     def metrics_port(self) -> int:
         return self.http.port
+
+    @property
+    def probe_port(self) -> int:
+        """The plain probe listener's port, or the metrics port when there is none."""
+        return self.probe_http.port if self.probe_http is not None else self.http.port
 
     def _not_ready_reason(self) -> str | None:
         if not self._started:
@@ -284,6 +308,8 @@ class Exporter:
                 self.config.state.path,
             )
         await self.http.close()
+        if self.probe_http is not None:
+            await self.probe_http.close()
         await self.client.aclose()
         if self.reconciler is not None:
             await self.account.aclose()

@@ -89,6 +89,9 @@ class MetricsConfig:
     extra_labels: tuple[str, ...] = ()
     # exporter-toolkit's web config file: TLS and/or bcrypt basic auth for /metrics (exporter/webconfig.py).
     web_config_file: str = ""
+    # A second, plain listener serving only /healthz and /readyz (no TLS, no auth): for the kubelet when
+    # /metrics requires client certificates, and a way in that clients of /metrics cannot exhaust. "": none.
+    probe_listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -473,6 +476,8 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
     extra = _extra_labels(r, metrics_data)
     metrics = _simple(r, {k: v for k, v in metrics_data.items() if k != "extra_labels"}, "metrics", MetricsConfig)
     r.host_port(metrics.listen, "metrics.listen")
+    if metrics.probe_listen:
+        r.host_port(metrics.probe_listen, "metrics.probe_listen")
     config = Config(
         zenmux=_zenmux(r, r.section(data, "zenmux", "zenmux")),
         resolve=_resolve(r, r.section(data, "resolve", "resolve")),

@@ -20,6 +20,57 @@ INDEX = b"""<html><head><title>zenmux-exporter</title></head><body><h1>zenmux-ex
 
 
 EOF_LINE = b"# EOF\n"
+VARY = "Accept, Accept-Encoding"
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+_SERVED = frozenset({"application/openmetrics-text", "text/plain", "text/*", "*/*"})
+
+
+def _weighted(header: str) -> list[tuple[str, float]]:
+    """An Accept or Accept-Encoding header's members with their q (RFC 9110 12.4.2), best first, q=0 dropped;
+    equal q keeps the header's order. A q that does not parse counts as 0 (not acceptable)."""
+    members: list[tuple[str, float]] = []
+    for member in header.split(","):
+        value, *params = member.split(";")
+        quality = 1.0
+        for param in params:
+            name, _, raw = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(raw.strip())
+                except ValueError:
+                    quality = 0.0
+                if not 0.0 <= quality <= 1.0:
+                    quality = 0.0
+        kept = ";".join([value, *(p for p in params if p.partition("=")[0].strip().lower() != "q")]).strip()
+        if value.strip() and quality > 0:
+            members.append((kept, quality))
+    return sorted(members, key=lambda member: -member[1])
+
+
+def negotiate(accept: str) -> tuple[bool, str]:
+    """(OpenMetrics?, Content-Type) as prometheus_client's choose_encoder picks them for the Accept header's
+    best media range we serve (choose_encoder alone ignores q and passes over text 0.0.4 for a later
+    OpenMetrics: a scraper that prefers 0.0.4 would get OpenMetrics)."""
+    chosen = ""
+    for media, _ in _weighted(accept):
+        if media.split(";")[0].strip().lower() in _SERVED:
+            chosen = media
+            break
+    _, content_type = text_format.choose_encoder(chosen)
+    if content_type.startswith("application/openmetrics-text"):
+        # The ledger renders OpenMetrics 1.0.0; a scraper asking for a later version is told what it gets.
+        return True, openmetrics.CONTENT_TYPE_LATEST
+    return False, content_type
+
+
+def wants_gzip(accept_encoding: str) -> bool:
+    """gzip when its q (named, or through `*`) is above 0 and not below identity's; `gzip;q=0` is identity."""
+    qualities = {coding.lower(): quality for coding, quality in _weighted(accept_encoding)}
+    named = {coding.split(";")[0].strip().lower() for coding in accept_encoding.split(",")}
+    gzip_q = qualities.get("gzip", qualities.get("x-gzip", 0.0 if {"gzip", "x-gzip"} & named else
+                                                 qualities.get("*", 0.0)))
+    identity_q = qualities.get("identity", 0.0 if "identity" in named else qualities.get("*", 1.0) or 1.0)
+    return gzip_q > 0 and gzip_q >= identity_q
 
 
 def render(
@@ -28,18 +79,20 @@ def render(
     """The exposition in the format the scraper asked for; exemplars only exist in OpenMetrics.
 
     The registry's collectors go through prometheus_client; the ledger (when given) through its incremental
-    renderer, which yields the same bytes prometheus_client would for its metric families."""
-    if "application/openmetrics-text" in accept:
+    renderer, which yields the same bytes prometheus_client would for its metric families (the text format's
+    0.0.4 and 1.0.0 differ only in how they escape names that are not legacy names: ours all are)."""
+    is_openmetrics, content_type = negotiate(accept)
+    if is_openmetrics:
         own = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
         if ledger is None:
-            return own, openmetrics.CONTENT_TYPE_LATEST
+            return own, content_type
         assert own.endswith(EOF_LINE)
         body = b"".join([own[: -len(EOF_LINE)], *ledger.parts(openmetrics=True), EOF_LINE])
-        return body, openmetrics.CONTENT_TYPE_LATEST
+        return body, content_type
     own = text_format.generate_latest(registry)
     if ledger is None:
-        return own, text_format.CONTENT_TYPE_LATEST
-    return b"".join([own, *ledger.parts(openmetrics=False)]), text_format.CONTENT_TYPE_LATEST
+        return own, content_type
+    return b"".join([own, *ledger.parts(openmetrics=False)]), content_type
 
 
 def _body(
@@ -57,13 +110,14 @@ def _body(
 def _gzip_body(registry: CollectorRegistry, accept: str, ledger: LedgerExposition) -> tuple[bytes, str]:
     """The same bytes as render(), gzipped: only the self-metrics are compressed here; the ledger's part is
     its cached deflate fragments, spliced into one gzip member (a 59 MB body costs ~1 ms, not ~100 ms)."""
-    if "application/openmetrics-text" in accept:
+    is_openmetrics, content_type = negotiate(accept)
+    if is_openmetrics:
         own = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
         assert own.endswith(EOF_LINE)
-        head, tail, content_type = own[: -len(EOF_LINE)], EOF_LINE, openmetrics.CONTENT_TYPE_LATEST
+        head, tail = own[: -len(EOF_LINE)], EOF_LINE
         fragments, checksum = ledger.compressed(openmetrics=True)
     else:
-        head, tail, content_type = text_format.generate_latest(registry), b"", text_format.CONTENT_TYPE_LATEST
+        head, tail = text_format.generate_latest(registry), b""
         fragments, checksum = ledger.compressed(openmetrics=False)
     first, last = Fragment.of(head), Fragment.of(tail, last=True)
     checksum = first.checksum.then(checksum).then(last.checksum)
@@ -101,12 +155,18 @@ class Endpoints:
 
     async def _metrics(self, request: Request) -> Response:
         # Rendering and compressing run off the event loop, so a scrape never stalls ingest or lookups.
-        compress = "gzip" in request.header("accept-encoding")
+        compress = wants_gzip(request.header("accept-encoding"))
         body, content_type = await asyncio.to_thread(
             _body, self._registry, request.header("accept"), self._ledger, compress
         )
-        headers = {"Content-Encoding": "gzip"} if compress else {}
+        headers = {"Content-Encoding": "gzip", "Vary": VARY} if compress else {"Vary": VARY}
         return Response(200, body, content_type, headers)
+
+    async def probes(self, request: Request) -> Response:
+        """Only /healthz and /readyz: the plain probe listener (metrics.probe_listen) serves nothing else."""
+        if request.path not in PROBE_PATHS:
+            return text(404, "not found\n")
+        return await self.handle(request)
 
 
 def _probe(problem: str | None) -> Response:

@@ -6,7 +6,7 @@ import json
 import logging
 import platform
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 
 from opentelemetry.sdk.resources import Resource
@@ -21,6 +21,7 @@ from exporter import __version__
 from exporter.config import Config, LogConfig, TracingConfig
 from exporter.ids import FILE_REJECT_REASONS, UDP_REJECT_REASONS
 from exporter.records import Outcome
+from exporter.redact import Redactor
 
 # The outcome label of zenmux_exporter_reconcile_requests_total: "ok", or why the account request failed.
 RECONCILE_OUTCOMES = ("ok", *(o.value for o in Outcome if o not in (Outcome.RESOLVED, Outcome.NOT_READY)))
@@ -149,10 +150,17 @@ class QueueCollector(Collector):
 class HttpCollector(Collector):
     """The /metrics server's connections against its bound, read from the server at scrape time."""
 
-    def __init__(self, open_connections: Callable[[], int], refused: Callable[[], int], limit: int) -> None:
+    def __init__(
+        self,
+        open_connections: Callable[[], int],
+        refused: Callable[[], int],
+        limit: int,
+        rejected: Callable[[], Mapping[str, int]] = dict,
+    ) -> None:
         self._open = open_connections
         self._refused = refused
         self._limit = limit
+        self._rejected = rejected
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
@@ -165,9 +173,18 @@ class HttpCollector(Collector):
         )
         yield CounterMetricFamily(
             "zenmux_exporter_http_connections_refused",
-            "Connections closed at once because the metrics server already held its maximum.",
+            "Connections closed at once because the metrics server held its maximum, each running a handler.",
             value=self._refused(),
         )
+        rejected = CounterMetricFamily(
+            "zenmux_exporter_http_requests_rejected",
+            "Requests or connections the metrics server cut off: a deadline or size bound hit, bad framing, "
+            "or evicted at the connection bound for a new one.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self._rejected().items()):
+            rejected.add_metric([reason], count)
+        yield rejected
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
@@ -196,7 +213,7 @@ class RedactingFilter(logging.Filter):
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
-        self._secrets = [s for s in secrets if s]
+        self._redact = Redactor(s for s in secrets if s)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -204,9 +221,8 @@ class RedactingFilter(logging.Filter):
             message += "\n" + logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
             record.exc_text = None
-        for secret in self._secrets:
-            message = message.replace(secret, "<redacted>")
-        record.msg, record.args = message, None
+        # Whole or cut (an error message truncated mid-key): any piece of 8 characters or more.
+        record.msg, record.args = self._redact(message), None
         return True
 
 

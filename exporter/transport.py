@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import ssl
 import typing
+import zlib
 from collections.abc import AsyncIterator
 from functools import partial
 
 import httpcore
 import httpx
+
+from exporter.netio import Receiver
 
 # A response is read as it arrives; past this much unread data the socket stops being read (resumed below a
 # quarter of it), so a peer cannot make a connection buffer without bound.
@@ -57,95 +60,17 @@ def as_httpx_error(err: Exception) -> Exception:
     return err
 
 
-class _Receiver(asyncio.Protocol):
-    """Buffers what the peer sends and wakes the one reader waiting for it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.closed = False
-        self.error: BaseException | None = None
-        self.reading_paused = False
-        self._readable: asyncio.Future[bool] | None = None
-        self._writable: asyncio.Future[bool] | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if len(self.buffer) > HIGH_WATER_BYTES and not self.reading_paused and self.transport is not None:
-            self.reading_paused = True
-            self.transport.pause_reading()
-        _resolve(self._readable, True)
-
-    def eof_received(self) -> bool:
-        self.closed = True
-        _resolve(self._readable, True)
-        return False  # let the transport close itself
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.error = exc
-        _resolve(self._readable, True)
-        _resolve(self._writable, True)
-
-    def pause_writing(self) -> None:
-        self._writable = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        _resolve(self._writable, True)
-        self._writable = None
-
-    async def readable(self, seconds: float | None) -> bool:
-        """Waits for data or the end of the connection; False if `seconds` passed first."""
-        waiter: asyncio.Future[bool] = self.loop.create_future()
-        self._readable = waiter
-        timer = None if seconds is None else self.loop.call_later(seconds, _resolve, waiter, False)
-        try:
-            return await waiter
-        finally:
-            self._readable = None
-            if timer is not None:
-                timer.cancel()
-
-    async def writable(self, seconds: float | None) -> bool:
-        """Waits until the transport takes more data (it asked us to pause); False if `seconds` passed first."""
-        waiter = self._writable
-        if waiter is None or waiter.done():
-            return True
-        timer = None if seconds is None else self.loop.call_later(seconds, _resolve, waiter, False)
-        try:
-            return await waiter
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-
-def _resolve(waiter: asyncio.Future[bool] | None, value: bool) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(value)
-
-
 class AsyncioStream(httpcore.AsyncNetworkStream):
-    def __init__(self, transport: asyncio.Transport, receiver: _Receiver) -> None:
+    def __init__(self, transport: asyncio.Transport, receiver: Receiver) -> None:
         self._transport = transport
         self._receiver = receiver
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         receiver = self._receiver
-        if not receiver.buffer and not receiver.closed and not await receiver.readable(timeout):
+        if not await receiver.readable(timeout):
             raise httpcore.ReadTimeout("timed out reading the response")
-        buffer = receiver.buffer
-        if buffer:
-            data = bytes(buffer[:max_bytes])
-            del buffer[:max_bytes]
-            if receiver.reading_paused and len(buffer) < HIGH_WATER_BYTES // 4:
-                receiver.reading_paused = False
-                self._transport.resume_reading()
-            return data
+        if receiver.buffer:
+            return receiver.take(max_bytes)
         if receiver.error is not None:
             raise httpcore.ReadError(str(receiver.error) or type(receiver.error).__name__)
         return b""  # the peer closed the connection: httpcore's end-of-stream signal
@@ -202,7 +127,7 @@ async def connect_tcp(host: str, port: int, timeout: float | None) -> AsyncioStr
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout):
-            transport, receiver = await loop.create_connection(lambda: _Receiver(loop), host, port)
+            transport, receiver = await loop.create_connection(lambda: Receiver(loop, HIGH_WATER_BYTES), host, port)
     except TimeoutError:
         raise httpcore.ConnectTimeout(f"timed out connecting to {host}:{port}") from None
     except OSError as err:
@@ -344,3 +269,75 @@ class PooledTransport(httpx.AsyncBaseTransport):
         connections, self._connections, self._idle = self._connections, set(), []
         for connection in connections:
             await connection.aclose()
+
+
+# -- reading a response body within a bound ------------------------------------------------------------------
+
+# More codings than this on one response is no real server: a stack of gzip layers multiplies a bomb.
+MAX_CONTENT_CODINGS = 2
+
+
+class BodyTooLarge(Exception):
+    """The body, as received or once decoded by any of its content codings, is over the limit."""
+
+
+class BodyEncodingError(Exception):
+    """The body's Content-Encoding is not one we asked for, or its bytes do not decode."""
+
+
+class _Inflate:
+    """One gzip or deflate layer whose output is bounded in total: zlib is never asked for more than fits."""
+
+    def __init__(self, coding: str, limit: int) -> None:
+        if coding in ("gzip", "x-gzip"):
+            self._wbits = 16 + zlib.MAX_WBITS
+        elif coding == "deflate":
+            self._wbits = zlib.MAX_WBITS
+        else:
+            raise BodyEncodingError(f"content-encoding {coding[:32]!r} was not asked for")
+        self._coding = coding
+        self._zlib = zlib.decompressobj(self._wbits)
+        self._started = False
+        self._left = limit
+
+    def feed(self, data: bytes) -> bytes:
+        try:
+            out = self._zlib.decompress(data, self._left + 1)
+        except zlib.error:
+            if self._wbits != zlib.MAX_WBITS or self._started:
+                raise BodyEncodingError(f"the body does not decode as {self._coding}") from None
+            # "deflate" is raw deflate for some servers (as httpx's decoder allows).
+            self._wbits = -zlib.MAX_WBITS
+            self._zlib = zlib.decompressobj(self._wbits)
+            return self.feed(data)
+        self._started = True
+        if len(out) > self._left or self._zlib.unconsumed_tail:
+            raise BodyTooLarge("decoded body over the limit")
+        self._left -= len(out)
+        return out
+
+
+async def read_bounded(response: httpx.Response, limit: int) -> bytes:
+    """The response body decoded, never holding more than `limit` bytes at any layer (a 2 KB gzip bomb that
+    inflates to gigabytes stops at `limit` + 1 byte). Raises BodyTooLarge or BodyEncodingError."""
+    codings = [c.strip().lower() for c in response.headers.get("content-encoding", "").split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if len(codings) > MAX_CONTENT_CODINGS:
+        raise BodyEncodingError(f"{len(codings)} content codings")
+    if response.is_stream_consumed:  # built in memory (a mock transport): httpx has decoded it already
+        if len(response.content) > limit:
+            raise BodyTooLarge("decoded body over the limit")
+        return response.content
+    layers = [_Inflate(coding, limit) for coding in reversed(codings)]  # the last applied is undone first
+    body = bytearray()
+    received = 0
+    async for chunk in response.aiter_raw():
+        received += len(chunk)
+        if received > limit:
+            raise BodyTooLarge("body over the limit as received")
+        for layer in layers:
+            chunk = layer.feed(chunk)
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge("decoded body over the limit")
+    return bytes(body)

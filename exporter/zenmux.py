@@ -13,7 +13,8 @@ import httpx
 from exporter.clock import Clock, SystemClock
 from exporter.config import ZenMuxConfig
 from exporter.records import LookupResult, Outcome, classify
-from exporter.transport import PooledTransport
+from exporter.redact import Redactor
+from exporter.transport import BodyEncodingError, BodyTooLarge, PooledTransport, read_bounded
 
 
 class KeyKind(enum.Enum):
@@ -62,6 +63,7 @@ class ZenMuxClient:
         self._config = config
         self._clock = clock or SystemClock()
         self.key_kind = key_kind(api_key)
+        self._redact = Redactor([api_key])
         self._url = config.base_url.rstrip("/") + config.generation_path + "?id="
         # The request is built with an explicit (empty) stream, so httpx adds no headers of its own: Host is
         # set here, once, instead of being worked out from the URL on every lookup.
@@ -92,18 +94,43 @@ class ZenMuxClient:
         return self.key_kind is not KeyKind.SUBSCRIPTION
 
     async def lookup(self, generation_id: str) -> LookupResult:
+        """Never raises (but CancelledError): whatever goes wrong is an outcome, which the resolver backs off."""
         # httpx's read timeout is per read: a body dripping in holds the slot far longer. This bounds the whole.
         try:
             async with asyncio.timeout(self._config.timeout_seconds):
                 result = await self._exchange(generation_id)
         except TimeoutError:
             return LookupResult(Outcome.TIMEOUT, detail="lookup took longer than timeout_seconds")
+        except MemoryError:
+            return LookupResult(Outcome.TOO_LARGE, detail="out of memory reading the response")
+        except Exception as err:  # a bug or a peer nothing foresaw: counted and retried later, not a tight loop
+            return LookupResult(Outcome.CONNECTION_ERROR, detail=f"unexpected {type(err).__name__}")
         record = result.record
         if record is not None and record.generation_id and record.generation_id != generation_id:
             return dataclasses.replace(
                 result, outcome=Outcome.MALFORMED, record=None, detail="record is for another generation"
             )
-        return result
+        return self._scrubbed(result)
+
+    def _scrubbed(self, result: LookupResult) -> LookupResult:
+        """What the API echoes (request id, error text, record strings that become labels) without the key."""
+        redact = self._redact
+        record = result.record
+        texts = [result.request_id or "", result.detail]
+        if record is not None:
+            texts += [record.model, record.protocol, record.finish_reason]
+            texts += [item.code for item in record.billing.fee_items] if record.billing else []
+        if not redact.found_in("\0".join(texts)):
+            return result
+        if record is not None:
+            billing = record.billing
+            if billing is not None:
+                items = tuple(dataclasses.replace(item, code=redact(item.code)) for item in billing.fee_items)
+                billing = dataclasses.replace(billing, fee_items=items)
+            record = dataclasses.replace(record, model=redact(record.model), protocol=redact(record.protocol),
+                                         finish_reason=redact(record.finish_reason), billing=billing)
+        request_id = None if result.request_id is None else redact(result.request_id)[:128]
+        return dataclasses.replace(result, request_id=request_id, detail=redact(result.detail), record=record)
 
     async def _exchange(self, generation_id: str) -> LookupResult:
         request = httpx.Request(
@@ -117,23 +144,27 @@ class ZenMuxClient:
             response = await self._transport.handle_async_request(request)
             try:
                 headers = {k.lower(): v for k, v in response.headers.items()}
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > self._config.max_response_bytes:
-                        return LookupResult(
-                            Outcome.TOO_LARGE,
-                            response.status_code,
-                            headers.get("x-zenmux-requestid"),
-                            detail=f"body over {self._config.max_response_bytes} bytes",
-                        )
+                # Bounded in decoded bytes: httpx's decoders inflate a whole chunk at once (a gzip bomb's
+                # 2 KB become gigabytes in one call).
+                body = await read_bounded(response, self._config.max_response_bytes)
+            except BodyTooLarge:
+                return LookupResult(
+                    Outcome.TOO_LARGE,
+                    response.status_code,
+                    headers.get("x-zenmux-requestid"),
+                    detail=f"body over {self._config.max_response_bytes} bytes (decoded)",
+                )
+            except BodyEncodingError as err:
+                return LookupResult(
+                    Outcome.MALFORMED, response.status_code, headers.get("x-zenmux-requestid"), detail=str(err)
+                )
             finally:
                 await response.aclose()
         except httpx.TimeoutException as err:
             return LookupResult(Outcome.TIMEOUT, detail=type(err).__name__)
         except (httpx.TransportError, httpx.DecodingError) as err:
             return LookupResult(Outcome.CONNECTION_ERROR, detail=type(err).__name__)
-        return classify(response.status_code, bytes(body), headers, self.billing_expected, self._clock.time())
+        return classify(response.status_code, body, headers, self.billing_expected, self._clock.time())
 
     async def aclose(self) -> None:
         await self._transport.aclose()

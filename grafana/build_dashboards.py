@@ -560,6 +560,12 @@ def exporter_health() -> Json:
                      overrides=[{"matcher": {"id": "byRegexp", "options": "limit.*"}, "properties": LIMIT_LINE},
                                 {"matcher": {"id": "byRegexp", "options": "refused.*"}, "properties": [
                                     {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}}]}]), 6, 7)
+    L.add(timeseries("Metrics server: requests cut off by reason", "Requests or connections the metrics server "
+                     "cut at a bound: deadlines (header, body, write, TLS handshake), sizes, bad or smuggling "
+                     "framing, and connections evicted at the connection bound for a new one (docs/http.md). "
+                     "A steady rate means a slow, broken or hostile client.",
+                     [target(f"sum by (reason) (increase(zenmux_exporter_http_requests_rejected_total{{{SEL}}}"
+                             "[$__interval]))", "{{reason}}")], "short"), 6, 7)
 
     L.row("Ingest: ids received, rejected, duplicate; UDP and file sources")
     L.add(timeseries("Ids received by source", "Valid generation ids read per second.",

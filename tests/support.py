@@ -30,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.app import Exporter
 from exporter.config import Config, parse_config
 from exporter.simulate.api import SimulatedZenMux
-from exporter.web import HttpServer
+from exporter.simulate.server import ThreadedServer
 
 PAYG_KEY = "sk-ai-v1-demo"
 SUBSCRIPTION_KEY = "sk-ss-v1-demo"
@@ -40,7 +40,7 @@ MANAGEMENT_KEY = "sk-mg-v1-demo"
 @dataclass
 class FakeApi:
     sim: SimulatedZenMux
-    server: HttpServer
+    server: ThreadedServer
     url: str
 
     def create(self, **kwargs: Any) -> str:
@@ -255,3 +255,17 @@ async def wait_ready(process: subprocess.Popen[bytes], port: int, client: httpx.
             return False
 
     await wait_until(ready, timeout=20, what="the exporter to answer /readyz")
+
+# Requests that smuggle a second request or bend HTTP/1.1 framing: each must get one 4xx and a close.
+SMUGGLING = {
+    "cl_and_te": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    "duplicate_cl": b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 40\r\n\r\n"
+                    b"abcdGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    "space_before_colon": b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+    "nul_in_name": b"GET / HTTP/1.1\r\nHo\x00st: x\r\n\r\n",
+    "bare_cr": b"GET / HTTP/1.1\r\nHost: x\rX-Smuggled: 1\r\n\r\n",
+    "missing_host": b"GET / HTTP/1.1\r\n\r\n",
+    "bad_version": b"GET / BANANA\r\nHost: x\r\n\r\n",
+    "header_too_large": b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20_000 + b"\r\n\r\n",
+}

@@ -105,6 +105,10 @@ tracing:
             "sources[0].listen: must be host:port",
         ),
         (
+            {"zenmux": {"api_key": "k"}, "sources": [{"type": "udp"}], "metrics": {"probe_listen": "9468"}},
+            "metrics.probe_listen: must be host:port",
+        ),
+        (
             {"zenmux": {"api_key": "k", "generation_path": "/api/v1/generation?x=1"}, "sources": [{"type": "udp"}]},
             "zenmux.generation_path: must be a path starting with '/', without query or fragment",
         ),
@@ -152,3 +156,10 @@ def test_unreadable_and_unparsable_files(tmp_path: Path) -> None:
     broken.write_text("zenmux: [unclosed\n")
     with pytest.raises(ConfigError, match=r"\(yaml\)"):
         load_config(broken)
+
+
+def test_probe_listen_is_optional() -> None:
+    base = {"zenmux": {"api_key": "k"}, "sources": [{"type": "udp"}]}
+    assert parse_config(base, "inline.yaml", {}).metrics.probe_listen == ""
+    config = parse_config({**base, "metrics": {"probe_listen": "0.0.0.0:9468"}}, "inline.yaml", {})
+    assert config.metrics.probe_listen == "0.0.0.0:9468"

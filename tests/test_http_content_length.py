@@ -22,7 +22,7 @@ async def raw_request(port: int, head: bytes) -> bytes:
 
 @pytest.mark.parametrize(
     ("length", "status"),
-    [("²", b"400"), ("1³", b"400"), ("-1", b"400"), ("9" * 5000, b"413"), ("9" * 13, b"413")],
+    [("²", b"400"), ("1³", b"400"), ("-1", b"400"), ("9" * 5000, b"400"), ("9" * 13, b"413")],
 )
 async def test_a_content_length_int_refuses_is_answered_not_raised(length: str, status: bytes) -> None:
     async def handler(request: Request) -> Response:
@@ -35,7 +35,9 @@ async def test_a_content_length_int_refuses_is_answered_not_raised(length: str, 
             server.port, f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode("latin-1")
         )
         assert answer.startswith(b"HTTP/1.1 " + status)
-        ok = await raw_request(server.port, b"POST / HTTP/1.1\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi")
+        ok = await raw_request(
+            server.port, b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\nhi"
+        )
         assert ok.startswith(b"HTTP/1.1 200") and ok.endswith(b"got 2\n")
     finally:
         await server.close()

@@ -127,8 +127,10 @@ def test_ports_probes_and_scrape_annotations_agree(target: str, tmp_path: Path) 
     probes = {name: exporter[name]["httpGet"] for name in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert probes["livenessProbe"]["path"] == "/healthz"
     assert probes["readinessProbe"]["path"] == probes["startupProbe"]["path"] == "/readyz"
+    probe_port = config.metrics.probe_listen.rpartition(":")[2] if config.metrics.probe_listen else port
+    assert config.metrics.probe_listen.rpartition(":")[0] in ("0.0.0.0", ""), "the kubelet reaches the pod IP"
     for probe in probes.values():
-        assert port_of(exporter, probe["port"]) == int(port)
+        assert port_of(exporter, probe["port"]) == int(probe_port)
     annotations = only(objects, "Deployment")["spec"]["template"]["metadata"].get("annotations") or {}
     if target != "prometheus-operator":
         assert annotations["prometheus.io/scrape"] == "true"

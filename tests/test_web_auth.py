@@ -17,14 +17,9 @@ import yaml
 
 from exporter.config import ConfigError
 from exporter.webconfig import load_web_config
-from tests.support import FakeApi, StartExporter, make_cert, make_config
+from tests.support import FakeApi, StartExporter, make_cert, make_config, write_config
 
 PASSWORD = "correct horse battery staple"
-
-
-def write_web_config(path: Path, data: dict[str, object]) -> Path:
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
 
 
 def basic(user: str, password: str) -> dict[str, str]:
@@ -38,7 +33,7 @@ def hashed(password: str, prefix: str = "$2y$") -> str:
 
 async def test_tls_and_basic_auth(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
     cert, key = make_cert(tmp_path)
-    web = write_web_config(
+    web = write_config(
         tmp_path / "web.yml",
         {
             "tls_server_config": {"cert_file": cert.name, "key_file": key.name},  # relative to the web config
@@ -82,7 +77,7 @@ async def test_a_flood_of_wrong_passwords_does_not_stall_scrapes(
     tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:
     slow_hash = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(11)).decode()  # ~0.1 s a check, like production
-    web = write_web_config(tmp_path / "web.yml", {"basic_auth_users": {"prometheus": slow_hash}})
+    web = write_config(tmp_path / "web.yml", {"basic_auth_users": {"prometheus": slow_hash}})
     exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)}))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{exporter.metrics_port}", timeout=60) as client:
         assert (await client.get("/metrics", headers=basic("prometheus", PASSWORD))).status_code == 200
@@ -97,13 +92,13 @@ async def test_a_flood_of_wrong_passwords_does_not_stall_scrapes(
 
 async def test_tls_only_and_basic_auth_only(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
     cert, key = make_cert(tmp_path)
-    tls_only = write_web_config(tmp_path / "tls.yml", {"tls_server_config": {"cert_file": str(cert),
+    tls_only = write_config(tmp_path / "tls.yml", {"tls_server_config": {"cert_file": str(cert),
                                                                              "key_file": str(key)}})
     exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(tls_only)}))
     async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert))) as client:
         assert (await client.get(f"https://127.0.0.1:{exporter.metrics_port}/metrics")).status_code == 200
     await exporter.stop(drain_seconds=0)
-    auth_only = write_web_config(tmp_path / "auth.yml", {"basic_auth_users": {"prometheus": hashed(PASSWORD)}})
+    auth_only = write_config(tmp_path / "auth.yml", {"basic_auth_users": {"prometheus": hashed(PASSWORD)}})
     exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(auth_only)}))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{exporter.metrics_port}") as client:
         assert (await client.get("/metrics")).status_code == 401
@@ -114,7 +109,7 @@ async def test_client_certificates(tmp_path: Path, fake_api: FakeApi, start_expo
     ca = make_cert(tmp_path, "ca")
     server = make_cert(tmp_path, "server", ca=ca)
     client_cert = make_cert(tmp_path, "client", ca=ca)
-    web = write_web_config(
+    web = write_config(
         tmp_path / "web.yml",
         {
             "tls_server_config": {
@@ -126,7 +121,14 @@ async def test_client_certificates(tmp_path: Path, fake_api: FakeApi, start_expo
             }
         },
     )
-    exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)}))
+    with pytest.raises(ConfigError, match=r"metrics\.probe_listen"):  # the kubelet has no client certificate
+        await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)}))
+    exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={
+        "web_config_file": str(web), "probe_listen": "127.0.0.1:0"}))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{exporter.probe_port}") as plain:
+        assert (await plain.get("/healthz")).status_code == 200
+        assert (await plain.get("/readyz")).status_code == 200
+        assert (await plain.get("/metrics")).status_code == 404  # only the probes, without a certificate
     url = f"https://127.0.0.1:{exporter.metrics_port}/metrics"
     without = ssl.create_default_context(cafile=str(ca[0]))
     async with httpx.AsyncClient(verify=without) as client:
@@ -139,7 +141,7 @@ async def test_client_certificates(tmp_path: Path, fake_api: FakeApi, start_expo
 
 
 def test_bad_web_configs_list_every_problem_without_echoing_secrets(tmp_path: Path) -> None:
-    web = write_web_config(
+    web = write_config(
         tmp_path / "web.yml",
         {
             "tls_server_config": {"cert_file": "missing.crt", "key_file": "missing.key", "bogus": 1},
@@ -157,16 +159,16 @@ def test_bad_web_configs_list_every_problem_without_echoing_secrets(tmp_path: Pa
     with pytest.raises(ConfigError, match="cannot read"):
         load_web_config(tmp_path / "absent.yml")
     with pytest.raises(ConfigError, match="cert_file and key_file"):
-        load_web_config(write_web_config(tmp_path / "half.yml", {"tls_server_config": {"cert_file": "x"}}))
+        load_web_config(write_config(tmp_path / "half.yml", {"tls_server_config": {"cert_file": "x"}}))
     with pytest.raises(ConfigError, match="client_ca_file"):
-        load_web_config(write_web_config(tmp_path / "mtls.yml", {"tls_server_config": {
+        load_web_config(write_config(tmp_path / "mtls.yml", {"tls_server_config": {
             "cert_file": "x", "key_file": "y", "client_auth_type": "RequireAndVerifyClientCert"}}))
 
 
 async def test_exporter_refuses_to_start_with_a_bad_web_config(
     tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:
-    web = write_web_config(tmp_path / "web.yml", {"basic_auth_users": {"alice": "hunter2"}})
+    web = write_config(tmp_path / "web.yml", {"basic_auth_users": {"alice": "hunter2"}})
     with pytest.raises(ConfigError, match="bcrypt"):
         await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)}))
     assert not (tmp_path / "state.db").exists(), "nothing is opened before the config is known good"
@@ -190,3 +192,85 @@ def test_an_unknown_user_is_checked_at_the_configured_cost() -> None:
     hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(6))
     config = WebConfig(None, {"prometheus": hashed})
     assert config._dummy_hash.split(b"$")[2] == b"06"
+
+
+async def peer_certificate(port: int) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    writer.close()
+    return bytes(der)
+
+
+async def test_certificates_are_reloaded_when_their_files_change(tmp_path: Path) -> None:
+    from exporter.web import HttpServer, Request, Response
+    from exporter.webconfig import RELOAD_CHECK_SECONDS, ReloadingContext
+
+    cert, key = make_cert(tmp_path)
+    loaded = load_web_config(write_config(tmp_path / "web.yml", {
+        "tls_server_config": {"cert_file": str(cert), "key_file": str(key)}}))
+    assert loaded.tls is not None
+    now = [0.0]
+    reloading = ReloadingContext(loaded.tls.settings, clock=lambda: now[0])
+
+    async def ok(_: Request) -> Response:
+        return Response(200, b"ok\n")
+
+    server = HttpServer(ok, "127.0.0.1", 0, ssl_context=reloading)
+    await server.start()
+    try:
+        first = await peer_certificate(server.port)
+        make_cert(tmp_path)  # cert-manager writes a new pair in place
+        assert await peer_certificate(server.port) == first  # not looked at again within the check interval
+        now[0] += RELOAD_CHECK_SECONDS
+        second = await peer_certificate(server.port)
+        assert second != first and reloading.reloads == 1
+        key.write_text("half written")  # a rotation caught half way: the last good pair is served
+        now[0] += RELOAD_CHECK_SECONDS
+        assert await peer_certificate(server.port) == second
+    finally:
+        await server.close()
+
+
+@pytest.mark.parametrize(("tls", "http", "fragment"), [
+    ({"client_auth_type": "RequestClientCert"}, None, "RequestClientCert (a client certificate asked for"),
+    ({"client_auth_type": "RequireAnyClientCert"}, None, "RequireAnyClientCert (a client certificate asked for"),
+    ({"cipher_suites": ["TLS_AES_128_GCM_SHA256"]}, None, "tls_server_config.cipher_suites: exporter-toolkit's"),
+    ({"client_allowed_sans": ["x"]}, None, "client_allowed_sans"),
+    ({"max_version": "TLS12", "min_version": "TLS13"}, None, "max_version: is below min_version"),
+    ({}, {"http2": True}, "http_server_config.http2: HTTP/2 is not supported"),
+    ({}, {"headers": {"X-Powered-By": "me"}}, "http_server_config.headers.X-Powered-By: not one of"),
+    ({}, {"rate_limit": {"burst": 1}}, "http_server_config.rate_limit: not supported"),
+])
+def test_what_exporter_toolkit_has_and_we_do_not_is_refused_by_name(
+    tmp_path: Path, tls: dict[str, object], http: dict[str, object] | None, fragment: str
+) -> None:
+    cert, key = make_cert(tmp_path)
+    data: dict[str, object] = {"tls_server_config": {"cert_file": str(cert), "key_file": str(key),
+                                                     "client_ca_file": str(cert), **tls}}
+    if http is not None:
+        data["http_server_config"] = http
+    with pytest.raises(ConfigError) as caught:
+        load_web_config(write_config(tmp_path / "web.yml", data))
+    assert fragment in str(caught.value)
+
+
+async def test_http_server_config_headers_are_sent_and_long_passwords_refused(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    long_password = "p" * 73
+    web = write_config(tmp_path / "web.yml", {
+        "http_server_config": {"http2": False, "headers": {"X-Content-Type-Options": "nosniff",
+                                                           "X-Frame-Options": ""}},
+        "basic_auth_users": {"prometheus": hashed(long_password[:72])},
+    })
+    exporter = await start_exporter(make_config(tmp_path, fake_api.url, metrics={"web_config_file": str(web)}))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{exporter.metrics_port}") as client:
+        probe = await client.get("/healthz")
+        assert probe.headers["x-content-type-options"] == "nosniff" and "x-frame-options" not in probe.headers
+        assert (await client.get("/metrics", headers=basic("prometheus", long_password[:72]))).status_code == 200
+        # bcrypt would read only the first 72 bytes: a longer password is refused, with a log line saying why.
+        assert (await client.get("/metrics", headers=basic("prometheus", long_password))).status_code == 401
+    assert "passwords over 72 bytes" in caplog.text

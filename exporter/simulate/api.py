@@ -17,7 +17,8 @@ from random import Random
 from typing import Any, Literal, get_args
 
 from exporter.simulate import catalog
-from exporter.web import HttpServer, Request, Response
+from exporter.simulate.server import ThreadedServer, serve_threaded
+from exporter.web import Request, Response
 
 KeyKind = Literal["payg", "subscription", "management"]
 NotReadyMode = Literal["404", "partial"]
@@ -718,11 +719,10 @@ def _oversized(record_json: bytes, size: int) -> bytes:
     return head + filler + b'"}'
 
 
-async def serve(sim: SimulatedZenMux, host: str = "127.0.0.1", port: int = 0) -> HttpServer:
-    """Start an HttpServer for sim on host:port (port 0 picks a free one; read it from `.port`)."""
-    server = HttpServer(sim.handle, host, port)
-    await server.start()
-    return server
+async def serve(sim: SimulatedZenMux, host: str = "127.0.0.1", port: int = 0) -> ThreadedServer:
+    """Serves sim on host:port with the standard library's HTTP server (port 0 picks a free one; read it from
+    `.port`): the exporter's client meets a server we did not write."""
+    return await serve_threaded(sim.handle, host, port)
 
 
 __all__ = [
