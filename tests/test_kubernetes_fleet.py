@@ -40,6 +40,7 @@ DB_SECRET = "zenmux-state-db"
 # What a reference to the Secret's database URL stands for when the configs are loaded here.
 PLACEHOLDER_URL = "postgresql://zenmux@postgres.example:5432/zenmux"
 METRICS_PORT = 9466
+PROBE_PORT = 9468
 # The base's drain waits out ZenMux's billing delay; the ingest sidecar's must not (nothing dies with the pod).
 MAX_INGEST_DRAIN_SECONDS = 60
 DEFAULT_DRAIN_SECONDS = 20.0  # shutdown.drain_seconds when a config leaves it out
@@ -239,8 +240,12 @@ def test_ports_and_probes(name: str) -> None:
     assert host in ("0.0.0.0", "") and int(port) == METRICS_PORT
     assert port_of(c, "metrics") == METRICS_PORT
     probes = {kind: c[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe") if kind in c}
+    # The probes have a plain port of their own (metrics.probe_listen), as in the base: they keep working
+    # whatever TLS, client certificates or hostile clients do to /metrics.
+    probe_host, _, probe_port = raw_config(name)["metrics"]["probe_listen"].rpartition(":")
+    assert probe_host in ("0.0.0.0", "") and int(probe_port) == PROBE_PORT
     for probe in probes.values():
-        assert port_of(c, probe["port"]) == METRICS_PORT
+        assert port_of(c, probe["port"]) == PROBE_PORT
     # /readyz follows the database, /healthz does not: a database outage must not restart exporters (it would
     # not bring the database back) nor keep them from starting.
     assert probes["livenessProbe"]["path"] == probes["startupProbe"]["path"] == "/healthz"
