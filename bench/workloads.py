@@ -3,6 +3,7 @@ the simulated API in its own process) and returns result rows."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import json
@@ -489,7 +490,7 @@ def build_ledger_state(path: Path, models: int, protocols: int, features: int) -
         for f in range(features)
     ]
     sightings = [Sighting(f"scrape-{i}", (("feature", c[2]),)) for i, c in enumerate(combos)]
-    store.enqueue("bench", sightings, now, now)
+    asyncio.run(store.enqueue("bench", sightings, now, now))
     settlements = []
     for i, (model, protocol, feature) in enumerate(combos):
         fees = (FeeItem("input", 0.001, 0.001, 0.0), FeeItem("output", 0.002, 0.002, 0.0))
@@ -499,8 +500,8 @@ def build_ledger_state(path: Path, models: int, protocols: int, features: int) -
         )
         item = contribution(record, {"feature": feature}, shape, limiter, {"generation_id": f"scrape-{i}"})
         settlements.append(Resolved(f"scrape-{i}", item))
-    store.settle(settlements, ledger, now)
-    store.close()
+    asyncio.run(store.settle(settlements, ledger, now))
+    asyncio.run(store.close())
     return len(combos)
 
 

@@ -83,6 +83,11 @@ class SelfMetrics:
         self.concurrency_limit = Gauge(
             p + "lookup_concurrency_limit", "Configured zenmux.concurrency.", registry=registry
         )
+        self.expose_leader = Gauge(
+            p + "expose_leader",
+            "1 while this process serves the business series (always, on a local state; in a fleet, the leader).",
+            registry=registry,
+        )
 
     def declare(self, config: Config) -> None:
         """Known label values start at 0, so rate() and alerts see the first event, and limits are visible."""
