@@ -1,4 +1,4 @@
-"""Command line: run, check-config, lookup, fake-api and demo."""
+"""Command line: run, check-config, lookup, import-state, fake-api and demo."""
 
 from __future__ import annotations
 
@@ -18,7 +18,18 @@ from typing import Any
 import yaml
 
 from exporter import __version__
-from exporter.config import Config, ConfigError, LogConfig, load_config, parse_config, read_api_key, redacted
+from exporter.config import (
+    Config,
+    ConfigError,
+    LogConfig,
+    instance_name,
+    load_config,
+    parse_config,
+    read_api_key,
+    read_state_password,
+    redacted,
+    state_secrets,
+)
 from exporter.config import split_host_port as host_port
 from exporter.state import StateError
 from exporter.telemetry import configure_logging
@@ -79,7 +90,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if (loaded := load_with_key(args.config)) is None:
         return 2
     config, api_key = loaded
-    configure_logging(config.log, [api_key])
+    try:
+        secrets = [api_key, *state_secrets(config.state)]
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    configure_logging(config.log, [s for s in secrets if s])
     # Ingest allocates a few tuples per line and nothing cyclic: a young-generation collection every 700
     # allocations was ~30% of the parse time. Collections still run, just 70x less often.
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
@@ -91,6 +107,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         config = load_config(args.config)
         if config.zenmux.api_key_file:
             read_api_key(config.zenmux)
+        read_state_password(config.state)
         if config.metrics.web_config_file:
             from exporter.webconfig import load_web_config
 
@@ -122,6 +139,58 @@ def cmd_lookup(args: argparse.Namespace) -> int:
         return out
 
     print(json.dumps(asyncio.run(lookup()), indent=2))
+    return 0
+
+
+def cmd_import_state(args: argparse.Namespace) -> int:
+    """Copies a sidecar's SQLite state into the PostgreSQL state the config names (fleet mode)."""
+    from exporter.pgstate import PostgresStore
+    from exporter.state import StateStore
+
+    try:
+        config = load_config(args.config)
+        password = read_state_password(config.state)
+        secrets = [s for s in (password, *state_secrets(config.state)) if s]
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    configure_logging(config.log, secrets)
+    if not config.state.url:
+        print(f"{args.config}: state.url must name the PostgreSQL database to import into", file=sys.stderr)
+        return 2
+    source = Path(args.source)
+    if not source.is_file():
+        print(f"{source}: no such SQLite state file", file=sys.stderr)
+        return 2
+    instance = args.instance or instance_name(config.state)
+
+    async def copy() -> str:
+        sqlite = StateStore(source, max_pending=config.state.max_pending)
+        try:
+            dump = await sqlite.dump()
+        finally:
+            await sqlite.close()
+        target = await PostgresStore.open(
+            config.state.url,
+            password=password,
+            instance=instance,
+            max_pending=config.state.max_pending,
+            lease_seconds=config.state.lease_seconds,
+        )
+        try:
+            await target.load(dump, force=args.force)
+        finally:
+            await target.close()
+        return (
+            f"imported {len(dump.queue)} pending ids, {len(dump.finished)} finished ids, {len(dump.ledger)} ledger "
+            f"series and {len(dump.positions)} file positions (as instance {instance!r}) into {target.description}"
+        )
+
+    try:
+        print(asyncio.run(copy()))
+    except StateError as err:
+        log.error("%s", err)
+        return 1
     return 0
 
 
@@ -251,6 +320,17 @@ def parser() -> argparse.ArgumentParser:
     lookup.add_argument("--config", required=True, type=Path)
     lookup.add_argument("id")
     lookup.set_defaults(func=cmd_lookup)
+
+    importer = sub.add_parser(
+        "import-state", help="copy a sidecar's SQLite state into the fleet's PostgreSQL state (state.url)"
+    )
+    importer.add_argument("--config", required=True, type=Path, help="the fleet's config (names state.url)")
+    importer.add_argument("--from", dest="source", required=True, type=Path, help="the sidecar's state.db")
+    importer.add_argument("--instance", default="", help="whose file positions these are (default: state.instance, "
+                          "$HOSTNAME or the host name): the ingest process that continues the files")
+    importer.add_argument("--force", action="store_true",
+                          help="import even into a non-empty ledger: the counters are added (merging sidecars)")
+    importer.set_defaults(func=cmd_import_state)
 
     fake = sub.add_parser("fake-api", help="serve the simulated ZenMux API")
     fake.add_argument("--listen", default="127.0.0.1:8990")

@@ -592,3 +592,12 @@ def read_state_password(config: StateConfig) -> str | None:
 def instance_name(config: StateConfig) -> str:
     """This process's name among the fleet: state.instance, else $HOSTNAME (a pod's name), else the hostname."""
     return config.instance or os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+def state_secrets(config: StateConfig) -> list[str]:
+    """The database password(s) to keep out of the logs: the URL's and the password file's."""
+    from urllib.parse import unquote, urlsplit
+
+    found = [unquote(urlsplit(config.url).password or "")] if config.url else []
+    password = read_state_password(config)
+    return [s for s in (*found, password) if s]

@@ -28,6 +28,7 @@ from exporter.store import (
     Resolved,
     Retry,
     Settlement,
+    StateDump,
     StateError,
 )
 
@@ -494,6 +495,55 @@ class PostgresStore:
         applied, removed = await self._call("settle", work)
         self._counted -= removed
         return applied
+
+    async def load(self, dump: StateDump, *, force: bool) -> None:
+        """Imports a sidecar's state in one transaction: its queue and finished ids (those already known are
+        kept as they are), its file positions (as this instance's) and its ledger. Into a database whose ledger
+        is not empty only with `force`: the values are then ADDED (several sidecars' states merge into one)."""
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> None:
+            async with db.transaction():
+                await db.execute("LOCK TABLE ledger IN EXCLUSIVE MODE")
+                row = await (await db.execute("SELECT count(*) FROM ledger")).fetchone()
+                if row is not None and row[0] and not force:
+                    raise StateError(
+                        f"{self._where}: the ledger already holds {row[0]} series; importing would add this "
+                        "state's counters to them. Pass --force to merge (several sidecars into one fleet).",
+                        "import",
+                    )
+                if dump.queue:
+                    columns = list(zip(*dump.queue, strict=True))
+                    await db.execute(
+                        "INSERT INTO queue (id, source, labels, first_seen, due, attempts) SELECT * FROM "
+                        "unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[], %s::int4[]) "
+                        "ON CONFLICT (id) DO NOTHING",
+                        [list(column) for column in columns],
+                    )
+                if dump.finished:
+                    columns = list(zip(*dump.finished, strict=True))
+                    await db.execute(
+                        "INSERT INTO finished SELECT * FROM unnest(%s::text[], %s::int2[], %s::int4[], "
+                        "%s::float8[]) ON CONFLICT (id) DO NOTHING",
+                        [list(column) for column in columns],
+                    )
+                    await db.execute("DELETE FROM queue WHERE id IN (SELECT id FROM finished WHERE id = ANY(%s))",
+                                     (list(columns[0]),))
+                for source, position in dump.positions.items():
+                    await db.execute(SAVE_POSITION, self._position_params(source, position))
+                rows: list[dict[str, Any]] = []
+                for metric, labels, value_json in dump.ledger:
+                    value = json.loads(value_json)
+                    if isinstance(value, dict):
+                        rows.append({"metric": metric, "labels": labels, "counter": None, "buckets": value["b"],
+                                     "total": value["s"]})
+                    else:
+                        rows.append({"metric": metric, "labels": labels, "counter": value, "buckets": None,
+                                     "total": None})
+                if rows:
+                    await db.execute(ADD_TO_LEDGER, (json.dumps(rows),))
+
+        await self._call("import", work)
+        await self.refresh()
 
     async def ledger_rows(self) -> list[LedgerRow]:
         async def work(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:

@@ -26,6 +26,7 @@ from exporter.store import (
     Resolved,
     Retry,
     Settlement,
+    StateDump,
     StateError,
 )
 
@@ -378,6 +379,23 @@ class StateStore:
             return self._db.execute("SELECT metric, labels, value FROM ledger").fetchall()
         except sqlite3.Error as err:
             raise self._error("ledger", err) from None
+
+    async def dump(self) -> StateDump:
+        """Everything the file holds, for import-state (read in one transaction)."""
+        try:
+            with self._transaction():
+                queue = self._db.execute(
+                    "SELECT id, source, labels, first_seen, due, attempts FROM queue ORDER BY seq"
+                ).fetchall()
+                finished = self._db.execute("SELECT id, status, attempts, finished FROM finished").fetchall()
+                positions = {
+                    row[0]: FilePosition(int(row[1]), int(row[2]), int(row[3]), bytes(row[4]))
+                    for row in self._db.execute("SELECT source, device, inode, offset, fingerprint FROM positions")
+                }
+                ledger = self._db.execute("SELECT metric, labels, value FROM ledger").fetchall()
+        except sqlite3.Error as err:
+            raise self._error("dump", err) from None
+        return StateDump(queue, finished, positions, ledger)
 
     async def ledger_changes(self) -> list[LedgerRow]:
         return []  # only this process writes the ledger, and settle has updated it already

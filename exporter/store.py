@@ -86,6 +86,19 @@ class Grant:
     paused_seconds: float
 
 
+@dataclass(frozen=True)
+class StateDump:
+    """A whole state, moved from a sidecar's SQLite file into a fleet's PostgreSQL database (import-state)."""
+
+    # (id, source, labels as stored, first_seen, due, attempts)
+    queue: list[tuple[str, str, str, float, float, int]]
+    # (id, status, attempts, finished)
+    finished: list[tuple[str, int, int, float]]
+    # source -> position
+    positions: dict[str, FilePosition]
+    ledger: list[LedgerRow]
+
+
 class Store(Protocol):
     """The durable state: the queue of pending ids, the dedupe memory, file positions and the ledger.
 

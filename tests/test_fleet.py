@@ -1,0 +1,153 @@
+"""Fleet mode in-process on a real PostgreSQL: roles, one count per generation across replicas, one leading
+exposer (and a takeover), import of a sidecar's state, the config rules of roles and state.url."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from exporter.__main__ import main
+from exporter.config import ConfigError, parse_config
+from exporter.simulate.api import totals
+from tests.support import (
+    FakeApi,
+    StartExporter,
+    append_lines,
+    config_data,
+    json_line,
+    make_config,
+    samples,
+    scrape,
+    value,
+    wait_until,
+)
+
+
+def fleet_data(tmp_path: Path, api_url: str, pg_url: str, roles: list[str], **overrides: Any) -> dict[str, Any]:
+    """The test config of one fleet process: the shared state instead of a file, the given roles."""
+    data = config_data(tmp_path, api_url, roles=roles, **overrides)
+    data["state"] = {"url": pg_url, "instance": f"{'-'.join(roles)}-{len(str(tmp_path))}", "lease_seconds": 5,
+                     **overrides.get("state", {})}
+    if "resolve" not in roles:
+        del data["zenmux"]["api_key"]  # only resolvers hold the key
+    if "ingest" not in roles:
+        data["sources"] = []
+    return data
+
+
+def send_udp(port: int, ids: list[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto("\n".join(ids).encode(), ("127.0.0.1", port))
+
+
+async def test_a_fleet_counts_each_generation_once_and_one_exposer_serves_it(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, pg_url: str
+) -> None:
+    def start(roles: list[str], name: str) -> Any:
+        data = fleet_data(tmp_path, fake_api.url, pg_url, roles)
+        data["state"]["instance"] = name
+        return start_exporter(parse_config(data, name), api_key=data["zenmux"].get("api_key", ""))
+
+    ingest = await start(["ingest"], "ingest-0")
+    resolvers = [await start(["resolve"], f"resolver-{i}") for i in range(2)]
+    leader = await start(["expose"], "exposer-0")
+    await wait_until(lambda: leader.exposer is not None and leader.exposer.leading, what="a leader")
+    follower = await start(["expose"], "exposer-1")
+    file_ids = [fake_api.create() for _ in range(30)]
+    udp_ids = [fake_api.create() for _ in range(10)]
+    append_lines(tmp_path / "app.log", [json_line(i) for i in file_ids])
+    send_udp(ingest.udp_sources[0].port, udp_ids)
+
+    async def exposed(port: int, n: int) -> bool:
+        return value(await scrape(port), "zenmux_generations_total") == n
+
+    await wait_until(lambda: exposed(leader.metrics_port, 40), timeout=30, what="40 generations on the leader")
+    text = await scrape(leader.metrics_port)
+    truth = totals(r for i in file_ids + udp_ids if (r := fake_api.sim.record(i)) is not None)
+    assert value(text, "zenmux_tokens_total", token_type="prompt") == truth["prompt_tokens"]
+    assert value(text, "zenmux_cost_usd_total") == pytest.approx(truth["billAmount"], rel=1e-9)
+    assert value(text, "zenmux_exporter_expose_leader") == 1
+    # The follower serves its own metrics only: the business series exist once.
+    followed = await scrape(follower.metrics_port)
+    assert value(followed, "zenmux_exporter_expose_leader") == 0
+    assert not [name for name, _, _ in samples(followed) if not name.startswith("zenmux_exporter_")]
+    # Claims are exclusive: every generation was looked up to its result by exactly one resolver.
+    resolved = [value(await scrape(r.metrics_port), "zenmux_exporter_lookups_total", outcome="resolved")
+                for r in resolvers]
+    assert sum(resolved) == 40
+    # No ingest process looks anything up, and it needed no API key.
+    assert ingest.resolver is None and ingest.config.zenmux.api_key == ""
+    # The leader goes: the follower takes over with the same values.
+    await leader.stop(drain_seconds=0)
+    await wait_until(lambda: exposed(follower.metrics_port, 40), timeout=15, what="the follower taking over")
+
+
+async def test_import_state_continues_a_sidecars_counters(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, pg_url: str
+) -> None:
+    sidecar = await start_exporter(make_config(tmp_path, fake_api.url))
+    ids = [fake_api.create() for _ in range(5)]
+    append_lines(tmp_path / "app.log", [json_line(i) for i in ids])
+    await wait_until(lambda: _has(sidecar.metrics_port, 5), what="5 generations in the sidecar")
+    await sidecar.stop(drain_seconds=0)
+    fleet_dir = tmp_path / "fleet"
+    fleet_dir.mkdir()
+    config = fleet_dir / "config.yaml"
+    config.write_text(yaml.safe_dump(fleet_data(fleet_dir, fake_api.url, pg_url, ["ingest", "resolve", "expose"])))
+    command = [sys.executable, "-m", "exporter", "import-state", "--config", str(config),
+               "--from", str(tmp_path / "state.db"), "--instance", "pod-a"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "imported 0 pending ids, 5 finished ids" in first.stdout
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "--force" in again.stderr, "a second import into a non-empty ledger"
+    assert subprocess.run([*command, "--force"], capture_output=True, timeout=60).returncode == 0
+    data = fleet_data(tmp_path, fake_api.url, pg_url, ["ingest", "resolve", "expose"])
+    data["state"]["instance"] = "pod-a"
+    fleet = await start_exporter(parse_config(data, "fleet"))
+    await wait_until(lambda: _has(fleet.metrics_port, 10), what="the imported counters, twice (forced)")
+    # The file position came along: the sidecar's lines are not read again.
+    assert value(await scrape(fleet.metrics_port), "zenmux_exporter_ids_received_total", source="app-log") == 0
+
+
+async def _has(port: int, n: int) -> bool:
+    return value(await scrape(port), "zenmux_generations_total") == n
+
+
+def test_roles_and_state_url_rules(tmp_path: Path) -> None:
+    url = "postgresql://zenmux:pw@db:5432/zenmux"
+    ingest_only = fleet_data(tmp_path, "http://zenmux.test", url, ["ingest"])
+    assert parse_config(ingest_only, "x").roles == ("ingest",)  # no API key needed
+    resolver = fleet_data(tmp_path, "http://zenmux.test", url, ["resolve"])
+    assert parse_config(resolver, "x").sources == ()  # no sources needed
+    del resolver["zenmux"]["api_key"]
+    with pytest.raises(ConfigError, match=r"zenmux: one of api_key or api_key_file is required \(by the resolve"):
+        parse_config(resolver, "x")
+    sidecar = config_data(tmp_path, "http://zenmux.test", roles=["ingest"])
+    with pytest.raises(ConfigError, match="a local file cannot be shared"):
+        parse_config(sidecar, "x")
+    both = fleet_data(tmp_path, "http://zenmux.test", url, ["expose"], state={"path": "/x.db"})
+    with pytest.raises(ConfigError, match="not both"):
+        parse_config(both, "x")
+    with pytest.raises(ConfigError, match=r"roles\[1\]: must be one of"):
+        parse_config(fleet_data(tmp_path, "http://zenmux.test", url, ["expose", "scrape"]), "x")
+
+
+def test_check_config_redacts_the_database_password(tmp_path: Path) -> None:
+    data = fleet_data(tmp_path, "http://zenmux.test", "postgresql://zenmux:${PGPW}@db:5432/zenmux", ["ingest"])
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(out):
+        env.setenv("PGPW", "hunter2-db")
+        assert main(["check-config", "--config", str(config)]) == 0
+    assert "hunter2-db" not in out.getvalue()
+    assert "postgresql://zenmux:<redacted>@db:5432/zenmux" in out.getvalue()
