@@ -9,14 +9,18 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import httpx
 import pytest
 import yaml
 
 from exporter.__main__ import main
 from exporter.config import ConfigError, parse_config
+from exporter.fleet import SharedRateLimit
 from exporter.simulate.api import totals
+from exporter.store import Grant, Store
+from tests.pg import Cluster
 from tests.support import (
     FakeApi,
     StartExporter,
@@ -29,6 +33,7 @@ from tests.support import (
     value,
     wait_until,
 )
+from tests.test_pacing import FakeTime
 
 
 def fleet_data(tmp_path: Path, api_url: str, pg_url: str, roles: list[str], **overrides: Any) -> dict[str, Any]:
@@ -151,3 +156,70 @@ def test_check_config_redacts_the_database_password(tmp_path: Path) -> None:
         assert main(["check-config", "--config", str(config)]) == 0
     assert "hunter2-db" not in out.getvalue()
     assert "postgresql://zenmux:<redacted>@db:5432/zenmux" in out.getvalue()
+
+
+async def test_a_lost_database_is_not_ready_loses_nothing_and_counts_once_after(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, pg_url: str, postgres: Cluster
+) -> None:
+    data = fleet_data(tmp_path, fake_api.url, pg_url, ["ingest", "resolve", "expose"])
+    exporter = await start_exporter(parse_config(data, "fleet"))
+    port = exporter.metrics_port
+    before = [fake_api.create() for _ in range(10)]
+    append_lines(tmp_path / "app.log", [json_line(i) for i in before])
+    await wait_until(lambda: _has(port, 10), what="10 generations before the outage")
+    postgres.stop("immediate")
+    try:
+        during_file = [fake_api.create() for _ in range(30)]
+        during_udp = [fake_api.create() for _ in range(10)]
+        append_lines(tmp_path / "app.log", [json_line(i) for i in during_file])
+        send_udp(exporter.udp_sources[0].port, during_udp)
+
+        async def not_ready() -> bool:
+            async with httpx.AsyncClient() as client:
+                response = await client.get(f"http://127.0.0.1:{port}/readyz")
+            return response.status_code == 503 and f"127.0.0.1:{postgres.port}" in response.text
+
+        await wait_until(not_ready, what="/readyz naming the unreachable database")
+        text = await scrape(port)  # still serving its own metrics
+        assert value(text, "zenmux_exporter_state_errors_total") > 0
+    finally:
+        postgres.start()
+    everything = before + during_file + during_udp
+    await wait_until(lambda: _has(port, len(everything)), timeout=60, what="every id resolved after the outage")
+    text = await scrape(port)
+    truth = totals(r for i in everything if (r := fake_api.sim.record(i)) is not None)
+    assert value(text, "zenmux_cost_usd_total") == pytest.approx(truth["billAmount"], rel=1e-9)
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
+
+
+class FakeBucketStore:
+    """The rate limit's side of a Store: one bucket on a clock the test moves, and a pause."""
+
+    def __init__(self, time: FakeTime) -> None:
+        self.time = time
+        self.tokens, self.refilled, self.paused_until, self.calls = 2.0, time.now, 0.0, 0
+
+    async def take_tokens(self, wanted: int, rate: float, burst: float) -> Grant:
+        self.calls += 1
+        now = self.time.monotonic()
+        self.tokens = min(burst, self.tokens + (now - self.refilled) * rate) - wanted
+        self.refilled = now
+        return Grant(self.tokens, max(self.paused_until - now, 0.0))
+
+
+async def test_the_shared_rate_limit_paces_at_the_rate_in_batches_and_honours_the_pause() -> None:
+    time = FakeTime()
+    store = FakeBucketStore(time)
+    limit = SharedRateLimit(cast(Store, store), 20.0, 8.0, monotonic=time.monotonic, sleep=time.sleep)
+    start = time.now
+    for _ in range(42):
+        await limit.acquire()
+    # 2 in the bucket, then 20 a second: the 42nd goes 2 s after the start, from 9 round trips (batches of 5).
+    assert time.now - start == pytest.approx(2.0, abs=0.06)
+    assert store.calls == 9
+    store.paused_until = time.now + 30
+    await limit.acquire()  # the batch in hand is used first
+    limit._expires = 0.0  # ... and, once it expired, the next one finds the fleet paused
+    await limit.acquire()
+    assert time.now >= store.paused_until
