@@ -120,7 +120,8 @@ ON CONFLICT (instance, source) DO UPDATE SET device = excluded.device, inode = e
 ENQUEUE_WITH_POSITION = f"WITH saved AS ({SAVE_POSITION}) {ENQUEUE}"
 CLAIM = """
 UPDATE queue q SET claimed_by = %(me)s, lease_until = %(until)s
-FROM (SELECT id FROM queue WHERE due <= %(now)s AND lease_until <= %(now)s AND id <> ALL(%(exclude)s::text[])
+FROM (SELECT id FROM queue WHERE due <= %(now)s AND (lease_until <= %(now)s OR claimed_by = %(me)s)
+      AND id <> ALL(%(exclude)s::text[])
       ORDER BY due LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
 WHERE q.id = c.id
 RETURNING q.id, q.source, q.labels, q.first_seen, q.attempts, q.due
@@ -403,12 +404,13 @@ class PostgresStore:
         rows.sort(key=lambda row: row[5])
         return [PendingId(row[0], row[1], _labels_value(row[2]), row[3], row[4]) for row in rows]
 
-    async def next_due(self, exclude: set[str]) -> float | None:
+    async def next_due(self, now: float, exclude: set[str]) -> float | None:
         async def work(db: psycopg.AsyncConnection[Any]) -> float | None:
+            # Walks the due index past the claimed rows (at most the fleet's lookups in flight).
             cursor = await db.execute(
-                "SELECT min(greatest(due, lease_until)) FROM (SELECT due, lease_until FROM queue ORDER BY due "
-                "LIMIT %s) q",
-                (len(exclude) + 100,),
+                "SELECT due FROM queue WHERE (lease_until <= %(now)s OR claimed_by = %(me)s) "
+                "AND id <> ALL(%(exclude)s::text[]) ORDER BY due LIMIT 1",
+                {"now": now, "me": self.instance, "exclude": list(exclude)},
             )
             row = await cursor.fetchone()
             return None if row is None or row[0] is None else float(row[0])

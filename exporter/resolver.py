@@ -187,7 +187,7 @@ class Resolver:
         if self._ready:
             return 0.0
         try:
-            due = await self._state.next_due(self._busy_ids())
+            due = await self._state.next_due(now, self._busy_ids())
         except StateError as err:
             self._state_error("due", err)
             return STATE_ERROR_PAUSE_SECONDS

@@ -291,7 +291,7 @@ class StateStore:
                 break
         return found
 
-    async def next_due(self, exclude: set[str]) -> float | None:
+    async def next_due(self, now: float, exclude: set[str]) -> float | None:
         try:
             rows = self._db.execute("SELECT id, due FROM queue ORDER BY due LIMIT ?", (len(exclude) + 1,)).fetchall()
         except sqlite3.Error as err:

@@ -145,11 +145,15 @@ class Store(Protocol):
     async def due(self, now: float, limit: int, exclude: set[str]) -> list[PendingId]:
         """Up to `limit` ids due by `now`, oldest due first, not in `exclude` (this process's ids in flight).
 
-        A shared backend claims them under a lease: no other process gets them until the lease expires."""
+        A shared backend claims them under a lease: no other process gets them until the lease expires. Ids
+        claimed earlier by this instance and not in `exclude` (a settle that failed, a restart under the same
+        name) are taken again at once."""
         ...
 
-    async def next_due(self, exclude: set[str]) -> float | None:
-        """When the next id not in `exclude` becomes due (None: nothing pending)."""
+    async def next_due(self, now: float, exclude: set[str]) -> float | None:
+        """When the next id not in `exclude` becomes due (None: nothing pending). A shared backend answers
+        for ids no other process holds a claim on at `now` (a claim that runs out wakes the resolver's
+        periodic check, not this)."""
         ...
 
     async def oldest_pending(self) -> float | None: ...

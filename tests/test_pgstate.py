@@ -15,6 +15,7 @@ from exporter.ledger import Ledger
 from exporter.pgstate import SCHEMA_VERSION, PostgresStore
 from exporter.store import Resolved, Retry, StateError
 from tests.pg import Cluster
+from tests.support import wait_until
 from tests.test_state import one_generation
 
 OpenStore = Callable[..., Awaitable[PostgresStore]]
@@ -49,13 +50,18 @@ async def test_replicas_claim_disjoint_batches_and_a_dead_ones_claims_return_aft
     second = await b.due(now=1, limit=6, exclude=set())
     assert len(first) == 6 and len(second) == 4
     assert not {p.id for p in first} & {p.id for p in second}
-    assert await b.due(now=2, limit=10, exclude=set()) == []  # all claimed
+    in_flight = {p.id for p in second}  # what b's resolver passes: its own ids in flight
+    assert await b.due(now=2, limit=10, exclude=in_flight) == []  # all claimed
     # a dies holding its claims: once the lease ran out they are b's.
-    assert await b.due(now=30, limit=10, exclude=set()) == []
-    taken_over = await b.due(now=31.5, limit=10, exclude={p.id for p in second})  # b's own are still in flight
+    assert await b.due(now=30, limit=10, exclude=in_flight) == []
+    assert await b.next_due(30, in_flight) is None
+    taken_over = await b.due(now=31.5, limit=10, exclude=in_flight)
     assert {p.id for p in taken_over} == {p.id for p in first}
     # a comes back with a retry for an id b now holds: b's claim stands.
     assert await a.settle([Retry(first[0].id, due=100, attempts=1)], ledger(), now=32) == []
+    # b restarts under the same name (nothing in flight): its claims are its own again at once.
+    again = await open_store("resolver-b", lease_seconds=30)
+    assert len(await again.due(now=33, limit=20, exclude=set())) == 10
 
 
 async def test_two_replicas_settling_one_id_count_it_once(open_store: OpenStore) -> None:
@@ -120,7 +126,8 @@ async def test_one_exposer_leads_and_another_takes_over_when_it_goes(open_store:
     assert await a.try_lead() is True
     assert await b.try_lead() is False
     assert await a.try_lead() is True and await b.try_lead() is False
-    await a.close()
+    await a.close()  # the server releases the lock when it has ended a's session, a moment later
+    await wait_until(b.try_lead, timeout=5, what="b to lead")
     assert await b.try_lead() is True
 
 

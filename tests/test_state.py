@@ -163,7 +163,7 @@ async def test_labels_and_positions_round_trip(open_state: OpenState, tmp_path: 
 
 async def test_next_due_and_oldest_pending(open_state: OpenState) -> None:
     state = await open_state()
-    assert await state.next_due(set()) is None and await state.oldest_pending() is None
+    assert await state.next_due(0, set()) is None and await state.oldest_pending() is None
     await state.enqueue("src", [Sighting("a")], now=5, due=9)
     await state.enqueue("src", [Sighting("b")], now=7, due=11)
-    assert await state.next_due(set()) == 9 and await state.oldest_pending() == 5
+    assert await state.next_due(6, set()) == 9 and await state.oldest_pending() == 5
