@@ -17,6 +17,7 @@ from psycopg.conninfo import conninfo_to_dict
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
 from exporter.store import (
+    ABANDONED,
     DONE,
     PENDING,
     Abandon,
@@ -138,6 +139,18 @@ ON CONFLICT (metric, labels) DO UPDATE SET
                FROM unnest(l.buckets, excluded.buckets) WITH ORDINALITY AS t(a, b, i)),
     total = l.total + excluded.total,
     changed = pg_current_xact_id()
+"""
+# Ended ids leave the queue and enter finished in one statement; the rows say which ids are newly finished
+# (those count) and how many left the queue (the second column, on every row; a lone NULL id when none is new).
+END = """
+WITH gone AS (DELETE FROM queue WHERE id = ANY(%(ids)s::text[]) RETURNING id, attempts),
+ended AS (
+    INSERT INTO finished (id, status, attempts, finished)
+    SELECT g.id, u.status, g.attempts + 1, %(now)s
+    FROM gone g JOIN unnest(%(ids)s::text[], %(statuses)s::int2[]) AS u(id, status) ON u.id = g.id
+    ON CONFLICT (id) DO NOTHING RETURNING id
+)
+SELECT e.id, (SELECT count(*) FROM gone) FROM (SELECT NULL::text AS id UNION ALL SELECT id FROM ended) e
 """
 RETRY = """
 UPDATE queue SET due = u.due, attempts = u.attempts, claimed_by = NULL, lease_until = 0
@@ -440,27 +453,21 @@ class PostgresStore:
         async def work(db: psycopg.AsyncConnection[Any]) -> tuple[list[Settlement], int]:
             applied: list[Settlement] = []
             removed = 0
-            async with db.transaction():
+            # Pipelined: BEGIN and the statements whose results are not read go out with the next that is.
+            async with db.pipeline(), db.transaction():
                 if ending:
+                    ids = list(ending)
                     cursor = await db.execute(
-                        "DELETE FROM queue WHERE id = ANY(%s::text[]) RETURNING id, attempts", (list(ending),)
+                        END,
+                        {
+                            "ids": ids,
+                            "statuses": [DONE if isinstance(ending[i], Resolved) else ABANDONED for i in ids],
+                            "now": now,
+                        },
                     )
-                    left = {row[0]: int(row[1]) for row in await cursor.fetchall()}
-                    removed = len(left)
-                    new: set[str] = set()
-                    if left:
-                        ids = sorted(left)
-                        cursor = await db.execute(
-                            "INSERT INTO finished SELECT * FROM unnest(%s::text[], %s::int2[], %s::int4[], "
-                            "%s::float8[]) ON CONFLICT (id) DO NOTHING RETURNING id",
-                            (
-                                ids,
-                                [DONE if isinstance(ending[i], Resolved) else 2 for i in ids],
-                                [left[i] + 1 for i in ids],
-                                [now] * len(ids),
-                            ),
-                        )
-                        new = {row[0] for row in await cursor.fetchall()}
+                    rows = await cursor.fetchall()
+                    removed = int(rows[0][1]) if rows else 0
+                    new = {row[0] for row in rows if row[0] is not None}
                     deltas = Ledger(ledger.shape, ledger.limiter)  # empty: its overlay holds increments
                     overlay = deltas.overlay()
                     for generation_id, ended in ending.items():
@@ -468,17 +475,17 @@ class PostgresStore:
                             applied.append(ended)
                             if ended.contribution is not None:
                                 deltas.add(overlay, ended.contribution)
-                    rows: list[dict[str, Any]] = [
+                    deltas_rows: list[dict[str, Any]] = [
                         {"metric": m, "labels": json.dumps(labels), "counter": v, "buckets": None, "total": None}
                         for (m, labels), v in overlay.counters.items()
                     ]
-                    rows += [
+                    deltas_rows += [
                         {"metric": m, "labels": json.dumps(labels), "counter": None, "buckets": h.buckets,
                          "total": h.sum}
                         for (m, labels), h in overlay.histograms.items()
                     ]
-                    if rows:
-                        await db.execute(ADD_TO_LEDGER, (json.dumps(rows),))
+                    if deltas_rows:
+                        await db.execute(ADD_TO_LEDGER, (json.dumps(deltas_rows),))
                 if retries:
                     ids = list(retries)
                     cursor = await db.execute(

@@ -37,10 +37,14 @@ EXEMPLAR_MAX_CHARS = 128
 # about as much as several lookups, so one per loop iteration (a few results) was ~20 % of the CPU per lookup.
 # An id stays out of dispatch until its result is written, so batching never re-sends a lookup.
 SETTLE_WINDOW_SECONDS = 0.05
+# A shared database is a network round trip away and serves the whole fleet: results wait longer to be written
+# in bigger batches (an id's billing delay is minutes; a quarter second more before it is counted is nothing).
+SHARED_SETTLE_WINDOW_SECONDS = 0.25
 SETTLE_MAX_BATCH = 512
 # Due ids are read from the queue this many at a time and handed out from memory as slots free up, instead
 # of one query (skipping every id in flight) per finished lookup.
 DUE_PREFETCH = 256
+CLAIM_FRACTION = 4
 
 
 def backoff(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
@@ -156,7 +160,7 @@ class Resolver:
             now = self._clock.time()
             if now >= self._paused_until:
                 free = self._concurrency - len(self._inflight)
-                if free > 0 and len(self._ready) < free:
+                if free > 0 and len(self._ready) < free and not self._claim_later(free):
                     # A shared queue is claimed under a lease: take no more than can go soon (other replicas
                     # want work too); a local one is read ahead.
                     want = free if self._state.shared else max(free, DUE_PREFETCH)
@@ -174,6 +178,11 @@ class Resolver:
                     self._metrics.inflight.set(len(self._inflight))
             await self._sleep(stop, await self._seconds_to_next_work())
 
+    def _claim_later(self, free: int) -> bool:
+        """A shared queue is claimed once a quarter of the slots are free (or none is busy), not for each slot
+        that frees up: a claim is a round trip to the database, and a batch costs it little more than one id."""
+        return self._state.shared and bool(self._inflight) and free < max(1, self._concurrency // CLAIM_FRACTION)
+
     def _busy_ids(self) -> set[str]:
         """Ids not to hand out again: in flight, read ahead, or with a result not yet written."""
         return self._inflight.keys() | self._unsettled | {pending.id for pending in self._ready}
@@ -182,7 +191,7 @@ class Resolver:
         now = self._clock.time()
         if now < self._paused_until:
             return min(self._paused_until - now, MAX_WAIT_SECONDS)
-        if len(self._inflight) >= self._concurrency:
+        if len(self._inflight) >= self._concurrency or self._claim_later(self._concurrency - len(self._inflight)):
             return MAX_WAIT_SECONDS  # a finishing lookup wakes us
         if self._ready:
             return 0.0
@@ -351,7 +360,8 @@ class Resolver:
                 self._flush_handle.cancel()
             self._flush_handle = asyncio.get_running_loop().call_soon(self._start_flush)
         elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(SETTLE_WINDOW_SECONDS, self._start_flush)
+            window = SHARED_SETTLE_WINDOW_SECONDS if self._state.shared else SETTLE_WINDOW_SECONDS
+            self._flush_handle = asyncio.get_running_loop().call_later(window, self._start_flush)
 
     def _start_flush(self) -> None:
         task = asyncio.get_running_loop().create_task(self._flush())

@@ -61,6 +61,41 @@ class Cluster:
     def stop(self, mode: str = "fast") -> None:
         self.pg_ctl("-m", mode, "stop")
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the server's processes: the postmaster with the children it reaped, and the live ones."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        postmaster = int((self.directory / "data" / "postmaster.pid").read_text().split()[0])
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile (then reaped into the postmaster's children times)
+            pid, parent = int(entry.name), int(fields[1])
+            if pid == postmaster:
+                total += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+            elif parent == postmaster:
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
+
+    def transactions(self, database: str) -> int:
+        """Transactions the server committed or rolled back in `database` (each round trip in autocommit is one)."""
+        with psycopg.connect(self.url(), autocommit=True) as admin:
+            row = admin.execute(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", (database,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def destroy(self) -> None:
+        subprocess.run(
+            [*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.directory / "data"), "-m", "immediate", "stop"],
+            check=False,
+            capture_output=True,
+        )
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     def start(self) -> None:
         self.pg_ctl(
             "-l", str(self.directory / "pg.log"), "-w", "-o",
@@ -70,12 +105,11 @@ class Cluster:
         )
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Cluster]:
-    """The session's PostgreSQL server (scripts/install-tools.sh installs Debian's `postgresql`)."""
+def start_cluster() -> Cluster:
+    """initdb and start a server in a new directory under /tmp (the bench uses it too)."""
     binaries = server_binaries()
     if binaries is None:
-        pytest.fail(f"no PostgreSQL server under {PG_ROOT}: run `make tools` (installs Debian's postgresql)")
+        raise RuntimeError(f"no PostgreSQL server under {PG_ROOT}: run `make tools` (installs Debian's postgresql)")
     directory = Path(tempfile.mkdtemp(prefix="zenmux-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:  # the server refuses to run as root
@@ -89,15 +123,20 @@ def postgres() -> Iterator[Cluster]:
     )
     cluster = Cluster(directory, _free_port(), as_user, binaries, itertools.count(1))
     cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """The session's PostgreSQL server (scripts/install-tools.sh installs Debian's `postgresql`)."""
+    try:
+        cluster = start_cluster()
+    except RuntimeError as err:
+        pytest.fail(str(err))
     try:
         yield cluster
     finally:
-        subprocess.run(
-            [*as_user, str(binaries / "pg_ctl"), "-D", str(directory / "data"), "-m", "immediate", "stop"],
-            check=False,
-            capture_output=True,
-        )
-        shutil.rmtree(directory, ignore_errors=True)
+        cluster.destroy()
 
 
 @pytest.fixture
