@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import socket
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from tests.support import (
     wait_until,
 )
 from tests.test_pacing import FakeTime
+from tests.test_prometheus_live import StartPrometheus, start_prometheus  # noqa: F401 (a fixture)
 
 
 def fleet_data(tmp_path: Path, api_url: str, pg_url: str, roles: list[str], **overrides: Any) -> dict[str, Any]:
@@ -223,3 +225,59 @@ async def test_the_shared_rate_limit_paces_at_the_rate_in_batches_and_honours_th
     limit._expires = 0.0  # ... and, once it expired, the next one finds the fleet paused
     await limit.acquire()
     assert time.now >= store.paused_until
+
+
+BUSINESS_TOTALS = (
+    'sum by (__name__) ({__name__=~"zenmux_.+_total", __name__!~"zenmux_exporter_.+"})',
+    'sum by (__name__) ({__name__=~"zenmux_.+_(count|sum)", __name__!~"zenmux_exporter_.+"})',
+    # the business series exist once: as many per family in a fleet as in one sidecar
+    'count by (__name__) ({__name__=~"zenmux_.+", __name__!~"zenmux_exporter_.+"})',
+    "sum by (model, protocol, token_type) (zenmux_tokens_total)",
+)
+
+
+async def test_prometheus_sees_the_same_totals_from_a_sidecar_and_from_two_exposers_of_a_fleet(
+    tmp_path: Path,
+    fake_api: FakeApi,
+    start_exporter: StartExporter,
+    pg_url: str,
+    start_prometheus: StartPrometheus,  # noqa: F811 (the fixture)
+) -> None:
+    sidecar_dir, fleet_dir = tmp_path / "sidecar", tmp_path / "fleet"
+    sidecar_dir.mkdir()
+    fleet_dir.mkdir()
+    sidecar = await start_exporter(make_config(sidecar_dir, fake_api.url))
+    worker = await start_exporter(parse_config(fleet_data(fleet_dir, fake_api.url, pg_url, ["ingest", "resolve"]), "w"))
+    exposers = []
+    for name in ("exposer-0", "exposer-1"):
+        data = fleet_data(fleet_dir, fake_api.url, pg_url, ["expose"])
+        data["state"]["instance"] = name
+        exposers.append(await start_exporter(parse_config(data, name)))
+        if name == "exposer-0":
+            await wait_until(lambda: exposers[0].exposer is not None and exposers[0].exposer.leading, what="a leader")
+    alone = start_prometheus(f"127.0.0.1:{sidecar.metrics_port}")
+    fleet = start_prometheus(*(f"127.0.0.1:{e.metrics_port}" for e in exposers))
+    for n in range(4):
+        ids = [fake_api.create() for _ in range(15)]
+        lines = [json_line(i, f"feature-{(n + k) % 3}") for k, i in enumerate(ids)]
+        append_lines(sidecar_dir / "app.log", lines)
+        append_lines(fleet_dir / "app.log", lines)
+    for exporter in (sidecar, exposers[0]):
+        await wait_until(lambda e=exporter: _has(e.metrics_port, 60), timeout=30, what="60 generations")
+    assert worker.resolver is not None
+
+    async def same_totals() -> bool:
+        async with httpx.AsyncClient() as client:
+            for expr in BUSINESS_TOTALS:
+                one = {json.dumps(s["metric"], sort_keys=True): s["value"][1] for s in await alone.query(client, expr)}
+                many = {json.dumps(s["metric"], sort_keys=True): s["value"][1] for s in await fleet.query(client, expr)}
+                if not one or one != many:
+                    return False
+            return True
+
+    await wait_until(same_totals, timeout=30, what="the same totals from the sidecar and from the fleet")
+    async with httpx.AsyncClient() as client:
+        served = await fleet.query(client, 'count by (instance) ({__name__=~"zenmux_generations_total"})')
+        assert [s["metric"]["instance"] for s in served] == [f"127.0.0.1:{exposers[0].metrics_port}"]
+        leaders = await fleet.query(client, "sum(zenmux_exporter_expose_leader)")
+        assert float(leaders[0]["value"][1]) == 1
