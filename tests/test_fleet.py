@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -266,16 +267,27 @@ async def test_prometheus_sees_the_same_totals_from_a_sidecar_and_from_two_expos
         await wait_until(lambda e=exporter: _has(e.metrics_port, 60), timeout=30, what="60 generations")
     assert worker.resolver is not None
 
+    mismatch: list[Any] = []
+
     async def same_totals() -> bool:
         async with httpx.AsyncClient() as client:
             for expr in BUSINESS_TOTALS:
-                one = {json.dumps(s["metric"], sort_keys=True): s["value"][1] for s in await alone.query(client, expr)}
-                many = {json.dumps(s["metric"], sort_keys=True): s["value"][1] for s in await fleet.query(client, expr)}
-                if not one or one != many:
+                one = {json.dumps(s["metric"], sort_keys=True): float(s["value"][1])
+                       for s in await alone.query(client, expr)}
+                many = {json.dumps(s["metric"], sort_keys=True): float(s["value"][1])
+                        for s in await fleet.query(client, expr)}
+                # Costs are float sums added in another order (per settle batch in the database): equal to 1e-9.
+                if not one or one.keys() != many.keys() or any(
+                    not math.isclose(one[k], many[k], rel_tol=1e-9) for k in one
+                ):
+                    mismatch[:] = [expr, one, many]
                     return False
             return True
 
-    await wait_until(same_totals, timeout=30, what="the same totals from the sidecar and from the fleet")
+    try:
+        await wait_until(same_totals, timeout=30, what="the same totals from the sidecar and from the fleet")
+    except AssertionError as err:
+        raise AssertionError(f"{err}; last difference: {mismatch}") from None
     async with httpx.AsyncClient() as client:
         served = await fleet.query(client, 'count by (instance) ({__name__=~"zenmux_generations_total"})')
         assert [s["metric"]["instance"] for s in served] == [f"127.0.0.1:{exposers[0].metrics_port}"]
