@@ -330,6 +330,8 @@ class PostgresStore:
                 await db.execute(SCHEMA)
                 await db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
                 log.info("%s: created the state schema (version %d)", self._where, SCHEMA_VERSION)
+            # A later schema version adds its migration here: `elif version < SCHEMA_VERSION:` runs the steps
+            # from `version` on and records the new version, in this same transaction (DDL is transactional).
             elif version > SCHEMA_VERSION:
                 raise StateError(
                     f"{self._where}: schema version {version}, this exporter reads {SCHEMA_VERSION}: "

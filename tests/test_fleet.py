@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from exporter.__main__ import main
-from exporter.config import ConfigError, parse_config
+from exporter.config import ConfigError, parse_config, read_state_password, state_secrets
 from exporter.fleet import SharedRateLimit
 from exporter.simulate.api import totals
 from exporter.store import Grant, Store
@@ -293,3 +293,20 @@ async def test_prometheus_sees_the_same_totals_from_a_sidecar_and_from_two_expos
         assert [s["metric"]["instance"] for s in served] == [f"127.0.0.1:{exposers[0].metrics_port}"]
         leaders = await fleet.query(client, "sum(zenmux_exporter_expose_leader)")
         assert float(leaders[0]["value"][1]) == 1
+
+
+def test_the_password_file_is_read_stripped_and_kept_out_of_logs(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("  pg-s3cret\n")
+    data = fleet_data(tmp_path, "http://zenmux.test", "postgresql://zenmux@db:5432/zenmux", ["ingest"],
+                      state={"password_file": str(secret)})
+    config = parse_config(data, "x")
+    assert read_state_password(config.state) == "pg-s3cret"
+    assert state_secrets(config.state) == ["pg-s3cret"]  # what the log filter redacts
+    secret.unlink()
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["check-config", "--config", str(path)]) == 2
+    assert "state.password_file: cannot read" in err.getvalue()
