@@ -114,7 +114,6 @@ class Exporter:
         elif "expose" in roles:
             self.ledger.load(await self.state.ledger_changes())
         exposition = LedgerExposition(self.ledger) if "expose" in roles else None
-        self.registry.register(QueueCollector(lambda: self.state.pending, lambda: self._oldest_age))
         if "resolve" in roles:
             self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
             rate = config.zenmux.max_requests_per_second
@@ -147,6 +146,12 @@ class Exporter:
         else:
             self.metrics.expose_leader.set(1 if exposition is not None else 0)
         exposer = self.exposer
+        local = not self.state.shared
+        self.registry.register(QueueCollector(
+            lambda: self.state.pending,
+            lambda: self._oldest_age,
+            (lambda: exposer.leading) if exposer is not None else (lambda: local),
+        ))
         host, port = split_host_port(config.metrics.listen)
         endpoints = Endpoints(
             self.registry,

@@ -83,10 +83,13 @@ async def test_a_fleet_counts_each_generation_once_and_one_exposer_serves_it(
     assert value(text, "zenmux_tokens_total", token_type="prompt") == truth["prompt_tokens"]
     assert value(text, "zenmux_cost_usd_total") == pytest.approx(truth["billAmount"], rel=1e-9)
     assert value(text, "zenmux_exporter_expose_leader") == 1
+    assert "zenmux_exporter_pending_ids" in text  # the fleet's queue, reported once too
     # The follower serves its own metrics only: the business series exist once.
     followed = await scrape(follower.metrics_port)
     assert value(followed, "zenmux_exporter_expose_leader") == 0
     assert not [name for name, _, _ in samples(followed) if not name.startswith("zenmux_exporter_")]
+    assert "zenmux_exporter_pending_ids" not in followed
+    assert "zenmux_exporter_pending_ids" not in await scrape(resolvers[0].metrics_port)
     # Claims are exclusive: every generation was looked up to its result by exactly one resolver.
     resolved = [value(await scrape(r.metrics_port), "zenmux_exporter_lookups_total", outcome="resolved")
                 for r in resolvers]
