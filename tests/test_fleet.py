@@ -172,7 +172,7 @@ async def test_a_lost_database_is_not_ready_loses_nothing_and_counts_once_after(
     port = exporter.metrics_port
     before = [fake_api.create() for _ in range(10)]
     append_lines(tmp_path / "app.log", [json_line(i) for i in before])
-    await wait_until(lambda: _has(port, 10), what="10 generations before the outage")
+    await wait_until(lambda: _has(port, 10), timeout=30, what="10 generations before the outage")
     postgres.stop("immediate")
     try:
         during_file = [fake_api.create() for _ in range(30)]
@@ -185,7 +185,7 @@ async def test_a_lost_database_is_not_ready_loses_nothing_and_counts_once_after(
                 response = await client.get(f"http://127.0.0.1:{port}/readyz")
             return response.status_code == 503 and f"127.0.0.1:{postgres.port}" in response.text
 
-        await wait_until(not_ready, what="/readyz naming the unreachable database")
+        await wait_until(not_ready, timeout=30, what="/readyz naming the unreachable database")
         text = await scrape(port)  # still serving its own metrics
         assert value(text, "zenmux_exporter_state_errors_total") > 0
     finally:
