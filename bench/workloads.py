@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.common import (
     API_KEY,
     Metrics,
@@ -416,6 +418,114 @@ def resolve(ctx: Context) -> list[Row]:
     ]
 
 
+# --- 3b. fleet -------------------------------------------------------------------------------------------
+
+
+def _fleet_finished(url: str, count: int) -> bool:
+    import psycopg
+
+    with psycopg.connect(url) as db:
+        row = db.execute("SELECT count(*) FROM finished WHERE status = 1").fetchone()
+    return row is not None and int(row[0]) >= count
+
+
+def fleet(ctx: Context) -> list[Row]:
+    """Settled generations/s and CPU per generation, exporter and PostgreSQL apart, for SQLite mode and fleet
+    mode with 1 and 2 resolvers, on the same machine in one run; transactions (round trips) per generation."""
+    from tests.pg import start_cluster
+
+    count = 2_000 if ctx.quick else 10_000
+    api_dir = ctx.fresh_dir("fleet-api")
+    api, api_port, ids = start_fake_api(api_dir, count)
+    data = make_log(count, seed=5, ids=ids)
+    cluster = start_cluster()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for mode, resolvers in (("sqlite", 1), ("fleet", 1), ("fleet", 2)):
+            directory = ctx.fresh_dir(f"fleet-{mode}-{resolvers}")
+            log = directory / "app.log"
+            log.touch()
+            url = cluster.create_database() if mode == "fleet" else ""
+            database = url.rsplit("/", 1)[-1]
+            procs: list[Proc] = []
+            ports: list[int] = []
+            for i in range(resolvers):
+                member = directory / f"member-{i}"
+                member.mkdir()
+                port = free_port()
+                extra: dict[str, Any] = {}
+                if url:
+                    extra = {"state": {"url": url, "instance": f"bench-{i}"}}
+                config = exporter_config(
+                    member,
+                    api_url=f"http://127.0.0.1:{api_port}",
+                    metrics_port=port,
+                    sources=[file_source(log)] if i == 0 else [],
+                    billing_delay=0.0,
+                    concurrency=64,
+                    max_rps=100_000.0,
+                    extra=extra,
+                )
+                if url:  # one path to the state: the URL (the member's SQLite path would be refused beside it)
+                    text = yaml.safe_load(config.read_text())
+                    del text["state"]["path"]
+                    text["roles"] = ["ingest", "resolve", "expose"] if i == 0 else ["resolve"]
+                    config.write_text(yaml.safe_dump(text, sort_keys=False))
+                procs.append(start_exporter(config, member / "exporter.log"))
+                ports.append(port)
+            try:
+                cpu0 = sum(p.cpu_seconds() for p in procs)
+                pg_cpu0 = cluster.cpu_seconds()
+                xacts0 = cluster.transactions(database) if url else 0
+                started = time.monotonic()
+                append(log, data)
+                done = partial(_fleet_finished, url, count) if url else partial(
+                    _finished, directory / "member-0" / "state.db", count)
+                seconds = wait_for(done, 600, "settled generations", 0.05) - started
+                cpu = sum(p.cpu_seconds() for p in procs) - cpu0
+                pg_cpu = cluster.cpu_seconds() - pg_cpu0
+                xacts = cluster.transactions(database) - xacts0 if url else 0
+                metrics = Metrics(ports[0])
+                try:
+                    exposed = partial(metrics.sum, "zenmux_generations_total")
+                    wait_for(lambda: exposed() == count, 30, "the exposed total", 0.1)  # noqa: B023 (used here)
+                finally:
+                    metrics.close()
+            finally:
+                for proc in procs:
+                    proc.stop()
+            key = f"{mode}-{resolvers}"
+            results[key] = {
+                "generations_per_second": count / seconds,
+                "exporter_cpu_ms_per_generation": cpu / count * 1000,
+                "postgres_cpu_ms_per_generation": pg_cpu / count * 1000 if url else 0.0,
+                "transactions_per_generation": xacts / count,
+            }
+    finally:
+        api.stop()
+        cluster.destroy()
+    sqlite_cpu = results["sqlite-1"]["exporter_cpu_ms_per_generation"]
+    rows = [Row("fleet: SQLite mode, settled", results["sqlite-1"]["generations_per_second"], "generations/s", "-",
+                None, None, None, [], results["sqlite-1"]),
+            Row("fleet: SQLite mode, exporter CPU per generation", sqlite_cpu, "ms", "-", None, None, None, [], {})]
+    for resolvers in (1, 2):
+        r = results[f"fleet-{resolvers}"]
+        rows += [
+            Row(f"fleet: PostgreSQL, {resolvers} resolver(s), settled", r["generations_per_second"], "generations/s",
+                "-", None, None, None, [], r),
+            Row(f"fleet: PostgreSQL, {resolvers} resolver(s), exporter CPU per generation vs SQLite",
+                r["exporter_cpu_ms_per_generation"] / sqlite_cpu, "x", "<= 1.5", None, None,
+                r["exporter_cpu_ms_per_generation"] <= 1.5 * sqlite_cpu, [], {}),
+            Row(f"fleet: PostgreSQL, {resolvers} resolver(s), PostgreSQL CPU per generation",
+                r["postgres_cpu_ms_per_generation"], "ms", "<= 0.5", None, None,
+                r["postgres_cpu_ms_per_generation"] <= 0.5, [], {}),
+            Row(f"fleet: PostgreSQL, {resolvers} resolver(s), transactions per generation",
+                r["transactions_per_generation"], "", "< 1", None, None, r["transactions_per_generation"] < 1,
+                [], {}),
+        ]
+    return rows
+
+
 # --- 4. backlog -------------------------------------------------------------------------------------------
 
 
@@ -493,7 +603,7 @@ def build_ledger_state(path: Path, models: int, protocols: int, features: int) -
         for f in range(features)
     ]
     sightings = [Sighting(f"scrape-{i}", (("feature", c[2]),)) for i, c in enumerate(combos)]
-    store.enqueue("bench", sightings, now, now)
+    asyncio.run(store.enqueue("bench", sightings, now, now))
     settlements = []
     for i, (model, protocol, feature) in enumerate(combos):
         fees = (FeeItem("input", 0.001, 0.001, 0.0), FeeItem("output", 0.002, 0.002, 0.0))
@@ -503,8 +613,8 @@ def build_ledger_state(path: Path, models: int, protocols: int, features: int) -
         )
         item = contribution(record, {"feature": feature}, shape, limiter, {"generation_id": f"scrape-{i}"})
         settlements.append(Resolved(f"scrape-{i}", item))
-    store.settle(settlements, ledger, now)
-    store.close()
+    asyncio.run(store.settle(settlements, ledger, now))
+    asyncio.run(store.close())
     return len(combos)
 
 
@@ -709,6 +819,7 @@ WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "file": file_ingest,
     "udp": udp_ingest,
     "resolve": resolve,
+    "fleet": fleet,
     "backlog": backlog,
     "scrape": scrape,
     "idle": idle,

@@ -1,4 +1,4 @@
-"""Command line: run, check-config, lookup, reconcile, fake-api and demo."""
+"""Command line: run, check-config, lookup, reconcile, import-state, fake-api and demo."""
 
 from __future__ import annotations
 
@@ -22,11 +22,14 @@ from exporter.config import (
     Config,
     ConfigError,
     LogConfig,
+    instance_name,
     load_config,
     parse_config,
     read_api_key,
     read_management_key,
+    read_state_password,
     redacted,
+    state_secrets,
 )
 from exporter.config import split_host_port as host_port
 from exporter.state import StateError
@@ -90,10 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     config, api_key = loaded
     try:
         management_key = read_management_key(config.reconcile)
+        secrets = [api_key, management_key, *state_secrets(config.state)]
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    configure_logging(config.log, [api_key, management_key])
+    configure_logging(config.log, [s for s in secrets if s])
     # Ingest allocates a few tuples per line and nothing cyclic: a young-generation collection every 700
     # allocations was ~30% of the parse time. Collections still run, just 70x less often.
     gc.set_threshold(GC_YOUNG_THRESHOLD, 10, 10)
@@ -106,6 +110,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if config.zenmux.api_key_file:
             read_api_key(config.zenmux)
         read_management_key(config.reconcile)
+        read_state_password(config.state)
         if config.metrics.web_config_file:
             from exporter.webconfig import load_web_config
 
@@ -144,11 +149,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from datetime import datetime
 
     from exporter.account import AccountClient, PollError
+    from exporter.app import open_store
     from exporter.clock import SystemClock
     from exporter.contribution import LabelLimiter, LedgerShape
     from exporter.ledger import Ledger
     from exporter.reconcile import audit, audit_table
-    from exporter.state import StateStore
 
     try:
         day = datetime.strptime(args.day, "%Y-%m-%d").strftime("%Y%m%d")
@@ -164,7 +169,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     if not management_key:
         print(f"{args.config}: set reconcile.management_api_key(_file): the account cost needs it", file=sys.stderr)
         return 2
-    if not Path(config.state.path).exists():
+    if not config.state.url and not Path(config.state.path).exists():
         print(f"{config.state.path}: no state database (state.path): nothing to compare", file=sys.stderr)
         return 1
     metrics = config.metrics
@@ -172,17 +177,14 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         LedgerShape(metrics.extra_labels),
         LabelLimiter(metrics.max_models, metrics.max_label_values, metrics.max_label_value_length),
     )
-    try:
-        store = StateStore(config.state.path, max_pending=config.state.max_pending)
-        try:
-            ledger.load(store.ledger_rows())
-        finally:
-            store.close()
-    except StateError as err:
-        print(err, file=sys.stderr)
-        return 1
 
-    async def fetch() -> str:
+    async def fetch() -> tuple[str, str]:
+        store = await open_store(config)
+        try:
+            ledger.load(await store.ledger_rows())
+            where = store.description
+        finally:
+            await store.close()
         client = AccountClient(
             config.zenmux.base_url,
             management_key,
@@ -190,17 +192,72 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             clock=SystemClock(),
         )
         try:
-            return audit_table(await audit(client, ledger, day))
+            return where, audit_table(await audit(client, ledger, day))
         finally:
             await client.aclose()
 
     try:
-        table = asyncio.run(fetch())
+        where, table = asyncio.run(fetch())
+    except StateError as err:
+        print(err, file=sys.stderr)
+        return 1
     except PollError as err:
         print(f"cannot read ZenMux's account cost for {args.day}: {err} ({err.outcome})", file=sys.stderr)
         return 1
-    print(f"# {args.day} (UTC): ZenMux's account cost against this exporter's ledger ({config.state.path})")
+    print(f"# {args.day} (UTC): ZenMux's account cost against this exporter's ledger ({where})")
     print(table)
+    return 0
+
+
+def cmd_import_state(args: argparse.Namespace) -> int:
+    """Copies a sidecar's SQLite state into the PostgreSQL state the config names (fleet mode)."""
+    from exporter.pgstate import PostgresStore
+    from exporter.state import StateStore
+
+    try:
+        config = load_config(args.config)
+        password = read_state_password(config.state)
+        secrets = [s for s in (password, *state_secrets(config.state)) if s]
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    configure_logging(config.log, secrets)
+    if not config.state.url:
+        print(f"{args.config}: state.url must name the PostgreSQL database to import into", file=sys.stderr)
+        return 2
+    source = Path(args.source)
+    if not source.is_file():
+        print(f"{source}: no such SQLite state file", file=sys.stderr)
+        return 2
+    instance = args.instance or instance_name(config.state)
+
+    async def copy() -> str:
+        sqlite = StateStore(source, max_pending=config.state.max_pending)
+        try:
+            dump = await sqlite.dump()
+        finally:
+            await sqlite.close()
+        target = await PostgresStore.open(
+            config.state.url,
+            password=password,
+            instance=instance,
+            max_pending=config.state.max_pending,
+            lease_seconds=config.state.lease_seconds,
+        )
+        try:
+            await target.load(dump, force=args.force)
+        finally:
+            await target.close()
+        return (
+            f"imported {len(dump.queue)} pending ids, {len(dump.finished)} finished ids, {len(dump.ledger)} ledger "
+            f"series and {len(dump.positions)} file positions (as instance {instance!r}) into {target.description}"
+        )
+
+    try:
+        print(asyncio.run(copy()))
+    except StateError as err:
+        log.error("%s", err)
+        return 1
     return 0
 
 
@@ -336,6 +393,17 @@ def parser() -> argparse.ArgumentParser:
     rec.add_argument("--config", required=True, type=Path)
     rec.add_argument("--day", required=True, help="the UTC day, YYYY-MM-DD")
     rec.set_defaults(func=cmd_reconcile)
+
+    importer = sub.add_parser(
+        "import-state", help="copy a sidecar's SQLite state into the fleet's PostgreSQL state (state.url)"
+    )
+    importer.add_argument("--config", required=True, type=Path, help="the fleet's config (names state.url)")
+    importer.add_argument("--from", dest="source", required=True, type=Path, help="the sidecar's state.db")
+    importer.add_argument("--instance", default="", help="whose file positions these are (default: state.instance, "
+                          "$HOSTNAME or the host name): the ingest process that continues the files")
+    importer.add_argument("--force", action="store_true",
+                          help="import even into a non-empty ledger: the counters are added (merging sidecars)")
+    importer.set_defaults(func=cmd_import_state)
 
     fake = sub.add_parser("fake-api", help="serve the simulated ZenMux API")
     fake.add_argument("--listen", default="127.0.0.1:8990")

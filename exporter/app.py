@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import random
-import sqlite3
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -20,18 +19,20 @@ from prometheus_client import CollectorRegistry
 
 from exporter.account import AccountClient
 from exporter.clock import Clock, SystemClock
-from exporter.config import Config, ConfigError, split_host_port
+from exporter.config import Config, ConfigError, instance_name, read_state_password, split_host_port
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
 from exporter.exposition import LedgerExposition
+from exporter.fleet import Exposer, SharedRateLimit
 from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
 from exporter.reconcile import ReconcileCollector, Reconciler, prune_days
-from exporter.resolver import Resolver
+from exporter.resolver import RateLimit, Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
 from exporter.state import StateStore
+from exporter.store import StateError, Store
 from exporter.telemetry import HttpCollector, QueueCollector, SelfMetrics, tracer_provider
 from exporter.web import REJECT_REASONS, HttpServer
 from exporter.webconfig import WebConfig, load_web_config
@@ -100,6 +101,8 @@ class Exporter:
         self.failure: str | None = None  # why a background task died, for /healthz
         self.udp_sources: list[UdpSource] = []
         self.file_sources: list[FileSource] = []
+        self.resolver: Resolver | None = None
+        self.exposer: Exposer | None = None
 
     async def start(self) -> None:
         """Opens the state (raising StateError if unusable), then starts lookups, sources and HTTP.
@@ -112,37 +115,64 @@ class Exporter:
             raise ConfigError(web_config, [
                 "tls_server_config.client_auth_type: RequireAndVerifyClientCert fails the kubelet's probes (they "
                 "present no certificate): set metrics.probe_listen for a plain probe listener"])
-        self.state = StateStore(config.state.path, max_pending=config.state.max_pending)
+        self.state = await open_store(config)
+        roles = config.roles
         shape = LedgerShape(config.metrics.extra_labels)
         limiter = LabelLimiter(
             config.metrics.max_models, config.metrics.max_label_values, config.metrics.max_label_value_length
         )
         self.ledger = Ledger(shape, limiter)
-        self.ledger.load(self.state.ledger_rows())
-        exposition = LedgerExposition(self.ledger)
-        self.registry.register(QueueCollector(lambda: self.state.pending, lambda: self._oldest_age))
-        self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
-        self.resolver = Resolver(
-            self.state,
-            self.ledger,
-            self.client,
-            config.resolve,
-            concurrency=config.zenmux.concurrency,
-            max_requests_per_second=config.zenmux.max_requests_per_second,
-            metrics=self.metrics,
-            tracer=self.tracing.get_tracer("zenmux-exporter"),
-            clock=self.clock,
-            rng=self._rng,
-        )
+        # A shared ledger is the database's: an exposer follows it; a resolver only sends its increments.
+        if not self.state.shared:
+            self.ledger.load(await self.state.ledger_rows())
+        elif "expose" in roles:
+            self.ledger.load(await self.state.ledger_changes())
+        exposition = LedgerExposition(self.ledger) if "expose" in roles else None
+        if "resolve" in roles:
+            self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
+            rate = config.zenmux.max_requests_per_second
+            shared: RateLimit | None = None
+            if self.state.shared:
+                shared = SharedRateLimit(self.state, rate, max(1.0, min(rate, config.zenmux.concurrency)))
+            self.resolver = Resolver(
+                self.state,
+                self.ledger,
+                self.client,
+                config.resolve,
+                concurrency=config.zenmux.concurrency,
+                max_requests_per_second=rate,
+                metrics=self.metrics,
+                tracer=self.tracing.get_tracer("zenmux-exporter"),
+                clock=self.clock,
+                rng=self._rng,
+                rate_limit=shared,
+            )
+        resolver = self.resolver
         ingest = Ingest(
-            self.state, self.metrics, self.clock, config.resolve.billing_delay_seconds, self.resolver.wake
+            self.state,
+            self.metrics,
+            self.clock,
+            config.resolve.billing_delay_seconds,
+            resolver.wake if resolver is not None else lambda: None,
         )
+        if exposition is not None and self.state.shared:
+            self.exposer = Exposer(self.state, self.ledger, self.metrics.expose_leader.set)
+        else:
+            self.metrics.expose_leader.set(1 if exposition is not None else 0)
+        exposer = self.exposer
+        local = not self.state.shared
+        self.registry.register(QueueCollector(
+            lambda: self.state.pending,
+            lambda: self._oldest_age,
+            (lambda: exposer.leading) if exposer is not None else (lambda: local),
+        ))
         host, port = split_host_port(config.metrics.listen)
         endpoints = Endpoints(
             self.registry,
             healthy=lambda: self.failure,
             ready=self._not_ready_reason,
             ledger=exposition,
+            leading=(lambda: exposer.leading) if exposer is not None else (lambda: True),
         )
         self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.server_tls(),
                                headers=web.headers)
@@ -163,7 +193,7 @@ class Exporter:
         )
         for server in servers:
             await server.start()
-        for source in config.sources:
+        for source in config.sources if "ingest" in roles else ():
             if source.type == "udp":
                 udp = UdpSource(source, parser_for(source), ingest, self.metrics)
                 await udp.start()
@@ -171,20 +201,24 @@ class Exporter:
                 self._source_tasks.append(self._watch(udp.serve(self._stop_sources), f"source {source.name}"))
             else:
                 tail = FileSource(source, lines_parser_for(source), ingest, self.state, self.metrics)
-                tail.open_initial()  # "start_at: end" means the end as of start-up
+                await tail.open_initial()  # "start_at: end" means the end as of start-up
                 self.file_sources.append(tail)
                 self._source_tasks.append(self._watch(tail.run(self._stop_sources), f"source {source.name}"))
-        self._tasks.append(self._watch(self.resolver.run(self._stop_resolver), "resolver"))
+        if resolver is not None:
+            self._tasks.append(self._watch(resolver.run(self._stop_resolver), "resolver"))
+        if exposer is not None:
+            self._tasks.append(self._watch(exposer.run(self._stop_resolver), "exposer"))
         self._tasks.append(self._watch(self._housekeeping(), "housekeeping"))
         if self._management_key:
             self._start_reconciler()
         self._started = True
         log.info(
-            "zenmux-exporter serving /metrics on %s:%d; %d pending ids in %s",
+            "zenmux-exporter (%s) serving /metrics on %s:%d; %d pending ids in %s",
+            ", ".join(roles),
             host,
             self.http.port,
             self.state.pending,
-            config.state.path,
+            self.state.description,
         )
 
     def _start_reconciler(self) -> None:
@@ -232,21 +266,26 @@ class Exporter:
             return "starting"
         if self._draining:
             return "draining"
-        return None
+        return self.state.problem
 
     async def _housekeeping(self) -> None:
         last_forget = 0.0
         while not self._stop_resolver.is_set():
             now = self.clock.time()
-            oldest = self.state.oldest_pending()
-            self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
-            if now - last_forget >= FORGET_EVERY_SECONDS:
+            try:
+                await self.state.refresh()
+                oldest = await self.state.oldest_pending()
+                self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
+            except StateError as err:
+                log.warning("%s", err)
+            # One forgetter per state: the process that resolves (in a fleet, every resolver; they take turns).
+            if self.resolver is not None and now - last_forget >= FORGET_EVERY_SECONDS:
                 forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
                 if forgotten:
                     log.info("forgot %d resolved ids older than the dedupe window", forgotten)
                 try:
-                    prune_days(self.state, self.ledger, now, self.config.reconcile.days_kept)
-                except sqlite3.Error as err:
+                    await prune_days(self.state, self.ledger, now, self.config.reconcile.days_kept)
+                except StateError as err:
                     self.metrics.state_errors.labels("forget").inc()
                     log.error("cannot drop old per-day ledger rows from the state database: %s", err)
                 last_forget = now
@@ -258,8 +297,8 @@ class Exporter:
         forgotten = 0
         while not self._stop_resolver.is_set():
             try:
-                batch = self.state.forget_finished(before, FORGET_BATCH)
-            except sqlite3.Error as err:  # disk full or read-only: try again next time round
+                batch = await self.state.forget_finished(before, FORGET_BATCH)
+            except StateError as err:  # disk full or read-only: try again next time round
                 self.metrics.state_errors.labels("forget").inc()
                 log.error("cannot forget old resolved ids in the state database: %s", err)
                 break
@@ -281,39 +320,63 @@ class Exporter:
         self._stop_sources.set()
         await asyncio.gather(*self._source_tasks, return_exceptions=True)
         pending_at_start = self.state.pending
-        if drain > 0 and pending_at_start:
+        # In a fleet the queue is shared and durable: other replicas resolve what is pending.
+        resolver = self.resolver
+        if drain > 0 and pending_at_start and resolver is not None and not self.state.shared:
             log.info("draining: %d ids pending, waiting up to %.0fs", pending_at_start, drain)
-            self.resolver.draining = True
-            self.resolver.wake()
+            resolver.draining = True
+            resolver.wake()
             deadline = started + drain
             while self.state.pending and not self.abort_drain.is_set():
                 if (remaining := deadline - time.monotonic()) <= 0:
                     break
-                self.resolver.settled.clear()
+                resolver.settled.clear()
                 waiters = [
-                    asyncio.ensure_future(self.resolver.settled.wait()),
+                    asyncio.ensure_future(resolver.settled.wait()),
                     asyncio.ensure_future(self.abort_drain.wait()),
                 ]
                 await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in waiters:
                     waiter.cancel()
         self._stop_resolver.set()
-        await self.resolver.finish(LOOKUP_GRACE_SECONDS)
+        if resolver is not None:
+            await resolver.finish(LOOKUP_GRACE_SECONDS)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         report = DrainReport(pending_at_start - self.state.pending, self.state.pending, time.monotonic() - started)
         if report.left_pending:
             log.warning(
                 "shutting down with %d ids not yet resolved; they stay in %s for the next start",
                 report.left_pending,
-                self.config.state.path,
+                self.state.description,
             )
         await self.http.close()
         if self.probe_http is not None:
             await self.probe_http.close()
-        await self.client.aclose()
+        if resolver is not None:
+            await self.client.aclose()
         if self.reconciler is not None:
             await self.account.aclose()
-        self.state.close()
+        await self.state.close()
         self.tracing.shutdown()
         self.stopped = True
         return report
+
+
+async def open_store(config: Config) -> Store:
+    """The state backend the config names: PostgreSQL for a postgresql:// state.url, else the SQLite file."""
+    state = config.state
+    if not state.url:
+        return StateStore(state.path, max_pending=state.max_pending)
+    from exporter.pgstate import PostgresStore  # psycopg is only imported by processes of a fleet
+
+    try:
+        password = read_state_password(state)
+    except ConfigError as err:
+        raise StateError(str(err), "open") from None
+    return await PostgresStore.open(
+        state.url,
+        password=password,
+        instance=instance_name(state),
+        max_pending=state.max_pending,
+        lease_seconds=state.lease_seconds,
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,13 @@ class StateConfig:
     path: str = "zenmux-exporter.db"
     dedupe_window_seconds: float = 7 * 24 * 3600.0
     max_pending: int = 2_000_000
+    # Fleet mode: a postgresql:// URL selects the shared PostgreSQL state instead of the SQLite file at `path`.
+    url: str = field(default="", repr=False)
+    password_file: str = ""
+    # Who this process is among the fleet (file positions are kept per instance); "" = $HOSTNAME or hostname.
+    instance: str = ""
+    # How long a resolver's claim on a batch of ids holds before other replicas may take them over.
+    lease_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,9 @@ class LogConfig:
     format: Literal["text", "json"] = "text"
 
 
+ROLES = ("ingest", "resolve", "expose")
+
+
 @dataclass(frozen=True)
 class ReconcileConfig:
     """Reconciliation with ZenMux's account cost and PAYG balance: on when a management key is set."""
@@ -141,6 +152,7 @@ class Config:
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     log: LogConfig = field(default_factory=LogConfig)
     reconcile: ReconcileConfig = field(default_factory=ReconcileConfig)
+    roles: tuple[str, ...] = ROLES
 
 
 T = TypeVar("T")
@@ -234,7 +246,7 @@ class _Reader:
             self.problem(path, f"must be host:port, got {value!r}")
 
 
-def _zenmux(r: _Reader, data: dict[str, Any]) -> ZenMuxConfig:
+def _zenmux(r: _Reader, data: dict[str, Any], *, needs_key: bool) -> ZenMuxConfig:
     d = ZenMuxConfig()
     p = "zenmux"
     r.unknown_keys(data, {f.name for f in dataclasses.fields(ZenMuxConfig)}, p)
@@ -256,8 +268,8 @@ def _zenmux(r: _Reader, data: dict[str, Any]) -> ZenMuxConfig:
             r.problem(f"{p}.api_key", problem)
     if api_key and api_key_file:
         r.problem(p, "set api_key or api_key_file, not both")
-    elif "api_key" not in data and "api_key_file" not in data:
-        r.problem(p, "one of api_key or api_key_file is required")
+    elif "api_key" not in data and "api_key_file" not in data and needs_key:
+        r.problem(p, "one of api_key or api_key_file is required (by the resolve role)")
     return ZenMuxConfig(
         base_url=base_url,
         generation_path=path,
@@ -399,14 +411,14 @@ def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) ->
     return source
 
 
-def _sources(r: _Reader, data: Any, extra_labels: tuple[str, ...]) -> tuple[SourceConfig, ...]:
+def _sources(r: _Reader, data: Any, extra_labels: tuple[str, ...], *, needed: bool) -> tuple[SourceConfig, ...]:
     if data is None:
         data = []
     if not isinstance(data, list):
         r.problem("sources", "must be a list")
         return ()
-    if not data:
-        r.problem("sources", "needs at least one source (type: file or type: udp)")
+    if not data and needed:
+        r.problem("sources", "needs at least one source (type: file or type: udp) for the ingest role")
     sources = [s for i, item in enumerate(data) if (s := _source(r, item, i, extra_labels)) is not None]
     seen: set[str] = set()
     for i, s in enumerate(sources):
@@ -463,6 +475,44 @@ def _extra_labels(r: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _roles(r: _Reader, data: Any) -> tuple[str, ...]:
+    if data is None:
+        return ROLES
+    if not isinstance(data, list) or not data:
+        r.problem("roles", f"must be a non-empty list of {', '.join(ROLES)}")
+        return ROLES
+    roles: list[str] = []
+    for i, role in enumerate(data):
+        if role not in ROLES:
+            r.problem(f"roles[{i}]", f"must be one of {', '.join(ROLES)}, got {role!r}")
+        elif role in roles:
+            r.problem(f"roles[{i}]", f"{role!r} is listed twice")
+        else:
+            roles.append(role)
+    return tuple(role for role in ROLES if role in roles)
+
+
+def _state(r: _Reader, data: dict[str, Any], roles: tuple[str, ...]) -> StateConfig:
+    state = _simple(r, data, "state", StateConfig)
+    if state.url:
+        if not re.fullmatch(r"postgres(ql)?://\S+", state.url):
+            r.problem("state.url", "must be a postgresql:// URL")  # never quoted: it may hold a password
+        if "path" in data:
+            r.problem("state", "set state.path (SQLite) or state.url (PostgreSQL), not both")
+    else:
+        if state.password_file:
+            r.problem("state.password_file", "is for state.url (PostgreSQL)")
+        if roles != ROLES:
+            r.problem(
+                "roles",
+                f"{', '.join(roles)}: a process on a local SQLite state (state.path) has every role, since a "
+                "local file cannot be shared; set state.url to a PostgreSQL database to split the roles",
+            )
+    if state.lease_seconds < 1:
+        r.problem("state.lease_seconds", f"must be >= 1, got {state.lease_seconds!r}")
+    return state
+
+
 def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = None) -> Config:
     """Builds a Config from parsed YAML; raises ConfigError listing every problem."""
     r = _Reader(os.environ if environ is None else environ)
@@ -478,11 +528,13 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
     r.host_port(metrics.listen, "metrics.listen")
     if metrics.probe_listen:
         r.host_port(metrics.probe_listen, "metrics.probe_listen")
+    roles = _roles(r, data.get("roles"))
     config = Config(
-        zenmux=_zenmux(r, r.section(data, "zenmux", "zenmux")),
+        zenmux=_zenmux(r, r.section(data, "zenmux", "zenmux"), needs_key="resolve" in roles),
         resolve=_resolve(r, r.section(data, "resolve", "resolve")),
-        sources=_sources(r, data.get("sources"), extra),
-        state=_simple(r, r.section(data, "state", "state"), "state", StateConfig),
+        sources=_sources(r, data.get("sources"), extra, needed="ingest" in roles),
+        state=_state(r, r.section(data, "state", "state"), roles),
+        roles=roles,
         metrics=dataclasses.replace(metrics, extra_labels=extra),
         tracing=_simple(
             r,
@@ -539,8 +591,9 @@ def key_problem(key: str) -> str:
 
 
 def read_api_key(config: ZenMuxConfig) -> str:
-    """The key itself: inline, or read (stripped) from the mounted secret file."""
-    if config.api_key:
+    """The key itself: inline, or read (stripped) from the mounted secret file ("" when neither is set: a
+    process without the resolve role needs none)."""
+    if config.api_key or not config.api_key_file:
         return config.api_key
     return _read_key_file(config.api_key_file, "zenmux.api_key_file")
 
@@ -573,6 +626,44 @@ def redacted(config: Config) -> dict[str, Any]:
         data["zenmux"]["api_key"] = REDACTED
     if data["reconcile"]["management_api_key"]:
         data["reconcile"]["management_api_key"] = REDACTED
+    data["state"]["url"] = redacted_url(config.state.url)
+    data["roles"] = list(config.roles)
     data["metrics"]["extra_labels"] = list(config.metrics.extra_labels)
     data["sources"] = [dict(s, labels=dict(s["labels"])) for s in data["sources"]]
     return data
+
+
+def redacted_url(url: str) -> str:
+    """A database URL with its password (if any) replaced, for printing."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+
+
+def read_state_password(config: StateConfig) -> str | None:
+    """The PostgreSQL password from state.password_file (stripped), or None (then the URL's, or none)."""
+    if not config.password_file:
+        return None
+    where = "state.password_file"
+    try:
+        return Path(config.password_file).read_text(encoding="utf-8").strip()
+    except OSError as err:
+        raise ConfigError(where, [f"{where}: cannot read: {err.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(where, [f"{where}: is not UTF-8 text"]) from None
+
+
+def instance_name(config: StateConfig) -> str:
+    """This process's name among the fleet: state.instance, else $HOSTNAME (a pod's name), else the hostname."""
+    return config.instance or os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+def state_secrets(config: StateConfig) -> list[str]:
+    """The database password(s) to keep out of the logs: the URL's and the password file's."""
+    from urllib.parse import unquote, urlsplit
+
+    found = [unquote(urlsplit(config.url).password or "")] if config.url else []
+    password = read_state_password(config)
+    return [s for s in (*found, password) if s]

@@ -132,11 +132,14 @@ class Endpoints:
         healthy: Callable[[], str | None],
         ready: Callable[[], str | None],
         ledger: LedgerExposition | None = None,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
         """`healthy` and `ready` return None when fine, or the reason they are not. `ledger`, when given, is
-        rendered after the registry's collectors (which must then not include the ledger's collector)."""
+        rendered after the registry's collectors (which must then not include the ledger's collector), while
+        `leading` says so (fleet mode: only the leading exposer serves the business series)."""
         self._registry = registry
         self._ledger = ledger
+        self._leading = leading
         self._healthy = healthy
         self._ready = ready
 
@@ -157,7 +160,7 @@ class Endpoints:
         # Rendering and compressing run off the event loop, so a scrape never stalls ingest or lookups.
         compress = wants_gzip(request.header("accept-encoding"))
         body, content_type = await asyncio.to_thread(
-            _body, self._registry, request.header("accept"), self._ledger, compress
+            _body, self._registry, request.header("accept"), self._ledger if self._leading() else None, compress
         )
         headers = {"Content-Encoding": "gzip", "Vary": VARY} if compress else {"Vary": VARY}
         return Response(200, body, content_type, headers)

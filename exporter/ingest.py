@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable
 
 from exporter.clock import Clock
 from exporter.ids import QUEUE_FULL, Sighting
-from exporter.state import Enqueued, FilePosition, StateError, StateStore
+from exporter.store import Enqueued, FilePosition, StateError, Store
 from exporter.telemetry import SelfMetrics
 
 
@@ -17,7 +16,7 @@ class Ingest:
 
     def __init__(
         self,
-        state: StateStore,
+        state: Store,
         metrics: SelfMetrics,
         clock: Clock,
         billing_delay_seconds: float,
@@ -33,7 +32,7 @@ class Ingest:
     def full(self) -> bool:
         return self._state.pending >= self._state.max_pending
 
-    def submit(
+    async def submit(
         self,
         source: str,
         parsed: Iterable[Sighting | str],
@@ -55,10 +54,10 @@ class Ingest:
                 rejected[item] += 1
         now = self._clock.time()
         try:
-            result = self._state.enqueue(source, sightings, now, now + self._delay, position, bounded=bounded)
-        except sqlite3.Error as err:
+            result = await self._state.enqueue(source, sightings, now, now + self._delay, position, bounded=bounded)
+        except StateError as err:
             self._metrics.state_errors.labels("enqueue").inc()
-            raise StateError(f"{self._state.path}: cannot record ids from {source}: {err}") from None
+            raise StateError(f"cannot record ids from {source}: {err}", "enqueue") from None
         if result.rejected:
             rejected[QUEUE_FULL] += result.rejected
         for reason, count in rejected.items():

@@ -24,7 +24,7 @@ from exporter.contribution import COST_UNITS_PER_USD, LabelLimiter
 from exporter.ledger import Ledger
 from exporter.records import Outcome
 from exporter.resolver import TokenBucket
-from exporter.state import StateStore
+from exporter.store import Store
 from exporter.telemetry import SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -197,14 +197,14 @@ class Reconciler:
                 await asyncio.wait_for(stop.wait(), delay)
 
 
-def prune_days(state: StateStore, ledger: Ledger, now: float, days_kept: int) -> int:
+async def prune_days(state: Store, ledger: Ledger, now: float, days_kept: int) -> int:
     """Drops per-day ledger rows of days older than the last `days_kept` (UTC), or after tomorrow (a createAt
     no clock agrees with), from the state and then from memory; returns how many rows."""
     today = datetime.fromtimestamp(now, UTC)
     first, last = utc_day(today - timedelta(days=days_kept - 1)), utc_day(today + timedelta(days=1))
     keys = ledger.daily_rows_outside(first, last)
     if keys:
-        state.drop_ledger_rows(keys)
+        await state.drop_ledger_rows(keys)
         ledger.forget_daily_outside(first, last)
     return len(keys)
 

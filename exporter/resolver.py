@@ -4,12 +4,13 @@ decides them)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
@@ -19,7 +20,7 @@ from exporter.contribution import Contribution, contribution
 from exporter.ledger import Ledger
 from exporter.policy import Count, GiveUp, decide
 from exporter.records import GenerationRecord, LookupResult, Outcome
-from exporter.state import Abandon, PendingId, Resolved, Retry, Settlement, StateStore
+from exporter.store import Abandon, PendingId, Resolved, Retry, Settlement, StateError, Store
 from exporter.telemetry import SelfMetrics
 from exporter.zenmux import ZenMuxClient
 
@@ -33,10 +34,14 @@ EXEMPLAR_MAX_CHARS = 128
 # about as much as several lookups, so one per loop iteration (a few results) was ~20 % of the CPU per lookup.
 # An id stays out of dispatch until its result is written, so batching never re-sends a lookup.
 SETTLE_WINDOW_SECONDS = 0.05
+# A shared database is a network round trip away and serves the whole fleet: results wait longer to be written
+# in bigger batches (an id's billing delay is minutes; a quarter second more before it is counted is nothing).
+SHARED_SETTLE_WINDOW_SECONDS = 0.25
 SETTLE_MAX_BATCH = 512
 # Due ids are read from the queue this many at a time and handed out from memory as slots free up, instead
 # of one query (skipping every id in flight) per finished lookup.
 DUE_PREFETCH = 256
+CLAIM_FRACTION = 4
 
 
 def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
@@ -46,6 +51,12 @@ def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
     while labels and sum(len(k) + len(v) for k, v in labels.items()) > EXEMPLAR_MAX_CHARS:
         labels.popitem()
     return labels
+
+
+class RateLimit(Protocol):
+    """Paces lookups: `acquire` returns when one more request may go (TokenBucket here, or the fleet's)."""
+
+    async def acquire(self) -> None: ...
 
 
 class TokenBucket:
@@ -84,7 +95,7 @@ class Resolver:
 
     def __init__(
         self,
-        state: StateStore,
+        state: Store,
         ledger: Ledger,
         client: ZenMuxClient,
         config: ResolveConfig,
@@ -95,13 +106,17 @@ class Resolver:
         tracer: Tracer,
         clock: Clock,
         rng: random.Random,
+        rate_limit: RateLimit | None = None,
     ) -> None:
+        """`rate_limit` replaces the process's own token bucket (fleet mode: one limit for the account)."""
         self._state = state
         self._ledger = ledger
         self._client = client
         self._config = config
         self._concurrency = concurrency
-        self._bucket = TokenBucket(max_requests_per_second, max(1.0, min(max_requests_per_second, concurrency)))
+        self._bucket = rate_limit or TokenBucket(
+            max_requests_per_second, max(1.0, min(max_requests_per_second, concurrency))
+        )
         self._metrics = metrics
         self._tracer = tracer
         self._clock = clock
@@ -111,6 +126,8 @@ class Resolver:
         self.settled = asyncio.Event()  # set after every batch of results is recorded
         self._settling: list[Settlement] = []
         self._flush_handle: asyncio.Handle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         # Ids whose result waits in `_settling`, and due ids read ahead (oldest first), not yet dispatched.
         self._unsettled: set[str] = set()
         self._ready: deque[PendingId] = deque()
@@ -134,8 +151,14 @@ class Resolver:
             now = self._clock.time()
             if now >= self._paused_until:
                 free = self._concurrency - len(self._inflight)
-                if free > 0 and len(self._ready) < free:
-                    self._ready.extend(self._state.due(now, max(free, DUE_PREFETCH), self._busy_ids()))
+                if free > 0 and len(self._ready) < free and not self._claim_later(free):
+                    # A shared queue is claimed under a lease: take no more than can go soon (other replicas
+                    # want work too); a local one is read ahead.
+                    want = free if self._state.shared else max(free, DUE_PREFETCH)
+                    try:
+                        self._ready.extend(await self._state.due(now, want, self._busy_ids()))
+                    except StateError as err:
+                        self._state_error("due", err)
                 ready = self._ready
                 while ready and len(self._inflight) < self._concurrency:
                     await self._bucket.acquire()
@@ -144,21 +167,30 @@ class Resolver:
                     pending = ready.popleft()
                     self._inflight[pending.id] = asyncio.create_task(self._attempt(pending))
                     self._metrics.inflight.set(len(self._inflight))
-            await self._sleep(stop, self._seconds_to_next_work())
+            await self._sleep(stop, await self._seconds_to_next_work())
+
+    def _claim_later(self, free: int) -> bool:
+        """A shared queue is claimed once a quarter of the slots are free (or none is busy), not for each slot
+        that frees up: a claim is a round trip to the database, and a batch costs it little more than one id."""
+        return self._state.shared and bool(self._inflight) and free < max(1, self._concurrency // CLAIM_FRACTION)
 
     def _busy_ids(self) -> set[str]:
         """Ids not to hand out again: in flight, read ahead, or with a result not yet written."""
         return self._inflight.keys() | self._unsettled | {pending.id for pending in self._ready}
 
-    def _seconds_to_next_work(self) -> float:
+    async def _seconds_to_next_work(self) -> float:
         now = self._clock.time()
         if now < self._paused_until:
             return min(self._paused_until - now, MAX_WAIT_SECONDS)
-        if len(self._inflight) >= self._concurrency:
+        if len(self._inflight) >= self._concurrency or self._claim_later(self._concurrency - len(self._inflight)):
             return MAX_WAIT_SECONDS  # a finishing lookup wakes us
         if self._ready:
             return 0.0
-        due = self._state.next_due(self._busy_ids())
+        try:
+            due = await self._state.next_due(now, self._busy_ids())
+        except StateError as err:
+            self._state_error("due", err)
+            return STATE_ERROR_PAUSE_SECONDS
         if due is None:
             return MAX_WAIT_SECONDS
         return min(max(due - now, 0.0), MAX_WAIT_SECONDS)
@@ -182,7 +214,17 @@ class Resolver:
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
-        self._flush()
+        if self._flushing:
+            await asyncio.gather(*self._flushing, return_exceptions=True)
+        await self._flush()
+        if self._state.shared and self._ready:
+            # Claimed but never sent: back to the fleet's queue now rather than when the lease runs out.
+            now = self._clock.time()
+            with contextlib.suppress(StateError):
+                await self._state.settle([Retry(p.id, now, p.attempts) for p in self._ready], self._ledger, now)
+            self._ready.clear()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         return len(tasks)
 
     async def _attempt(self, pending: PendingId) -> None:
@@ -215,7 +257,10 @@ class Resolver:
             children[0].inc()
             # The health dashboard's lookup-duration panel shows exemplars: each links to its attempt's trace.
             children[1].observe(duration, exemplar_labels(pending.id, trace_id))
+            paused = self._paused_until
             self._settle(self._decide(pending, result, trace_id))
+            if self._paused_until > paused and self._state.shared:  # the limit is the account's: all pause
+                self._in_background(self._state.pause(self._paused_until - self._clock.time()))
         finally:
             self._inflight.pop(pending.id, None)
             self._metrics.inflight.set(len(self._inflight))
@@ -258,6 +303,20 @@ class Resolver:
     def _pause(self, until: float) -> None:
         self._paused_until = max(self._paused_until, until)
 
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and isinstance(error := task.exception(), StateError):
+            self._state_error("pause", error)
+
+    def _state_error(self, what: str, err: StateError) -> None:
+        """A read that failed: logged once until the state answers again (settle failures count separately)."""
+        self._warn_once("state", "cannot %s in the state database: %s; retrying", what, err)
+
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -269,11 +328,17 @@ class Resolver:
         if len(self._settling) >= SETTLE_MAX_BATCH:
             if self._flush_handle is not None:
                 self._flush_handle.cancel()
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._start_flush)
         elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(SETTLE_WINDOW_SECONDS, self._flush)
+            window = SHARED_SETTLE_WINDOW_SECONDS if self._state.shared else SETTLE_WINDOW_SECONDS
+            self._flush_handle = asyncio.get_running_loop().call_later(window, self._start_flush)
 
-    def _flush(self) -> None:
+    def _start_flush(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _flush(self) -> None:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
@@ -281,7 +346,7 @@ class Resolver:
         if not batch:
             return
         try:
-            applied = self._state.settle(batch, self._ledger, self._clock.time())
+            applied = await self._state.settle(batch, self._ledger, self._clock.time())
         except Exception as err:
             # Nothing was written: the ids are still pending and will be looked up again.
             self._metrics.state_errors.labels("settle").inc()
@@ -290,6 +355,7 @@ class Resolver:
             return
         finally:
             self._unsettled.difference_update(item.id for item in batch)  # written or not, they may go out again
+        self._warned.discard("state")
         self.settled.set()
         self._wake.set()  # their ids may be due again (retries)
         for item in applied:

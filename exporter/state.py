@@ -1,4 +1,4 @@
-"""The durable state (SQLite, WAL): pending ids, dedupe memory, file positions and the ledger's rows."""
+"""The SQLite state backend (WAL), the default: pending ids, dedupe memory, file positions, the ledger's rows."""
 
 from __future__ import annotations
 
@@ -6,17 +6,36 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from exporter.contribution import Contribution
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
+from exporter.store import (
+    ABANDONED,
+    DONE,
+    PENDING,
+    Abandon,
+    Enqueued,
+    FilePosition,
+    Grant,
+    LedgerRow,
+    PendingId,
+    Resolved,
+    Retry,
+    Settlement,
+    StateDump,
+    StateError,
+)
+
+__all__ = [  # the records are the interface's (exporter.store); re-exported for the tests that import them here
+    "ABANDONED", "DONE", "PENDING", "Abandon", "Enqueued", "FilePosition", "PendingId", "Resolved", "Retry",
+    "Settlement", "StateError", "StateStore",
+]
 
 SCHEMA_VERSION = 2
-PENDING, DONE, ABANDONED = 0, 1, 2
 
 # Pending ids live in an append-only log (rowid = arrival order). New ids are due `billing delay` after they
 # arrive, so the due index is appended to as well: ingest never inserts into a B-tree at a random
@@ -91,66 +110,20 @@ def fingerprint(generation_id: str) -> int:
     return hash(generation_id) & 0xFFFFFFFFFFFFFFFF | hash(generation_id + "\x00") << 64
 
 
-class StateError(Exception):
-    """The state database cannot be used; the message says what to do."""
-
-
-@dataclass(frozen=True, slots=True)
-class FilePosition:
-    """Where a file source stands: which file (device, inode, first bytes) and how far it has been read."""
-
-    device: int
-    inode: int
-    offset: int
-    fingerprint: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PendingId:
-    id: str
-    source: str
-    labels: Labels
-    first_seen: float
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    id: str
-    contribution: Contribution
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    id: str
-    due: float
-    attempts: int
-
-
-@dataclass(frozen=True, slots=True)
-class Abandon:
-    id: str
-    reason: str
-    # Metering without billing, counted when the give-up horizon passes (billing never arrived).
-    contribution: Contribution | None = None
-
-
-Settlement = Resolved | Retry | Abandon
-
-
-@dataclass(frozen=True, slots=True)
-class Enqueued:
-    accepted: int
-    duplicates: int
-    rejected: int
-
-
 class StateStore:
-    """One SQLite connection, used from the event loop thread only; each call is one transaction."""
+    """The Store on one SQLite connection, used from the event loop thread only; each call is one transaction.
+
+    Its coroutines never wait: SQLite answers in microseconds, so they do their work at once (the interface is
+    async for PostgreSQL's round trips). Driver errors leave as StateError naming the file and the operation.
+    """
+
+    shared = False
 
     def __init__(self, path: str | Path, *, max_pending: int) -> None:
         self.path = Path(path)
         self.max_pending = max_pending
+        self.problem: str | None = None
+        self._paused_until = 0.0
         self._db = self._open()
         # Fingerprints of the pending ids (the in-memory half of the dedupe) and where the ids handed out by
         # `due` sit in the queue.
@@ -192,12 +165,20 @@ class StateStore:
         except OSError as err:
             raise StateError(f"{self.path}: cannot open the state database: {err.strerror}") from None
 
-    def close(self) -> None:
+    @property
+    def description(self) -> str:
+        return str(self.path)
+
+    def _error(self, operation: str, err: sqlite3.Error) -> StateError:
+        self.problem = f"{self.path}: {operation} failed: {err}"
+        return StateError(self.problem, operation)
+
+    async def close(self) -> None:
         self._db.close()
 
     # --- ingest -------------------------------------------------------------------------------------------
 
-    def enqueue(
+    async def enqueue(
         self,
         source: str,
         sightings: Sequence[Sighting],
@@ -208,6 +189,22 @@ class StateStore:
         bounded: bool = True,
     ) -> Enqueued:
         """Adds ids (deduplicated) and, in the same transaction, the source's new position."""
+        try:
+            result = self._enqueue(source, sightings, now, due, position, bounded)
+        except sqlite3.Error as err:
+            raise self._error("enqueue", err) from None
+        self.problem = None
+        return result
+
+    def _enqueue(
+        self,
+        source: str,
+        sightings: Sequence[Sighting],
+        now: float,
+        due: float,
+        position: FilePosition | None,
+        bounded: bool,
+    ) -> Enqueued:
         # A file source waits instead (it checks `full` before each chunk), so it may pass one chunk beyond
         # the bound and loses nothing; UDP cannot wait, so its overflow is rejected and counted.
         room = max(self.max_pending - self.pending, 0) if bounded else len(sightings)
@@ -251,15 +248,21 @@ class StateStore:
                 fresh[key] = sighting
         return fresh
 
-    def position(self, source: str) -> FilePosition | None:
-        row = self._db.execute(
-            "SELECT device, inode, offset, fingerprint FROM positions WHERE source = ?", (source,)
-        ).fetchone()
+    async def position(self, source: str) -> FilePosition | None:
+        try:
+            row = self._db.execute(
+                "SELECT device, inode, offset, fingerprint FROM positions WHERE source = ?", (source,)
+            ).fetchone()
+        except sqlite3.Error as err:
+            raise self._error("position", err) from None
         return None if row is None else FilePosition(int(row[0]), int(row[1]), int(row[2]), bytes(row[3]))
 
-    def save_position(self, source: str, position: FilePosition) -> None:
-        with self._transaction():
-            self._save_position(source, position)
+    async def save_position(self, source: str, position: FilePosition) -> None:
+        try:
+            with self._transaction():
+                self._save_position(source, position)
+        except sqlite3.Error as err:
+            raise self._error("position", err) from None
 
     def _save_position(self, source: str, position: FilePosition) -> None:
         self._db.execute(
@@ -269,12 +272,15 @@ class StateStore:
 
     # --- resolving ----------------------------------------------------------------------------------------
 
-    def due(self, now: float, limit: int, exclude: set[str]) -> list[PendingId]:
+    async def due(self, now: float, limit: int, exclude: set[str]) -> list[PendingId]:
         """Up to `limit` pending ids due by `now`, oldest due first, skipping those in flight."""
-        rows = self._db.execute(
-            "SELECT seq, id, source, labels, first_seen, attempts FROM queue WHERE due <= ? ORDER BY due LIMIT ?",
-            (now, limit + len(exclude)),
-        ).fetchall()
+        try:
+            rows = self._db.execute(
+                "SELECT seq, id, source, labels, first_seen, attempts FROM queue WHERE due <= ? ORDER BY due LIMIT ?",
+                (now, limit + len(exclude)),
+            ).fetchall()
+        except sqlite3.Error as err:
+            raise self._error("due", err) from None
         found: list[PendingId] = []
         for seq, generation_id, source, labels, first_seen, attempts in rows:
             if generation_id in exclude:
@@ -285,13 +291,19 @@ class StateStore:
                 break
         return found
 
-    def next_due(self, exclude: set[str]) -> float | None:
-        rows = self._db.execute("SELECT id, due FROM queue ORDER BY due LIMIT ?", (len(exclude) + 1,)).fetchall()
+    async def next_due(self, now: float, exclude: set[str]) -> float | None:
+        try:
+            rows = self._db.execute("SELECT id, due FROM queue ORDER BY due LIMIT ?", (len(exclude) + 1,)).fetchall()
+        except sqlite3.Error as err:
+            raise self._error("due", err) from None
         return next((float(due) for id_, due in rows if id_ not in exclude), None)
 
-    def oldest_pending(self) -> float | None:
+    async def oldest_pending(self) -> float | None:
         # Arrival order is first-seen order: the oldest pending id is the first one left in the log.
-        row = self._db.execute("SELECT first_seen FROM queue ORDER BY seq LIMIT 1").fetchone()
+        try:
+            row = self._db.execute("SELECT first_seen FROM queue ORDER BY seq LIMIT 1").fetchone()
+        except sqlite3.Error as err:
+            raise self._error("oldest", err) from None
         return None if row is None else float(row[0])
 
     def _locate(self, generation_id: str) -> int | None:
@@ -302,12 +314,20 @@ class StateStore:
         row = self._db.execute("SELECT seq FROM queue WHERE id = ?", (generation_id,)).fetchone()
         return None if row is None else int(row[0])
 
-    def settle(self, settlements: Sequence[Settlement], ledger: Ledger, now: float) -> list[Settlement]:
+    async def settle(self, settlements: Sequence[Settlement], ledger: Ledger, now: float) -> list[Settlement]:
         """Applies lookup results in one transaction; a result counts only if its id was still pending.
 
         Returns the settlements that took effect. The ledger sees the new values only after the commit,
         so /metrics never shows a value the database does not hold.
         """
+        try:
+            applied = self._settle(settlements, ledger, now)
+        except sqlite3.Error as err:
+            raise self._error("settle", err) from None
+        self.problem = None
+        return applied
+
+    def _settle(self, settlements: Sequence[Settlement], ledger: Ledger, now: float) -> list[Settlement]:
         overlay = ledger.overlay()
         applied: list[Settlement] = []
         finished: list[str] = []
@@ -354,29 +374,74 @@ class StateStore:
         self.pending -= len(finished)
         return applied
 
-    def ledger_rows(self) -> Iterator[tuple[str, str, str]]:
-        yield from self._db.execute("SELECT metric, labels, value FROM ledger")
+    async def ledger_rows(self) -> list[LedgerRow]:
+        try:
+            return self._db.execute("SELECT metric, labels, value FROM ledger").fetchall()
+        except sqlite3.Error as err:
+            raise self._error("ledger", err) from None
 
-    def drop_ledger_rows(self, keys: Sequence[tuple[str, str]]) -> None:
+    async def drop_ledger_rows(self, keys: Sequence[tuple[str, str]]) -> None:
         """Deletes ledger rows by (metric, labels) in one transaction: the bound on the per-day rows."""
-        with self._transaction():
-            self._db.executemany("DELETE FROM ledger WHERE metric = ? AND labels = ?", keys)
+        try:
+            with self._transaction():
+                self._db.executemany("DELETE FROM ledger WHERE metric = ? AND labels = ?", keys)
+        except sqlite3.Error as err:
+            raise self._error("forget", err) from None
 
-    def forget_finished(self, before: float, limit: int = 10_000) -> int:
+    async def dump(self) -> StateDump:
+        """Everything the file holds, for import-state (read in one transaction)."""
+        try:
+            with self._transaction():
+                queue = self._db.execute(
+                    "SELECT id, source, labels, first_seen, due, attempts FROM queue ORDER BY seq"
+                ).fetchall()
+                finished = self._db.execute("SELECT id, status, attempts, finished FROM finished").fetchall()
+                positions = {
+                    row[0]: FilePosition(int(row[1]), int(row[2]), int(row[3]), bytes(row[4]))
+                    for row in self._db.execute("SELECT source, device, inode, offset, fingerprint FROM positions")
+                }
+                ledger = self._db.execute("SELECT metric, labels, value FROM ledger").fetchall()
+        except sqlite3.Error as err:
+            raise self._error("dump", err) from None
+        return StateDump(queue, finished, positions, ledger)
+
+    async def ledger_changes(self) -> list[LedgerRow]:
+        return []  # only this process writes the ledger, and settle has updated it already
+
+    async def forget_finished(self, before: float, limit: int = 10_000) -> int:
         """Drops up to `limit` done/abandoned ids older than the dedupe window (the bound on the dedupe memory),
         in one short transaction; call again while it returns `limit`, yielding to the event loop in between."""
-        with self._transaction():
-            cursor = self._db.execute(
-                "DELETE FROM finished WHERE id IN (SELECT id FROM finished WHERE finished < ? LIMIT ?)",
-                (before, limit),
-            )
+        try:
+            with self._transaction():
+                cursor = self._db.execute(
+                    "DELETE FROM finished WHERE id IN (SELECT id FROM finished WHERE finished < ? LIMIT ?)",
+                    (before, limit),
+                )
+        except sqlite3.Error as err:
+            raise self._error("forget", err) from None
         return cursor.rowcount
 
-    def status(self, generation_id: str) -> int | None:
-        row = self._db.execute("SELECT status FROM finished WHERE id = ?", (generation_id,)).fetchone()
-        if row is not None:
-            return int(row[0])
-        return PENDING if self._locate_pending(generation_id) else None
+    async def status(self, generation_id: str) -> int | None:
+        try:
+            row = self._db.execute("SELECT status FROM finished WHERE id = ?", (generation_id,)).fetchone()
+            if row is not None:
+                return int(row[0])
+            return PENDING if self._locate_pending(generation_id) else None
+        except sqlite3.Error as err:
+            raise self._error("status", err) from None
+
+    async def refresh(self) -> None:
+        """Nothing to re-count: `pending` is exact, this process being the queue's only writer."""
+
+    async def take_tokens(self, wanted: int, rate: float, burst: float) -> Grant:
+        # One process, one bucket: the resolver paces with its own TokenBucket; this only reports a pause.
+        return Grant(float(wanted), max(self._paused_until - time.monotonic(), 0.0))
+
+    async def pause(self, seconds: float) -> None:
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
+    async def try_lead(self) -> bool:
+        return True  # the only process of its state exposes its ledger
 
     def _locate_pending(self, generation_id: str) -> bool:
         if fingerprint(generation_id) not in self._pending_ids:

@@ -92,6 +92,11 @@ class SelfMetrics:
         self.concurrency_limit = Gauge(
             p + "lookup_concurrency_limit", "Configured zenmux.concurrency.", registry=registry
         )
+        self.expose_leader = Gauge(
+            p + "expose_leader",
+            "1 while this process serves the business series (always, on a local state; in a fleet, the leader).",
+            registry=registry,
+        )
 
     def declare(self, config: Config) -> None:
         """Known label values start at 0, so rate() and alerts see the first event, and limits are visible."""
@@ -129,13 +134,21 @@ class SelfMetrics:
 
 
 class QueueCollector(Collector):
-    """Pending backlog gauges, read from values the event loop keeps current (no I/O at scrape time)."""
+    """Pending backlog gauges, read from values the event loop keeps current (no I/O at scrape time).
 
-    def __init__(self, pending: Callable[[], int], oldest_age: Callable[[], float]) -> None:
+    `shown` says whether this process reports them: a fleet's queue is reported once, by the leading exposer,
+    like the business series (every process of the fleet sees the same queue)."""
+
+    def __init__(
+        self, pending: Callable[[], int], oldest_age: Callable[[], float], shown: Callable[[], bool] = lambda: True
+    ) -> None:
         self._pending = pending
         self._oldest_age = oldest_age
+        self._shown = shown
 
     def collect(self) -> Iterator[Metric]:
+        if not self._shown():
+            return
         yield GaugeMetricFamily("zenmux_exporter_pending_ids", "Ids waiting to be resolved.", value=self._pending())
         yield GaugeMetricFamily(
             "zenmux_exporter_oldest_pending_age_seconds",

@@ -512,8 +512,12 @@ def exporter_health() -> Json:
     L = Layout()
 
     L.row("Scrape health: is the exporter up")
-    L.add(stat("Exporters up", "Targets of the selected jobs that Prometheus scraped successfully.",
-               [target(f"sum(up{{{SEL}}})", "up")], "short", decimals=0), 4, 5)
+    L.add(stat("Exporters up", "Targets of the selected jobs that Prometheus scraped successfully, and how many "
+               "serve the business series (zenmux_exporter_expose_leader): each sidecar does; in fleet mode exactly "
+               "one exposer, the leader (0 there: no new values on the cost dashboard).",
+               [target(f"sum(up{{{SEL}}})", "up"),
+                target(f"sum(zenmux_exporter_expose_leader{{{SEL}}})", "serving business series", ref="B")],
+               "short", decimals=0), 4, 5)
     L.add(stat("Exporters down", "Targets whose last scrape failed. ZenMuxExporterDown fires after 5 minutes.",
                [target(f"count(up{{{SEL}}} == 0) or vector(0)", "down")], "short", decimals=0,
                thresholds=steps(("red", 1))), 4, 5)

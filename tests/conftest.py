@@ -12,6 +12,8 @@ from exporter.config import Config
 from exporter.simulate.api import SimConfig, SimulatedZenMux, serve
 from tests.support import FakeApi, StartExporter
 
+pytest_plugins = ["tests.pg"]  # the `postgres` server and `pg_url` database fixtures
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", default=False, help="enlarge the torture tests (crash loop)")

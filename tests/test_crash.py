@@ -109,6 +109,10 @@ class Writer:
         # written between the check and the truncate would be lost, as with any copytruncate; see README).
         self.rotating = asyncio.Lock()
 
+    def position(self) -> tuple[int, int] | None:
+        """(inode, offset) the exporter has saved for the log, None before its first save."""
+        return read_position(self.state)
+
     async def create(self, client: httpx.AsyncClient, n: int) -> list[str]:
         async def one() -> str:
             response = await client.post(f"{self.api_url}/api/v1/generations", json={})
@@ -137,7 +141,7 @@ class Writer:
         (its unread lines stay in the renamed file), copytruncate once it has read the whole file (the writer
         pauses up to a second for that, as logrotate picks a quiet moment; if the exporter is dead, no luck)."""
         stat = self.log.stat()
-        position = read_position(self.state)
+        position = self.position()
         if position is None or position[0] != stat.st_ino:
             return  # the exporter has not reached this file yet: a second rotation could hide one from it
         target = self.logs / f"app.log.{self.run.rotated + 1}"
@@ -149,7 +153,7 @@ class Writer:
             async with self.rotating:
                 stat = self.log.stat()  # a burst may have been appended since the first look
                 deadline = time.monotonic() + 1.0
-                while read_position(self.state) != (stat.st_ino, stat.st_size):
+                while self.position() != (stat.st_ino, stat.st_size):
                     if time.monotonic() > deadline:
                         return
                     await asyncio.sleep(0.02)

@@ -111,23 +111,26 @@ class Prometheus:
         return result
 
 
-StartPrometheus = Callable[[str], Prometheus]
+StartPrometheus = Callable[..., Prometheus]
 
 
 @pytest.fixture
 def start_prometheus(tmp_path: Path, request: pytest.FixtureRequest) -> StartPrometheus:
-    """Starts a real Prometheus scraping `target` as job `zenmux-live`; always killed at the end."""
+    """Starts real Prometheus servers, each scraping its `targets` as job `zenmux-live`; killed at the end."""
     binary = shutil.which("prometheus")
     assert binary, "prometheus missing: run scripts/install-tools.sh (Debian package `prometheus`)"
+    started = 0
 
-    def start(target: str) -> Prometheus:
-        directory = tmp_path / "prometheus"
+    def start(*targets: str) -> Prometheus:
+        nonlocal started
+        started += 1
+        directory = tmp_path / ("prometheus" if started == 1 else f"prometheus-{started}")
         directory.mkdir()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(path) for path in RULE_FILES],
             "scrape_configs": [
-                {"job_name": JOB, "scrape_interval": "1s", "static_configs": [{"targets": [target]}]}
+                {"job_name": JOB, "scrape_interval": "1s", "static_configs": [{"targets": list(targets)}]}
             ],
         }
         config_file = directory / "prometheus.yml"

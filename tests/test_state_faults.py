@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from exporter.app import Exporter
 from exporter.simulate.api import totals
-from exporter.state import StateError
+from exporter.state import StateError, StateStore
 from tests.support import (
     FakeApi,
     StartExporter,
@@ -56,6 +58,11 @@ def fill(directory: Path) -> Path:
             handle.write(b"\0" * 65536)
             handle.flush()
     return filler
+
+
+def sqlite_db(running: Exporter) -> sqlite3.Connection:
+    assert isinstance(running.state, StateStore)
+    return running.state._db
 
 
 def send_udp(port: int, payload: bytes) -> None:
@@ -138,11 +145,9 @@ async def test_a_full_disk_at_start_is_a_clear_error_not_corruption(
         assert "full" in str(caught.value) and "Move it aside" not in str(caught.value)
 
 
-def test_the_state_file_is_owner_only_and_never_a_followed_symlink(tmp_path: Path) -> None:
-    from exporter.state import StateStore
-
+async def test_the_state_file_is_owner_only_and_never_a_followed_symlink(tmp_path: Path) -> None:
     store = StateStore(tmp_path / "state.db", max_pending=10)
-    store.close()
+    await store.close()
     assert (tmp_path / "state.db").stat().st_mode & 0o777 == 0o600
     target = tmp_path / "elsewhere.db"
     target.write_bytes(b"")
@@ -169,7 +174,7 @@ async def test_state_write_failures_lose_nothing_and_recover(
         await wait_until(lambda: resolved(20), what="20 generations before the fault")
         filler = fill(directory) if fault == "disk_full" else None
         if fault == "injected":  # every write fails, the way a read-only or failing disk answers
-            exporter.state._db.execute("PRAGMA query_only = ON")
+            sqlite_db(exporter).execute("PRAGMA query_only = ON")
         during_file = [fake_api.create() for _ in range(500)]
         during_udp = [fake_api.create() for _ in range(50)]
         append_lines(tmp_path / "app.log", [json_line(i) for i in during_file])
@@ -187,7 +192,7 @@ async def test_state_write_failures_lose_nothing_and_recover(
         if filler is not None:
             filler.unlink()
         else:
-            exporter.state._db.execute("PRAGMA query_only = OFF")
+            sqlite_db(exporter).execute("PRAGMA query_only = OFF")
         everything = before + during_file + during_udp
         await wait_until(lambda: resolved(len(everything)), timeout=60, what="every id resolved after recovery")
         text = await scrape(port)

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -15,7 +14,7 @@ from typing import BinaryIO
 from exporter.config import SourceConfig
 from exporter.ids import LINE_TOO_LONG, LinesParser
 from exporter.ingest import Ingest
-from exporter.state import FilePosition, StateError, StateStore
+from exporter.store import FilePosition, StateError, Store
 from exporter.telemetry import SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class FileSource:
     """
 
     def __init__(
-        self, config: SourceConfig, parse: LinesParser, ingest: Ingest, state: StateStore, metrics: SelfMetrics
+        self, config: SourceConfig, parse: LinesParser, ingest: Ingest, state: Store, metrics: SelfMetrics
     ) -> None:
         self.name = config.name
         self._path = Path(config.path)
@@ -86,8 +85,8 @@ class FileSource:
         while not stop.is_set():
             before = self._progress()
             try:
-                busy = self.poll()
-            except (StateError, sqlite3.Error) as err:
+                busy = await self.poll()
+            except StateError as err:
                 await self._recover(stop, err)
                 continue
             if busy:
@@ -96,15 +95,15 @@ class FileSource:
             interval = base if self._progress() != before else min(interval * 2, base * QUIET_BACKOFF)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-        with contextlib.suppress(StateError, sqlite3.Error):  # unsaved lines are read again at the next start
-            while self.poll():  # what the writer left before we were stopped
+        with contextlib.suppress(StateError):  # unsaved lines are read again at the next start
+            while await self.poll():  # what the writer left before we were stopped
                 pass
         self.close()
 
-    async def _recover(self, stop: asyncio.Event, err: Exception) -> None:
+    async def _recover(self, stop: asyncio.Event, err: StateError) -> None:
         """A state write failed (disk full, read-only): none of it was saved, so after a pause the file is
         read again from the last saved position (ids already queued are deduplicated)."""
-        if isinstance(err, sqlite3.Error):
+        if err.operation == "position":  # the ingest counted its own (enqueue)
             self._metrics.state_errors.labels("position").inc()
         log.error("%s: cannot save to the state database (%s); re-reading from the last saved position", self.name,
                   err)
@@ -113,10 +112,10 @@ class FileSource:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), STATE_RETRY_SECONDS)
         try:
-            if self._state.position(self.name) is not None:
-                self.open_initial()
+            if await self._state.position(self.name) is not None:
+                await self.open_initial()
             # Nothing saved yet: the file appeared after start-up, and poll() reads it from the beginning.
-        except (StateError, sqlite3.Error):
+        except StateError:
             self.close()
 
     def _progress(self) -> tuple[int, int] | None:
@@ -129,14 +128,14 @@ class FileSource:
             self._current.handle.close()
             self._current = None
 
-    def open_initial(self) -> None:
+    async def open_initial(self) -> None:
         """Resumes from the saved position, finishing a file rotated away while we were not running."""
-        saved = self._state.position(self.name)
+        saved = await self._state.position(self.name)
         stat = _stat(self._path)
         if saved is None:
             if stat is not None:
                 start = _end_of_last_line(self._path, stat.st_size) if self._config.start_at == "end" else 0
-                self._switch_to(start)
+                await self._switch_to(start)
             return
         if stat is not None and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
             handle = self._path.open("rb")
@@ -145,14 +144,14 @@ class FileSource:
                 return
             handle.close()
             log.info("%s: %s was truncated while we were stopped; reading it from the start", self.name, self._path)
-            self._switch_to(0)
+            await self._switch_to(0)
             return
         rotated = self._find_rotated(saved)
         if rotated is not None:
             log.info("%s: finishing %s, rotated while the exporter was stopped", self.name, rotated)
             handle = rotated.open("rb")
             self._current = _Open(handle, saved.device, saved.inode, saved.offset, saved.fingerprint)
-            self._read_available(final=True)
+            await self._read_available(final=True)
             handle.close()
             self._current = None
         else:
@@ -165,7 +164,7 @@ class FileSource:
                 self._path,
             )
         if stat is not None:
-            self._switch_to(0)
+            await self._switch_to(0)
 
     def _find_rotated(self, saved: FilePosition) -> Path | None:
         try:
@@ -185,7 +184,7 @@ class FileSource:
                     return candidate
         return None
 
-    def _switch_to(self, offset: int) -> None:
+    async def _switch_to(self, offset: int) -> None:
         """Opens the file now at the path, at `offset`, and records the position (even with no ids yet)."""
         self.close()  # forgets what was read, too
         try:
@@ -196,7 +195,7 @@ class FileSource:
         self._current = _Open(handle, stat.st_dev, stat.st_ino, min(offset, stat.st_size))
         self._skipping = False
         self._rotated_size, self._rotated_quiet_polls = -1, 0
-        self._state.save_position(self.name, self._position())
+        await self._state.save_position(self.name, self._position())
 
     def _position(self) -> FilePosition:
         assert self._current is not None
@@ -204,14 +203,14 @@ class FileSource:
         current.fingerprint = head_fingerprint(current.handle, current.offset)
         return FilePosition(current.device, current.inode, current.offset, current.fingerprint)
 
-    def poll(self) -> bool:
+    async def poll(self) -> bool:
         """Follows rotation, then reads what is new; True when it stopped early with more to read."""
         if self._ingest.full:
             return False  # backpressure: the file keeps the ids until the queue has room
         if self._current is None:
             if _stat(self._path) is None:
                 return False
-            self._switch_to(0)  # the file appeared after we started: all of it is new
+            await self._switch_to(0)  # the file appeared after we started: all of it is new
             if self._current is None:
                 return False
         current = self._current
@@ -220,20 +219,20 @@ class FileSource:
         if stat is not None and (stat.st_dev, stat.st_ino) != (current.device, current.inode):
             # Renamed away and a new file created. The writer may append to the old file until it reopens
             # its log, so the old file is read on until it has stayed unchanged for a few polls.
-            busy = self._read_available(final=False)
+            busy = await self._read_available(final=False)
             if busy or not self._rotated_file_settled(current):
                 return busy
-            self._read_available(final=True)  # only a last line without newline can be left
+            await self._read_available(final=True)  # only a last line without newline can be left
             self._metrics.file_rotations.labels(self.name, "rename").inc()
-            self._switch_to(0)
+            await self._switch_to(0)
         else:
             if seen is not None and seen == self._read_up_to:
                 return False  # unchanged since it was read to the end: no read, no fingerprint (idle polls)
             if self._truncated(current):
                 # Copied and truncated, perhaps already refilled past our offset: start over from the beginning.
                 self._metrics.file_rotations.labels(self.name, "truncate").inc()
-                self._switch_to(0)
-        busy = self._read_available(final=False)
+                await self._switch_to(0)
+        busy = await self._read_available(final=False)
         if self._current is not None:
             size = os.fstat(self._current.handle.fileno()).st_size
             self._metrics.file_read_bytes.labels(self.name).set(self._current.offset)
@@ -256,7 +255,7 @@ class FileSource:
         length = int.from_bytes(current.fingerprint[:2], "big")
         return head_fingerprint(current.handle, length) != current.fingerprint
 
-    def _read_available(self, *, final: bool) -> bool:
+    async def _read_available(self, *, final: bool) -> bool:
         """Consumes complete lines (and, when final, a last line without newline); True if the budget ran out.
 
         A final read (the file was rotated away) has no budget: it must reach the end before we switch.
@@ -274,24 +273,24 @@ class FileSource:
                 return False
             cut = chunk.rfind(b"\n")
             if cut >= 0:
-                self._consume(chunk[: cut + 1], cut + 1)
+                await self._consume(chunk[: cut + 1], cut + 1)
             elif final:
-                self._consume(chunk, len(chunk))
+                await self._consume(chunk, len(chunk))
             elif len(chunk) == CHUNK_BYTES or len(chunk) > self._config.max_line_bytes:
-                self._reject_overlong(len(chunk))
+                await self._reject_overlong(len(chunk))
             else:
                 return False  # a partial line: wait for the rest
         return True
 
-    def _reject_overlong(self, consumed: int) -> None:
+    async def _reject_overlong(self, consumed: int) -> None:
         assert self._current is not None
         if not self._skipping:
             self._metrics.ids_rejected.labels(self.name, LINE_TOO_LONG).inc()
         self._skipping = True
         self._current.offset += consumed
-        self._state.save_position(self.name, self._position())
+        await self._state.save_position(self.name, self._position())
 
-    def _consume(self, data: bytes, length: int) -> None:
+    async def _consume(self, data: bytes, length: int) -> None:
         assert self._current is not None
         if self._skipping:
             self._skipping = False
@@ -299,7 +298,7 @@ class FileSource:
             data = data[cut + 1 :] if cut >= 0 else b""
         parsed = self._parse(data) if data else []
         self._current.offset += length
-        self._ingest.submit(self.name, parsed, self._position(), bounded=False)
+        await self._ingest.submit(self.name, parsed, self._position(), bounded=False)
 
 
 def _end_of_last_line(path: Path, size: int) -> int:

@@ -10,7 +10,7 @@ import socket
 from exporter.config import SourceConfig, split_host_port
 from exporter.ids import LineParser, Sighting, parse_datagram
 from exporter.ingest import Ingest
-from exporter.state import StateError
+from exporter.store import StateError
 from exporter.telemetry import SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,13 @@ class UdpSource:
         if self._buffered_ids >= FLUSH_BATCH:
             self._batch_full.set()
 
-    def flush(self) -> bool:
+    async def flush(self) -> bool:
         """Writes the buffer to the queue; False if the state could not be written (the buffer is kept)."""
         if not self._buffer:
             return True
         batch, self._buffer, self._buffered_ids = self._buffer, [], 0
         try:
-            self._ingest.submit(self.name, batch)
+            await self._ingest.submit(self.name, batch)
         except StateError as err:
             # Kept for the next try; meanwhile the buffer's bound drops (and counts) what does not fit.
             self._buffer = batch + self._buffer
@@ -134,12 +134,12 @@ class UdpSource:
                     await asyncio.wait_for(self._batch_full.wait(), FLUSH_INTERVAL_SECONDS)
                 self._has_data.clear()
                 self._batch_full.clear()
-                if not self.flush():
+                if not await self.flush():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), STATE_RETRY_SECONDS)
                     self._has_data.set()  # try again even if nothing new arrives
             stopping.cancel()
         finally:
             self.stop_receiving()
-            if not self.flush():
+            if not await self.flush():
                 log.error("%s: %d received ids could not be saved before stopping", self.name, len(self._buffer))

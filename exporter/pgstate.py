@@ -1,0 +1,661 @@
+"""The PostgreSQL state backend (fleet mode): queue, dedupe memory, positions and ledger shared by many processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from exporter.ids import Labels, Sighting
+from exporter.ledger import Ledger
+from exporter.store import (
+    ABANDONED,
+    DONE,
+    PENDING,
+    Abandon,
+    Enqueued,
+    FilePosition,
+    Grant,
+    LedgerRow,
+    PendingId,
+    Resolved,
+    Retry,
+    Settlement,
+    StateDump,
+    StateError,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+# Taken (in the migrating transaction) by whoever migrates, so replicas starting together migrate once.
+MIGRATE_LOCK = 0x7A6D7801
+# Held for the whole session by the leading exposer.
+LEADER_LOCK = 0x7A6D7802
+CONNECT_TIMEOUT_SECONDS = 5
+STATEMENT_TIMEOUT_SECONDS = 30.0
+RECONNECT_INITIAL_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 30.0
+
+# The queue is keyed by id: the dedupe of pending ids is its primary key (no per-process memory, which many
+# ingesters could not share). A claim sets claimed_by and lease_until; an id whose lease ran out is due again.
+# The queue is the hot table (every id is inserted, claimed and deleted once): autovacuum runs on it after 1 %
+# of its rows changed instead of 20 %, without cost delay, and pages keep room for HOT updates of claims.
+# Ledger rows carry the transaction that changed them last (xid8): an exposer reads the rows changed since its
+# previous read's snapshot horizon, so a settlement committed late is never missed.
+SCHEMA = """
+CREATE TABLE queue (
+    id text PRIMARY KEY,
+    source text NOT NULL,
+    labels text NOT NULL,
+    first_seen float8 NOT NULL,
+    due float8 NOT NULL,
+    attempts integer NOT NULL DEFAULT 0,
+    claimed_by text,
+    lease_until float8 NOT NULL DEFAULT 0
+) WITH (fillfactor = 80, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = 1000,
+        autovacuum_vacuum_cost_delay = 0, autovacuum_analyze_scale_factor = 0.02);
+CREATE INDEX queue_by_due ON queue (due);
+CREATE INDEX queue_by_first_seen ON queue (first_seen);
+CREATE TABLE finished (
+    id text PRIMARY KEY,
+    status smallint NOT NULL,
+    attempts integer NOT NULL,
+    finished float8 NOT NULL
+);
+CREATE INDEX finished_by_age ON finished (finished);
+CREATE TABLE positions (
+    instance text NOT NULL,
+    source text NOT NULL,
+    device bigint NOT NULL,
+    inode bigint NOT NULL,
+    "offset" bigint NOT NULL,
+    fingerprint bytea NOT NULL,
+    PRIMARY KEY (instance, source)
+);
+CREATE TABLE ledger (
+    metric text NOT NULL,
+    labels text NOT NULL,
+    counter float8,
+    buckets float8[],
+    total float8,
+    changed xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    PRIMARY KEY (metric, labels)
+);
+CREATE INDEX ledger_by_change ON ledger (changed);
+CREATE TABLE rate_limit (
+    name text PRIMARY KEY,
+    tokens float8 NOT NULL,
+    refilled float8 NOT NULL,
+    paused_until float8 NOT NULL
+);
+INSERT INTO rate_limit VALUES ('zenmux', 0, 0, 0);
+CREATE VIEW generations (id, status, source, labels, first_seen, due, attempts, finished) AS
+    SELECT id, 0::smallint, source, labels, first_seen, due, attempts, NULL FROM queue
+    UNION ALL SELECT id, status, NULL, NULL, NULL, NULL, attempts, finished FROM finished;
+"""
+
+ENQUEUE = """
+INSERT INTO queue (id, source, labels, first_seen, due)
+SELECT u.id, %(source)s, u.labels, %(now)s, %(due)s FROM unnest(%(ids)s::text[], %(labels)s::text[]) AS u(id, labels)
+WHERE NOT EXISTS (SELECT 1 FROM finished f WHERE f.id = u.id)
+ON CONFLICT (id) DO NOTHING
+"""
+SAVE_POSITION = """
+INSERT INTO positions (instance, source, device, inode, "offset", fingerprint)
+VALUES (%(instance)s, %(source)s, %(device)s, %(inode)s, %(offset)s, %(fingerprint)s)
+ON CONFLICT (instance, source) DO UPDATE SET device = excluded.device, inode = excluded.inode,
+    "offset" = excluded."offset", fingerprint = excluded.fingerprint
+"""
+# Ids and position in one statement: one round trip, one transaction.
+ENQUEUE_WITH_POSITION = f"WITH saved AS ({SAVE_POSITION}) {ENQUEUE}"
+CLAIM = """
+UPDATE queue q SET claimed_by = %(me)s, lease_until = %(until)s
+FROM (SELECT id FROM queue WHERE due <= %(now)s AND (lease_until <= %(now)s OR claimed_by = %(me)s)
+      AND id <> ALL(%(exclude)s::text[])
+      ORDER BY due LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
+WHERE q.id = c.id
+RETURNING q.id, q.source, q.labels, q.first_seen, q.attempts, q.due
+"""
+# Deltas are added in the database (rows locked in key order, so two settlements never deadlock each other).
+ADD_TO_LEDGER = """
+INSERT INTO ledger AS l (metric, labels, counter, buckets, total)
+SELECT r.metric, r.labels, r.counter, r.buckets, r.total
+FROM jsonb_to_recordset(%s::jsonb) AS r(metric text, labels text, counter float8, buckets float8[], total float8)
+ORDER BY r.metric, r.labels
+ON CONFLICT (metric, labels) DO UPDATE SET
+    counter = l.counter + excluded.counter,
+    buckets = (SELECT array_agg(a + b ORDER BY i)
+               FROM unnest(l.buckets, excluded.buckets) WITH ORDINALITY AS t(a, b, i)),
+    total = l.total + excluded.total,
+    changed = pg_current_xact_id()
+"""
+# Ended ids leave the queue and enter finished in one statement; the rows say which ids are newly finished
+# (those count) and how many left the queue (the second column, on every row; a lone NULL id when none is new).
+END = """
+WITH gone AS (DELETE FROM queue WHERE id = ANY(%(ids)s::text[]) RETURNING id, attempts),
+ended AS (
+    INSERT INTO finished (id, status, attempts, finished)
+    SELECT g.id, u.status, g.attempts + 1, %(now)s
+    FROM gone g JOIN unnest(%(ids)s::text[], %(statuses)s::int2[]) AS u(id, status) ON u.id = g.id
+    ON CONFLICT (id) DO NOTHING RETURNING id
+)
+SELECT e.id, (SELECT count(*) FROM gone) FROM (SELECT NULL::text AS id UNION ALL SELECT id FROM ended) e
+"""
+RETRY = """
+UPDATE queue SET due = u.due, attempts = u.attempts, claimed_by = NULL, lease_until = 0
+FROM unnest(%(ids)s::text[], %(due)s::float8[], %(attempts)s::int4[]) AS u(id, due, attempts)
+WHERE queue.id = u.id AND (queue.claimed_by = %(me)s OR queue.claimed_by IS NULL OR queue.lease_until <= %(now)s)
+RETURNING queue.id
+"""
+TAKE_TOKENS = """
+UPDATE rate_limit SET tokens = least(%(burst)s, tokens + greatest(t.now - refilled, 0) * %(rate)s) - %(wanted)s,
+    refilled = greatest(t.now, refilled)
+FROM (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) t
+WHERE name = 'zenmux'
+RETURNING tokens, greatest(paused_until - t.now, 0)
+"""
+PAUSE = """
+UPDATE rate_limit SET paused_until = greatest(paused_until, extract(epoch FROM clock_timestamp()) + %s)
+WHERE name = 'zenmux'
+"""
+LEDGER_CHANGES = """
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text, metric, labels, counter, buckets, total
+FROM ledger WHERE changed >= %s::xid8
+"""
+
+
+@lru_cache(maxsize=4096)
+def _labels_text(labels: Labels) -> str:
+    return json.dumps(labels) if labels else ""
+
+
+@lru_cache(maxsize=4096)
+def _labels_value(text: str) -> Labels:
+    return tuple((str(k), str(v)) for k, v in json.loads(text)) if text else ()
+
+
+def _row(
+    metric: str, labels: str, counter: float | None, buckets: list[float] | None, total: float | None
+) -> LedgerRow:
+    value = json.dumps(counter) if buckets is None else json.dumps({"b": buckets, "s": total})
+    return metric, labels, value
+
+
+class PostgresStore:
+    """The Store on PostgreSQL (psycopg 3, async): every process of a fleet opens one on the same database.
+
+    One connection serves the process's calls one at a time (an asyncio lock: a transaction is never
+    interleaved with another task's statements); the leading exposer holds a second one for its lock. A lost
+    connection is opened again on the next call, no sooner than an exponential backoff allows; meanwhile calls
+    fail fast with a StateError naming the server and database (never the password)."""
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None,
+        instance: str,
+        max_pending: int,
+        lease_seconds: float,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_pending = max_pending
+        self.instance = instance
+        self.problem: str | None = None
+        self._url = url
+        self._password = password
+        self._lease = lease_seconds
+        self._monotonic = monotonic
+        self._secrets = [str(s) for s in (password, conninfo_to_dict(url).get("password")) if s]
+        self._db: psycopg.AsyncConnection[Any] | None = None
+        self._leader: psycopg.AsyncConnection[Any] | None = None
+        self._leading = False
+        self._lock = asyncio.Lock()
+        self._reconnect_at = 0.0
+        self._reconnect_wait = RECONNECT_INITIAL_SECONDS
+        self._counted = 0  # pending ids at the last count, plus what this process added and removed since
+        self._cursor = "0"  # the ledger's change horizon (an xid8) for ledger_changes
+        info = conninfo_to_dict(url)
+        self._where = (
+            f"postgresql {info.get('user') or '(default user)'}@{info.get('host') or '(local socket)'}:"
+            f"{info.get('port') or 5432}/{info.get('dbname') or '(default database)'}"
+        )
+
+    @property
+    def description(self) -> str:
+        return self._where
+
+    @property
+    def pending(self) -> int:
+        return max(self._counted, 0)
+
+    @classmethod
+    async def open(
+        cls, url: str, *, password: str | None, instance: str, max_pending: int, lease_seconds: float
+    ) -> PostgresStore:
+        """Connects, creates or migrates the schema and counts the queue; raises StateError if it cannot."""
+        store = cls(url, password=password, instance=instance, max_pending=max_pending, lease_seconds=lease_seconds)
+        await store._call("open", store._migrate)
+        await store.refresh()
+        return store
+
+    # --- connections and errors ---------------------------------------------------------------------------
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        return await psycopg.AsyncConnection.connect(
+            self._url,
+            password=self._password,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            application_name=f"zenmux-exporter {self.instance}"[:63],
+            # A peer that vanished without closing (a partition) is noticed in ~30 s, not hours.
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+
+    def _error(self, operation: str, err: BaseException) -> StateError:
+        detail = str(err).strip() or type(err).__name__
+        for secret in self._secrets:
+            detail = detail.replace(secret, "<redacted>")
+        self.problem = f"{self._where}: {operation} failed: {detail}"
+        return StateError(self.problem, operation)
+
+    async def _call(self, operation: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
+        """Runs `work` on the connection, alone; any failure leaves as a StateError (the transaction, if any,
+        rolled back), and a broken connection is dropped for the next call to open again."""
+        async with self._lock:
+            db = self._db
+            try:
+                if db is None or db.closed:
+                    if self._monotonic() < self._reconnect_at:
+                        raise StateError(self.problem or f"{self._where}: not connected", operation)
+                    try:
+                        db = self._db = await self._connect()
+                    except BaseException:
+                        self._reconnect_at = self._monotonic() + self._reconnect_wait
+                        self._reconnect_wait = min(self._reconnect_wait * 2, RECONNECT_MAX_SECONDS)
+                        raise
+                    if self.problem is not None:
+                        log.info("%s: connected again", self._where)
+                    self._reconnect_wait = RECONNECT_INITIAL_SECONDS
+                result = await asyncio.wait_for(work(db), STATEMENT_TIMEOUT_SECONDS)
+            except StateError:
+                raise
+            except (psycopg.Error, OSError, TimeoutError) as err:
+                if db is not None and (db.broken or isinstance(err, TimeoutError | psycopg.OperationalError)):
+                    await self._drop()
+                raise self._error(operation, err) from None
+            except asyncio.CancelledError:
+                await self._drop()  # cancelled mid-statement: the connection's state is unknown
+                raise
+        self.problem = None
+        return result
+
+    async def _drop(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await db.close()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+        leader, self._leader = self._leader, None
+        if leader is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await leader.close()
+
+    async def _migrate(self, db: psycopg.AsyncConnection[Any]) -> None:
+        async with db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+            row = await (await db.execute("SELECT max(version) FROM schema_version")).fetchone()
+            version = None if row is None else row[0]
+            if version is None:
+                await db.execute(SCHEMA)
+                await db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
+                log.info("%s: created the state schema (version %d)", self._where, SCHEMA_VERSION)
+            # A later schema version adds its migration here: `elif version < SCHEMA_VERSION:` runs the steps
+            # from `version` on and records the new version, in this same transaction (DDL is transactional).
+            elif version > SCHEMA_VERSION:
+                raise StateError(
+                    f"{self._where}: schema version {version}, this exporter reads {SCHEMA_VERSION}: "
+                    "run the newer exporter (or restore the database it was made for)",
+                    "open",
+                )
+
+    # --- ingest -------------------------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        source: str,
+        sightings: Sequence[Sighting],
+        now: float,
+        due: float,
+        position: FilePosition | None = None,
+        *,
+        bounded: bool = True,
+    ) -> Enqueued:
+        room = max(self.max_pending - self.pending, 0) if bounded else len(sightings)
+        admitted = sightings[:room]
+        fresh: dict[str, Labels] = {}
+        for sighting in admitted:
+            fresh.setdefault(sighting.id, sighting.labels)
+        params: dict[str, Any] = {
+            "source": source,
+            "now": now,
+            "due": due,
+            "ids": list(fresh),
+            "labels": [_labels_text(labels) for labels in fresh.values()],
+        }
+        if position is not None:
+            params.update(self._position_params(source, position))
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> int:
+            if not fresh and position is None:
+                return 0
+            cursor = await db.execute(ENQUEUE if position is None else ENQUEUE_WITH_POSITION, params)
+            return max(cursor.rowcount, 0)
+
+        accepted = await self._call("enqueue", work)
+        self._counted += accepted
+        return Enqueued(accepted, len(admitted) - accepted, len(sightings) - len(admitted))
+
+    def _position_params(self, source: str, position: FilePosition) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "source": source,
+            "device": position.device,
+            "inode": position.inode,
+            "offset": position.offset,
+            "fingerprint": position.fingerprint,
+        }
+
+    async def position(self, source: str) -> FilePosition | None:
+        async def work(db: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
+            cursor = await db.execute(
+                'SELECT device, inode, "offset", fingerprint FROM positions WHERE instance = %s AND source = %s',
+                (self.instance, source),
+            )
+            return await cursor.fetchone()
+
+        row = await self._call("position", work)
+        return None if row is None else FilePosition(int(row[0]), int(row[1]), int(row[2]), bytes(row[3]))
+
+    async def save_position(self, source: str, position: FilePosition) -> None:
+        async def work(db: psycopg.AsyncConnection[Any]) -> None:
+            await db.execute(SAVE_POSITION, self._position_params(source, position))
+
+        await self._call("position", work)
+
+    # --- resolving ----------------------------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int, exclude: set[str]) -> list[PendingId]:
+        """Claims up to `limit` due ids for this instance until now + lease_seconds."""
+        if limit <= 0:
+            return []
+        params = {"me": self.instance, "until": now + self._lease, "now": now, "exclude": list(exclude),
+                  "limit": limit}
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            return await (await db.execute(CLAIM, params)).fetchall()
+
+        rows = await self._call("due", work)
+        rows.sort(key=lambda row: row[5])
+        return [PendingId(row[0], row[1], _labels_value(row[2]), row[3], row[4]) for row in rows]
+
+    async def next_due(self, now: float, exclude: set[str]) -> float | None:
+        async def work(db: psycopg.AsyncConnection[Any]) -> float | None:
+            # Walks the due index past the claimed rows (at most the fleet's lookups in flight).
+            cursor = await db.execute(
+                "SELECT due FROM queue WHERE (lease_until <= %(now)s OR claimed_by = %(me)s) "
+                "AND id <> ALL(%(exclude)s::text[]) ORDER BY due LIMIT 1",
+                {"now": now, "me": self.instance, "exclude": list(exclude)},
+            )
+            row = await cursor.fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._call("due", work)
+
+    async def oldest_pending(self) -> float | None:
+        async def work(db: psycopg.AsyncConnection[Any]) -> float | None:
+            row = await (await db.execute("SELECT min(first_seen) FROM queue")).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._call("oldest", work)
+
+    async def settle(self, settlements: Sequence[Settlement], ledger: Ledger, now: float) -> list[Settlement]:
+        """Dequeue, finished and ledger in one transaction. An id counts when its row leaves the queue AND its
+        finished row is new: an id enqueued again in the instant it was settled elsewhere counts once."""
+        ending: dict[str, Resolved | Abandon] = {}
+        retries: dict[str, Retry] = {}
+        for item in settlements:
+            if isinstance(item, Retry):
+                retries.setdefault(item.id, item)
+            else:
+                ending.setdefault(item.id, item)  # two results for one id: the first counts
+        for generation_id in ending:
+            retries.pop(generation_id, None)  # an id that ends is not retried
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> tuple[list[Settlement], int]:
+            applied: list[Settlement] = []
+            removed = 0
+            # Pipelined: BEGIN and the statements whose results are not read go out with the next that is.
+            async with db.pipeline(), db.transaction():
+                if ending:
+                    ids = list(ending)
+                    cursor = await db.execute(
+                        END,
+                        {
+                            "ids": ids,
+                            "statuses": [DONE if isinstance(ending[i], Resolved) else ABANDONED for i in ids],
+                            "now": now,
+                        },
+                    )
+                    rows = await cursor.fetchall()
+                    removed = int(rows[0][1]) if rows else 0
+                    new = {row[0] for row in rows if row[0] is not None}
+                    deltas = Ledger(ledger.shape, ledger.limiter)  # empty: its overlay holds increments
+                    overlay = deltas.overlay()
+                    for generation_id, ended in ending.items():
+                        if generation_id in new:
+                            applied.append(ended)
+                            if ended.contribution is not None:
+                                deltas.add(overlay, ended.contribution)
+                    deltas_rows: list[dict[str, Any]] = [
+                        {"metric": m, "labels": json.dumps(labels), "counter": v, "buckets": None, "total": None}
+                        for (m, labels), v in itertools.chain(overlay.counters.items(), overlay.daily.items())
+                    ]
+                    deltas_rows += [
+                        {"metric": m, "labels": json.dumps(labels), "counter": None, "buckets": h.buckets,
+                         "total": h.sum}
+                        for (m, labels), h in overlay.histograms.items()
+                    ]
+                    if deltas_rows:
+                        await db.execute(ADD_TO_LEDGER, (json.dumps(deltas_rows),))
+                if retries:
+                    ids = list(retries)
+                    cursor = await db.execute(
+                        RETRY,
+                        {
+                            "ids": ids,
+                            "due": [retries[i].due for i in ids],
+                            "attempts": [retries[i].attempts for i in ids],
+                            "me": self.instance,
+                            "now": now,
+                        },
+                    )
+                    applied.extend(retries[row[0]] for row in await cursor.fetchall())
+            return applied, removed
+
+        applied, removed = await self._call("settle", work)
+        self._counted -= removed
+        return applied
+
+    async def load(self, dump: StateDump, *, force: bool) -> None:
+        """Imports a sidecar's state in one transaction: its queue and finished ids (those already known are
+        kept as they are), its file positions (as this instance's) and its ledger. Into a database whose ledger
+        is not empty only with `force`: the values are then ADDED (several sidecars' states merge into one)."""
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> None:
+            async with db.transaction():
+                await db.execute("LOCK TABLE ledger IN EXCLUSIVE MODE")
+                row = await (await db.execute("SELECT count(*) FROM ledger")).fetchone()
+                if row is not None and row[0] and not force:
+                    raise StateError(
+                        f"{self._where}: the ledger already holds {row[0]} series; importing would add this "
+                        "state's counters to them. Pass --force to merge (several sidecars into one fleet).",
+                        "import",
+                    )
+                if dump.queue:
+                    columns = list(zip(*dump.queue, strict=True))
+                    await db.execute(
+                        "INSERT INTO queue (id, source, labels, first_seen, due, attempts) SELECT * FROM "
+                        "unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[], %s::int4[]) "
+                        "ON CONFLICT (id) DO NOTHING",
+                        [list(column) for column in columns],
+                    )
+                if dump.finished:
+                    columns = list(zip(*dump.finished, strict=True))
+                    await db.execute(
+                        "INSERT INTO finished SELECT * FROM unnest(%s::text[], %s::int2[], %s::int4[], "
+                        "%s::float8[]) ON CONFLICT (id) DO NOTHING",
+                        [list(column) for column in columns],
+                    )
+                    await db.execute("DELETE FROM queue WHERE id IN (SELECT id FROM finished WHERE id = ANY(%s))",
+                                     (list(columns[0]),))
+                for source, position in dump.positions.items():
+                    await db.execute(SAVE_POSITION, self._position_params(source, position))
+                rows: list[dict[str, Any]] = []
+                for metric, labels, value_json in dump.ledger:
+                    value = json.loads(value_json)
+                    if isinstance(value, dict):
+                        rows.append({"metric": metric, "labels": labels, "counter": None, "buckets": value["b"],
+                                     "total": value["s"]})
+                    else:
+                        rows.append({"metric": metric, "labels": labels, "counter": value, "buckets": None,
+                                     "total": None})
+                if rows:
+                    await db.execute(ADD_TO_LEDGER, (json.dumps(rows),))
+
+        await self._call("import", work)
+        await self.refresh()
+
+    async def ledger_rows(self) -> list[LedgerRow]:
+        async def work(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            return await (await db.execute("SELECT metric, labels, counter, buckets, total FROM ledger")).fetchall()
+
+        return [_row(*row) for row in await self._call("ledger", work)]
+
+    async def ledger_changes(self) -> list[LedgerRow]:
+        async def work(db: psycopg.AsyncConnection[Any]) -> tuple[str | None, list[tuple[Any, ...]]]:
+            cursor = await db.execute(LEDGER_CHANGES, (self._cursor,))
+            rows = await cursor.fetchall()
+            if rows:
+                return rows[0][0], rows
+            horizon = await (await db.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")).fetchone()
+            return None if horizon is None else horizon[0], []
+
+        horizon, rows = await self._call("ledger", work)
+        if horizon is not None:
+            self._cursor = horizon
+        return [_row(*row[1:]) for row in rows]
+
+    async def drop_ledger_rows(self, keys: Sequence[tuple[str, str]]) -> None:
+        async def work(db: psycopg.AsyncConnection[Any]) -> None:
+            await db.execute(
+                "DELETE FROM ledger USING unnest(%s::text[], %s::text[]) AS k(metric, labels) "
+                "WHERE ledger.metric = k.metric AND ledger.labels = k.labels",
+                ([metric for metric, _ in keys], [labels for _, labels in keys]),
+            )
+
+        await self._call("forget", work)
+
+    async def forget_finished(self, before: float, limit: int = 10_000) -> int:
+        async def work(db: psycopg.AsyncConnection[Any]) -> int:
+            cursor = await db.execute(
+                "DELETE FROM finished WHERE id IN (SELECT id FROM finished WHERE finished < %s LIMIT %s)",
+                (before, limit),
+            )
+            return max(cursor.rowcount, 0)
+
+        return await self._call("forget", work)
+
+    async def status(self, generation_id: str) -> int | None:
+        async def work(db: psycopg.AsyncConnection[Any]) -> int | None:
+            cursor = await db.execute(
+                "SELECT status FROM finished WHERE id = %s UNION ALL SELECT %s FROM queue WHERE id = %s",
+                (generation_id, PENDING, generation_id),
+            )
+            row = await cursor.fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._call("status", work)
+
+    async def refresh(self) -> None:
+        """Counts the queue (up to just past max_pending: the bound is all the count is needed for beyond the
+        gauge, and a full count of a huge queue would cost every process a scan)."""
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> int:
+            cursor = await db.execute("SELECT count(*) FROM (SELECT 1 FROM queue LIMIT %s) q", (self.max_pending + 1,))
+            row = await cursor.fetchone()
+            return 0 if row is None else int(row[0])
+
+        self._counted = await self._call("count", work)
+
+    # --- the fleet ----------------------------------------------------------------------------------------
+
+    async def take_tokens(self, wanted: int, rate: float, burst: float) -> Grant:
+        async def work(db: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
+            cursor = await db.execute(TAKE_TOKENS, {"wanted": wanted, "rate": rate, "burst": burst})
+            return await cursor.fetchone()
+
+        row = await self._call("rate_limit", work)
+        return Grant(float(wanted), 0.0) if row is None else Grant(float(row[0]), float(row[1]))
+
+    async def pause(self, seconds: float) -> None:
+        async def work(db: psycopg.AsyncConnection[Any]) -> None:
+            await db.execute(PAUSE, (seconds,))
+
+        await self._call("rate_limit", work)
+
+    async def try_lead(self) -> bool:
+        """Leads while a dedicated session holds the leader lock; a lost session lets another exposer lead.
+        A follower keeps its session and asks for the lock again on each call."""
+        try:
+            if self._leader is None or self._leader.closed:
+                self._leading = False
+                self._leader = await self._connect()
+            if self._leading:
+                await asyncio.wait_for(self._leader.execute("SELECT 1"), STATEMENT_TIMEOUT_SECONDS)
+                return True
+            cursor = await asyncio.wait_for(
+                self._leader.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)), STATEMENT_TIMEOUT_SECONDS
+            )
+            row = await cursor.fetchone()
+            self._leading = row is not None and bool(row[0])
+            return self._leading
+        except (psycopg.Error, OSError, TimeoutError) as err:
+            log.warning("%s", self._error("leader election", err))
+        self._leading = False
+        leader, self._leader = self._leader, None
+        if leader is not None:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await leader.close()
+        return False
