@@ -135,7 +135,11 @@ class Exporter:
         self.registry.register(
             HttpCollector(lambda: http.open_connections, lambda: http.rejected_connections, http.max_connections)
         )
-        await self.http.start()
+        try:
+            await self.http.start()
+        except OSError as err:
+            where = f"metrics.listen {config.metrics.listen}"  # "Address already in use" alone does not say which
+            raise OSError(err.errno, f"{where}: cannot listen: {err.strerror or err}") from None
         for source in config.sources:
             if source.type == "udp":
                 udp = UdpSource(source, parser_for(source), ingest, self.metrics)

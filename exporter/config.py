@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,10 @@ ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 REDACTED = "<redacted>"
 
 Format = Literal["json", "regex", "plain"]
+# Bounds for keys without a narrower one: past them a value is a typo, and (for integers) no longer fits the
+# C int of a socket option or the SQLite integer it is stored in.
+MAX_NUMBER = 1e9
+MAX_INT = 2**31 - 1
 
 
 class ConfigError(Exception):
@@ -127,9 +133,11 @@ T = TypeVar("T")
 class _Reader:
     """Walks a parsed YAML tree, converting values and collecting problems instead of raising."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
+    def __init__(self, environ: Mapping[str, str], *, check_system: bool = False) -> None:
         self.problems: list[str] = []
         self.environ = environ
+        # Also look at the machine: read the API key file, resolve listen addresses (load_config does).
+        self.check_system = check_system
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -181,21 +189,27 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.problem(f"{path}.{key}", f"must be a number, got {value!r}")
             return default
+        if not math.isfinite(value):  # YAML's .nan and .inf: a NaN delay never comes due, for one
+            self.problem(f"{path}.{key}", f"must be a finite number, got {value!r}")
+            return default
+        maximum = MAX_NUMBER if maximum is None else maximum
         too_small = value <= minimum if exclusive_minimum else value < minimum
         if too_small or (maximum is not None and value > maximum):
             low = f"> {minimum}" if exclusive_minimum else f">= {minimum}"
-            high = f" and <= {maximum}" if maximum is not None else ""
+            high = f" and <= {maximum:g}"
             self.problem(f"{path}.{key}", f"must be {low}{high}, got {value!r}")
             return default
         return float(value)
 
-    def integer(self, data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 1) -> int:
+    def integer(
+        self, data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 1, maximum: int = MAX_INT
+    ) -> int:
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             self.problem(f"{path}.{key}", f"must be an integer, got {value!r}")
             return default
-        if value < minimum:
-            self.problem(f"{path}.{key}", f"must be >= {minimum}, got {value}")
+        if not minimum <= value <= maximum:
+            self.problem(f"{path}.{key}", f"must be >= {minimum} and <= {maximum}, got {value}")
             return default
         return value
 
@@ -210,6 +224,19 @@ class _Reader:
         _host, sep, port = value.rpartition(":")
         if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             self.problem(path, f"must be host:port, got {value!r}")
+        elif self.check_system:
+            host, number = split_host_port(value)
+            try:
+                socket.getaddrinfo(host, number, proto=socket.IPPROTO_TCP)
+            except (OSError, UnicodeError) as err:
+                self.problem(path, f"host {host!r} does not resolve ({err}); use an IP address or a resolvable name")
+
+    def key_file(self, key_file: str, path: str) -> None:
+        """The API key file's problems, listed with the others (the running exporter reads it again)."""
+        try:
+            read_key_file(key_file)
+        except ConfigError as err:
+            self.problems.extend(f"{path}: {problem}" for problem in err.problems)
 
 
 def _zenmux(r: _Reader, data: dict[str, Any]) -> ZenMuxConfig:
@@ -232,6 +259,8 @@ def _zenmux(r: _Reader, data: dict[str, Any]) -> ZenMuxConfig:
         problem = key_problem(api_key)
         if problem:
             r.problem(f"{p}.api_key", problem)
+    if api_key_file and not api_key and r.check_system:
+        r.key_file(api_key_file, f"{p}.api_key_file")
     if api_key and api_key_file:
         r.problem(p, "set api_key or api_key_file, not both")
     elif "api_key" not in data and "api_key_file" not in data:
@@ -331,7 +360,9 @@ def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) ->
         max_line_bytes=r.integer(data, "max_line_bytes", p, d.max_line_bytes, minimum=256),
         listen=r.string(data, "listen", p, d.listen),
         receive_buffer_bytes=r.integer(data, "receive_buffer_bytes", p, d.receive_buffer_bytes, minimum=4096),
-        max_datagram_bytes=r.integer(data, "max_datagram_bytes", p, d.max_datagram_bytes, minimum=64),
+        max_datagram_bytes=r.integer(
+            data, "max_datagram_bytes", p, d.max_datagram_bytes, minimum=64, maximum=65535
+        ),
         max_buffered_ids=r.integer(data, "max_buffered_ids", p, d.max_buffered_ids),
     )
     if kind == "file" and not source.path:
@@ -357,13 +388,16 @@ def _sources(r: _Reader, data: Any, extra_labels: tuple[str, ...]) -> tuple[Sour
         return ()
     if not data:
         r.problem("sources", "needs at least one source (type: file or type: udp)")
-    sources = [s for i, item in enumerate(data) if (s := _source(r, item, i, extra_labels)) is not None]
-    seen: set[str] = set()
-    for i, s in enumerate(sources):
+    indexed = [(i, s) for i, item in enumerate(data) if (s := _source(r, item, i, extra_labels)) is not None]
+    seen: dict[str, int] = {}
+    for i, s in indexed:  # i: the index in the file, not among the sources that parsed
         if s.name in seen:
-            r.problem(f"sources[{i}].name", f"duplicate source name {s.name!r}; give each source a unique name")
-        seen.add(s.name)
-    return tuple(sources)
+            r.problem(
+                f"sources[{i}].name",
+                f"duplicate source name {s.name!r} (also sources[{seen[s.name]}]); give each source a unique name",
+            )
+        seen.setdefault(s.name, i)
+    return tuple(s for _, s in indexed)
 
 
 def _simple(r: _Reader, data: dict[str, Any], path: str, cls: type[T], **checks: Callable[[Any], str]) -> T:
@@ -413,9 +447,14 @@ def _extra_labels(r: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = None) -> Config:
-    """Builds a Config from parsed YAML; raises ConfigError listing every problem."""
-    r = _Reader(os.environ if environ is None else environ)
+def parse_config(
+    data: Any, source: str, environ: Mapping[str, str] | None = None, *, check_system: bool = False
+) -> Config:
+    """Builds a Config from parsed YAML; raises ConfigError listing every problem.
+
+    With `check_system`, also what depends on the machine: the API key file is read and checked, listen
+    hosts must resolve."""
+    r = _Reader(os.environ if environ is None else environ, check_system=check_system)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -450,7 +489,7 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
         ),
     )
     if not 0.0 <= config.tracing.sample_ratio <= 1.0:
-        r.problem("tracing.sample_ratio", "must be between 0 and 1")
+        r.problem("tracing.sample_ratio", f"must be between 0 and 1, got {config.tracing.sample_ratio!r}")
     if r.problems:
         raise ConfigError(source, r.problems)
     return config
@@ -463,11 +502,80 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(str(path), [f"(file): cannot read: {err.strerror}"]) from None
+    except UnicodeDecodeError as err:
+        where = f"byte {err.start}: {err.object[err.start]:#04x}"
+        raise ConfigError(str(path), [f"(file): not UTF-8 text ({where}); save it as UTF-8"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"(yaml): {err}"]) from None
-    return parse_config(data, str(path), environ)
+    except DuplicateKeys as err:
+        raise ConfigError(str(path), err.problems) from None
+    return parse_config(data, str(path), environ, check_system=True)
+
+
+class DuplicateKeys(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader whose mappings refuse a key given twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        duplicates = self.duplicates  # type: ignore[attr-defined]
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+            if first is not key_node:
+                duplicates.append((node, key, first.start_mark.line + 1, key_node.start_mark.line + 1))
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, except that a key given twice in one mapping raises DuplicateKeys naming its path."""
+    loader = _UniqueKeyLoader(text)
+    loader.duplicates = []  # type: ignore[attr-defined]
+    try:
+        root = loader.get_single_node()
+        data = None if root is None else loader.construct_document(root)
+    finally:
+        loader.dispose()
+    if loader.duplicates:  # type: ignore[attr-defined]
+        paths = _node_paths(root) if root is not None else {}
+        raise DuplicateKeys(
+            [
+                f"{_join(paths.get(id(mapping), ''), key)}: given twice (lines {first} and {second}); "
+                "the second would silently win"
+                for mapping, key, first, second in loader.duplicates  # type: ignore[attr-defined]
+            ]
+        )
+    return data
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _node_paths(root: yaml.Node) -> dict[int, str]:
+    """The key path of every mapping node (by id), in the notation of the other problems."""
+    paths: dict[int, str] = {}
+    todo: list[tuple[yaml.Node, str]] = [(root, "")]
+    while todo:
+        node, path = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            paths.setdefault(id(node), path)
+            todo.extend((value, _join(path, key.value)) for key, value in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+    return paths
 
 
 def split_host_port(listen: str) -> tuple[str, int]:
@@ -489,16 +597,23 @@ def read_api_key(config: ZenMuxConfig) -> str:
     """The key itself: inline, or read (stripped) from the mounted secret file."""
     if config.api_key:
         return config.api_key
-    where = "zenmux.api_key_file"
     try:
-        key = Path(config.api_key_file).read_text(encoding="utf-8").strip()
+        return read_key_file(config.api_key_file)
+    except ConfigError as err:
+        raise ConfigError(err.source, [f"zenmux.api_key_file: {p}" for p in err.problems]) from None
+
+
+def read_key_file(path: str) -> str:
+    """The (stripped) key in a mounted secret file; ConfigError naming the file otherwise (never the key)."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").strip()
     except OSError as err:
-        raise ConfigError(where, [f"{where}: cannot read: {err.strerror}"]) from None
+        raise ConfigError(path, [f"{path}: cannot read: {err.strerror}"]) from None
     except UnicodeDecodeError:
-        raise ConfigError(where, [f"{where}: is not UTF-8 text"]) from None
+        raise ConfigError(path, [f"{path}: is not UTF-8 text"]) from None
     problem = key_problem(key)
     if problem:
-        raise ConfigError(where, [f"{where}: the key {problem}"])
+        raise ConfigError(path, [f"{path}: the key {problem}"])
     return key
 
 
