@@ -72,6 +72,9 @@ class SourceConfig:
     start_at: Literal["end", "beginning"] = "end"
     poll_interval_seconds: float = 0.25
     max_line_bytes: int = 64 * 1024
+    # Where rotated copies are looked for (a glob; relative to the log's directory). "": the log's name
+    # followed by anything (app.log.1, app.log.1.gz, app.log-20261203).
+    rotated_glob: str = ""
     # udp
     listen: str = "127.0.0.1:9467"
     receive_buffer_bytes: int = 4 * 1024 * 1024
@@ -302,7 +305,7 @@ def _resolve(r: _Reader, data: dict[str, Any]) -> ResolveConfig:
 
 
 _SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceConfig)}
-_FILE_ONLY = {"path", "start_at", "poll_interval_seconds", "max_line_bytes"}
+_FILE_ONLY = {"path", "start_at", "poll_interval_seconds", "max_line_bytes", "rotated_glob"}
 _UDP_ONLY = {"listen", "receive_buffer_bytes", "max_datagram_bytes", "max_buffered_ids"}
 
 
@@ -358,6 +361,7 @@ def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) ->
             data, "poll_interval_seconds", p, d.poll_interval_seconds, exclusive_minimum=True
         ),
         max_line_bytes=r.integer(data, "max_line_bytes", p, d.max_line_bytes, minimum=256),
+        rotated_glob=r.string(data, "rotated_glob", p, d.rotated_glob),
         listen=r.string(data, "listen", p, d.listen),
         receive_buffer_bytes=r.integer(data, "receive_buffer_bytes", p, d.receive_buffer_bytes, minimum=4096),
         max_datagram_bytes=r.integer(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from exporter.clock import ManualClock
 from exporter.config import SourceConfig
 from exporter.ids import lines_parser_for
 from exporter.ingest import Ingest
+from exporter.sources import file as file_source
 from exporter.sources.file import FileSource
 from exporter.state import StateStore
 from exporter.telemetry import SelfMetrics
@@ -169,3 +174,196 @@ def test_start_at_end_begins_after_the_last_complete_line(tmp_path: Path) -> Non
     source.poll()
     assert state.status("history") is None
     assert state.status("being-written") == 0
+
+
+# --- copytruncate: the unread tail is read from the rotated copy -------------------------------------------
+
+
+def lines(prefix: str, count: int) -> list[str]:
+    return [json_line(f"{prefix}{i}") for i in range(count)]
+
+
+def compress(path: Path, suffix: str = ".gz") -> Path:
+    """What logrotate's `compress` does: gzip writes `path.gz`, then removes `path`."""
+    target = path.with_name(path.name + suffix)
+    with path.open("rb") as plain, gzip.open(target, "wb") as packed:
+        shutil.copyfileobj(plain, packed)
+    path.unlink()
+    return target
+
+
+def copytruncate(log: Path, copy: Path) -> None:
+    shutil.copyfile(log, copy)
+    with log.open("r+b") as handle:
+        handle.truncate(0)
+
+
+def reopen(tail: Tail, tmp_path: Path, **options: int) -> Tail:
+    """A new process on the same state (the old one is simply gone, as after kill -9)."""
+    tail.state.close()
+    return Tail(tmp_path, **options)
+
+
+def recovered(tail: Tail) -> tuple[float, float]:
+    return (
+        tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_recovered"),
+        tail.metric("zenmux_exporter_file_recovered_lines_total"),
+    )
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain-copy", "gzip-copy"])
+def test_copytruncate_between_two_polls_reads_the_tail_from_the_copy(tmp_path: Path, compressed: bool) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    tail.drain()
+    append_lines(tail.log, lines("unread", 5))  # written after the last poll
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    if compressed:
+        compress(tmp_path / "app.log.1")
+    append_lines(tail.log, lines("new", 2))
+    tail.drain()
+    assert tail.state.pending == 12
+    assert all(tail.state.status(f"unread{i}") == 0 for i in range(5))
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="truncate") == 1
+    assert recovered(tail) == (1, 5)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+@pytest.mark.parametrize("rotation", ["copytruncate", "copytruncate+compress", "copytruncate+dateext+compress"])
+def test_copytruncate_while_stopped_is_recovered_at_start(tmp_path: Path, rotation: str) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    tail.drain()
+    append_lines(tail.log, lines("unread", 5))  # the exporter is down from here
+    copy = tmp_path / ("app.log-20261203" if "dateext" in rotation else "app.log.1")
+    copytruncate(tail.log, copy)
+    if "compress" in rotation:
+        compress(copy)
+    append_lines(tail.log, lines("new", 2))
+    tail = reopen(tail, tmp_path)
+    tail.drain()
+    assert tail.state.pending == 12
+    assert recovered(tail) == (1, 5)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+def test_delaycompress_the_previous_copy_is_compressed_while_the_exporter_reads_the_new_one(tmp_path: Path) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, lines("first", 3))
+    tail.drain()
+    copytruncate(tail.log, tmp_path / "app.log.1")  # nothing unread in this one
+    tail.drain()
+    append_lines(tail.log, lines("second", 4))
+    tail.drain()
+    append_lines(tail.log, lines("second-unread", 2))
+    # Next rotation with delaycompress: app.log.1 -> app.log.2.gz, the log -> app.log.1 (plain), truncated.
+    (tmp_path / "app.log.1").rename(tmp_path / "app.log.2")
+    compress(tmp_path / "app.log.2")
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    tail.drain()
+    assert tail.state.pending == 9
+    assert recovered(tail) == (2, 2)
+
+
+def test_rename_rotation_finished_while_stopped_and_already_compressed(tmp_path: Path) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    tail.drain()
+    append_lines(tail.log, lines("unread", 5))
+    tail.log.rename(tmp_path / "app.log.1")
+    compress(tmp_path / "app.log.1")
+    append_lines(tail.log, lines("new", 2))
+    tail = reopen(tail, tmp_path)
+    tail.drain()
+    assert tail.state.pending == 12
+    assert tail.metric("zenmux_exporter_file_recovered_lines_total") == 5
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+def test_a_crash_while_draining_a_copy_resumes_in_the_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_source, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(file_source, "CHUNKS_PER_POLL", 1)
+    tail = Tail(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    tail.drain()
+    append_lines(tail.log, lines("unread", 200))  # ~20 chunks of the copy
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    gz = compress(tmp_path / "app.log.1")
+    append_lines(tail.log, lines("new", 2))
+    for _ in range(3):
+        assert tail.source.poll()  # one chunk a poll: the copy is being drained
+    position = tail.state.position("app")
+    assert position is not None and position.inode == gz.stat().st_ino  # the position names the copy
+    read_before = tail.state.pending
+    assert 5 < read_before < 205
+    tail = reopen(tail, tmp_path)  # killed mid-drain
+    tail.drain()
+    assert tail.state.pending == 207
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0  # nothing read twice
+    assert recovered(tail) == (0, 205 - read_before)
+
+
+def test_copies_that_share_a_long_header_are_told_apart_by_the_bytes_before_the_offset(tmp_path: Path) -> None:
+    header = "# " + "banner " * 700 + "\n"  # every generation starts so, longer than the head fingerprint
+    tail = Tail(tmp_path)
+    tail.log.write_text(header + "".join(line + "\n" for line in lines("gen1-", 50)))
+    tail.drain()
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    tail.log.write_text(header + "".join(line + "\n" for line in lines("gen2-", 5)))
+    tail.drain()
+    append_lines(tail.log, lines("gen2-unread", 3))
+    (tmp_path / "app.log.1").rename(tmp_path / "app.log.2")  # gen1: same head, longer than our offset
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    tail.drain()
+    assert tail.state.pending == 58
+    assert all(tail.state.status(f"gen2-unread{i}") == 0 for i in range(3))
+    assert recovered(tail) == (2, 3)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+def test_two_copies_that_both_match_are_refused_not_guessed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    tail.drain()
+    append_lines(tail.log, lines("unread", 5))
+    shutil.copyfile(tail.log, tmp_path / "app.log-20261203")  # two rotation schemes copied the same file
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    append_lines(tail.log, lines("new", 2))
+    tail.drain()
+    assert tail.state.pending == 7  # the copies' tail is not read from either
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_unrecovered") == 1
+    assert recovered(tail) == (0, 0)
+    assert "app.log-20261203" in caplog.text and "app.log.1" in caplog.text
+
+
+def test_a_copy_shorter_than_the_offset_is_not_taken(tmp_path: Path) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, lines("a", 5))
+    shutil.copyfile(tail.log, tmp_path / "app.log.1")  # copied here ...
+    append_lines(tail.log, lines("b", 5))
+    tail.drain()  # ... read past the copy's end ...
+    with tail.log.open("r+b") as handle:
+        handle.truncate(0)  # ... truncated later: nothing unread, and the copy does not reach our offset
+    append_lines(tail.log, lines("new", 2))
+    tail.drain()
+    assert tail.state.pending == 12
+    assert recovered(tail) == (0, 0)
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_unrecovered") == 1
+
+
+def test_a_position_saved_by_the_previous_version_still_resumes(tmp_path: Path) -> None:
+    tail = Tail(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    tail.drain()
+    saved = tail.state.position("app")
+    assert saved is not None
+    # The previous format: the head's length and hash only (first 256 bytes).
+    head = tail.log.read_bytes()[:256]
+    old = len(head).to_bytes(2, "big") + hashlib.sha256(head).digest()[:16]
+    tail.state.save_position("app", dataclasses.replace(saved, fingerprint=old))
+    append_lines(tail.log, lines("unread", 5))
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    tail = reopen(tail, tmp_path)
+    tail.drain()
+    assert tail.state.pending == 10
+    assert recovered(tail) == (1, 5)

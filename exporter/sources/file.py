@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import bz2
 import contextlib
+import glob
+import gzip
 import hashlib
 import logging
+import lzma
 import os
 import sqlite3
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from stat import S_ISREG
+from typing import BinaryIO, cast
 
 from exporter.config import SourceConfig
 from exporter.ids import LINE_TOO_LONG, LinesParser
@@ -23,28 +30,87 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 CHUNKS_PER_POLL = 8
 ROTATION_GRACE_POLLS = 4
-FINGERPRINT_BYTES = 256
+# A position names its file by the hashes of the file's first bytes and of the bytes just before the offset:
+# rotated copies that share a header (a banner, a constant prefix) still differ just before the offset.
+FINGERPRINT_BYTES = 4096
+TAIL_BYTES = 4096
+# Rotated siblings examined for a copy holding the unread tail, newest first (a directory of old logs).
+MAX_ROTATED_CANDIDATES = 64
 STATE_RETRY_SECONDS = 1.0
 # A file with nothing new is polled less and less often, down to this many times less than the configured
 # interval: every wakeup of an idle sidecar costs CPU (~0.7 ms each on a small VM), while ids wait out a
 # billing delay of minutes anyway. The first line written resets the interval.
 QUIET_BACKOFF = 4
-COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+# Compressed copies are read through these; other compressed suffixes are not candidates.
+OPENERS: dict[str, Callable[..., object]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".lzma": lzma.open}
+UNREADABLE_SUFFIXES = (".zst", ".zip")
+# What a damaged or half-written compressed copy raises while it is read.
+DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+DIGEST = 18  # 2 bytes of length, 16 of SHA-256
 
 
-def head_fingerprint(handle: BinaryIO, length: int) -> bytes:
-    """Identifies a file by its first bytes, so a reused inode or a truncated-and-refilled file is noticed."""
+def _digest(data: bytes) -> bytes:
+    return len(data).to_bytes(2, "big") + hashlib.sha256(data).digest()[:16]
+
+
+def fingerprint(head: bytes, tail: bytes) -> bytes:
+    """A position's identity of its file: digests of its head and of the bytes just before the offset.
+
+    Positions saved before the tail digest existed hold the head digest only (18 bytes); both are read."""
+    return _digest(head) + _digest(tail)
+
+
+EMPTY_FINGERPRINT = fingerprint(b"", b"")
+
+
+def _head(handle: BinaryIO) -> bytes:
     handle.seek(0)
-    head = handle.read(min(length, FINGERPRINT_BYTES))
-    return len(head).to_bytes(2, "big") + hashlib.sha256(head).digest()[:16]
+    return handle.read(FINGERPRINT_BYTES)
 
 
-EMPTY_FINGERPRINT = (0).to_bytes(2, "big") + hashlib.sha256(b"").digest()[:16]
+def _tail(handle: BinaryIO, head: bytes, offset: int) -> bytes:
+    """The TAIL_BYTES before `offset` (fewer if the file is shorter), the handle at the head's end: read
+    forward only, so a compressed stream is decompressed once. Leaves the handle at `offset`."""
+    start = max(offset - TAIL_BYTES, 0)
+    if start < len(head):
+        return head[start:offset] + (handle.read(offset - len(head)) if offset > len(head) else b"")
+    handle.seek(start)
+    return handle.read(offset - start)
 
 
-def matches(handle: BinaryIO, position: FilePosition) -> bool:
-    length = int.from_bytes(position.fingerprint[:2], "big")
-    return head_fingerprint(handle, length) == position.fingerprint
+def holds(handle: BinaryIO, position: FilePosition) -> tuple[bytes, bytes] | None:
+    """The (head, tail) of a file holding the very bytes the position was read up to, or None.
+
+    The head is compared first: a compressed file with another head is not decompressed any further."""
+    saved = position.fingerprint
+    head = _head(handle)
+    head_length = int.from_bytes(saved[:2], "big")
+    if len(head) < head_length or _digest(head[:head_length]) != saved[:DIGEST]:
+        return None
+    tail = _tail(handle, head, position.offset)
+    if len(tail) != min(position.offset, TAIL_BYTES):
+        return None  # shorter than the offset
+    if len(saved) >= 2 * DIGEST:
+        tail_length = int.from_bytes(saved[DIGEST : DIGEST + 2], "big")
+        if len(tail) < tail_length or _digest(tail[len(tail) - tail_length :]) != saved[DIGEST : 2 * DIGEST]:
+            return None
+    return head, tail
+
+
+def _open_rotated(path: Path) -> BinaryIO | None:
+    """A rotated sibling, decompressed if need be (None: a format we do not read, or not openable)."""
+    if path.suffix in UNREADABLE_SUFFIXES:
+        return None
+    opener = OPENERS.get(path.suffix)
+    try:
+        return cast(BinaryIO, opener(path, "rb")) if opener is not None else path.open("rb")
+    except OSError:
+        return None
+
+
+def _base_name(path: Path) -> str:
+    """app.log.1.gz and app.log.1 are one rotated copy (gzip writes the first, then removes the second)."""
+    return path.name[: -len(path.suffix)] if path.suffix in OPENERS else path.name
 
 
 @dataclass
@@ -53,7 +119,13 @@ class _Open:
     device: int
     inode: int
     offset: int  # end of the last complete line consumed
-    fingerprint: bytes = EMPTY_FINGERPRINT  # of the head as last saved
+    fingerprint: bytes = EMPTY_FINGERPRINT  # as last saved
+    head: bytes = b""  # the file's first bytes, up to FINGERPRINT_BYTES, as far as known
+    tail: bytes = b""  # the TAIL_BYTES before `offset`
+    # Set while a rotated copy (or a file rotated away while we were stopped) is read to its end: its path,
+    # and how many lines came from it.
+    rotated: Path | None = None
+    lines: int = 0
 
 
 class FileSource:
@@ -130,7 +202,8 @@ class FileSource:
             self._current = None
 
     def open_initial(self) -> None:
-        """Resumes from the saved position, finishing a file rotated away while we were not running."""
+        """Resumes from the saved position. A file truncated or rotated away while we were not running is
+        finished first, from its rotated copy; then the file at the path is read from its start."""
         saved = self._state.position(self.name)
         stat = _stat(self._path)
         if saved is None:
@@ -140,50 +213,146 @@ class FileSource:
             return
         if stat is not None and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
             handle = self._path.open("rb")
-            if stat.st_size >= saved.offset and matches(handle, saved):
-                self._current = _Open(handle, saved.device, saved.inode, saved.offset, saved.fingerprint)
+            window = holds(handle, saved) if stat.st_size >= saved.offset else None
+            if window is not None:
+                head, tail = window
+                self._current = _Open(handle, saved.device, saved.inode, saved.offset, saved.fingerprint, head, tail)
                 return
             handle.close()
-            log.info("%s: %s was truncated while we were stopped; reading it from the start", self.name, self._path)
-            self._switch_to(0)
+            log.info("%s: %s was truncated while the exporter was stopped", self.name, self._path)
+            self._metrics.file_rotations.labels(self.name, "truncate").inc()
+            if not self._open_copy(saved, truncated=True):
+                self._switch_to(0)
             return
-        rotated = self._find_rotated(saved)
-        if rotated is not None:
-            log.info("%s: finishing %s, rotated while the exporter was stopped", self.name, rotated)
-            handle = rotated.open("rb")
-            self._current = _Open(handle, saved.device, saved.inode, saved.offset, saved.fingerprint)
-            self._read_available(final=True)
-            handle.close()
-            self._current = None
-        else:
+        # Renamed away (perhaps compressed since), or the rotated copy we were reading when we stopped.
+        if not self._open_copy(saved, truncated=False):
             log.warning(
-                "%s: the file last read up to byte %d (inode %d) is no longer beside %s (moved elsewhere or "
-                "compressed?): whatever it held after that byte was not read",
+                "%s: the file last read up to byte %d (inode %d) is not among the rotated files beside %s "
+                "(deleted, or where sources[].rotated_glob does not look): what it held after that byte was not read",
                 self.name,
                 saved.offset,
                 saved.inode,
                 self._path,
             )
-        if stat is not None:
-            self._switch_to(0)
+            if stat is not None:
+                self._switch_to(0)
 
-    def _find_rotated(self, saved: FilePosition) -> Path | None:
-        try:
-            siblings = list(self._path.parent.iterdir())
-        except OSError:
-            return None
-        for candidate in siblings:
-            if not candidate.name.startswith(self._path.name) or candidate == self._path:
+    def _candidates(self) -> list[Path]:
+        """The rotated siblings (sources[].rotated_glob; by default the log's name followed by anything, in
+        its directory), newest first, at most MAX_ROTATED_CANDIDATES."""
+        pattern = self._config.rotated_glob or glob.escape(self._path.name) + "*"
+        found = []
+        for name in glob.glob(os.path.join(glob.escape(str(self._path.parent)), pattern)):
+            path = Path(name)
+            stat = _stat(path)
+            if path != self._path and stat is not None and S_ISREG(stat.st_mode):
+                found.append((stat.st_mtime_ns, name, path))
+        found.sort(reverse=True)
+        if len(found) > MAX_ROTATED_CANDIDATES:
+            log.warning(
+                "%s: %d rotated files match, only the newest %d are looked at", self.name, len(found),
+                MAX_ROTATED_CANDIDATES,
+            )
+        return [path for _, _, path in found[:MAX_ROTATED_CANDIDATES]]
+
+    def _open_copy(self, saved: FilePosition, *, truncated: bool) -> bool:
+        """Makes the one rotated file that holds the bytes up to the saved position the file being read, from
+        that offset; poll() reads it to its end, then the file at the path from its start.
+
+        A plain file with the saved inode is the renamed file itself. Any other file is recognised by content:
+        its first bytes and the bytes before the offset hash as saved (so it is at least that long).
+        Different files that all match (copies of one log by two rotation schemes, say) are refused rather
+        than guessed between: the wrong one would count lines that were never in this log."""
+        live = _stat(self._path)
+        matched: list[tuple[Path, BinaryIO, os.stat_result, bytes, bytes]] = []
+        for path in self._candidates():
+            stat = _stat(path)
+            if stat is None or (live is not None and (stat.st_dev, stat.st_ino) == (live.st_dev, live.st_ino)):
                 continue
-            if candidate.name.endswith(COMPRESSED_SUFFIXES):
+            handle = _open_rotated(path)
+            if handle is None:
                 continue
-            stat = _stat(candidate)
-            if stat is None or (stat.st_dev, stat.st_ino) != (saved.device, saved.inode):
+            try:
+                window = holds(handle, saved)
+            except DECOMPRESS_ERRORS:  # being written by gzip, or damaged
+                window = None
+            if window is None:
+                handle.close()
                 continue
-            with candidate.open("rb") as handle:
-                if matches(handle, saved):
-                    return candidate
-        return None
+            matched.append((path, handle, stat, *window))
+            if path.suffix not in OPENERS and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
+                for other in matched[:-1]:
+                    other[1].close()
+                matched = matched[-1:]  # the renamed file itself: no doubt left
+                break
+        chosen = None
+        # One copy, perhaps under two names: app.log.1 and the app.log.1.gz gzip is writing, or one inode
+        # seen before and after a rename.
+        inodes = {(entry[2].st_dev, entry[2].st_ino) for entry in matched if entry[0].suffix not in OPENERS}
+        if len({_base_name(entry[0]) for entry in matched}) == 1 or (
+            len(inodes) == 1 and all(entry[0].suffix not in OPENERS for entry in matched)
+        ):
+            chosen = min(matched, key=lambda entry: entry[0].suffix in OPENERS)  # plain while gzip still writes
+        for entry in matched:
+            if entry is not chosen:
+                entry[1].close()
+        if chosen is None:
+            if truncated:
+                self._metrics.file_rotations.labels(self.name, "copytruncate_unrecovered").inc()
+            if matched:
+                log.error(
+                    "%s: several rotated files hold %s up to byte %d (%s): what follows that byte is read from "
+                    "none of them, as the wrong one would count lines this log never had (narrow "
+                    "sources[].rotated_glob to one rotation scheme)",
+                    self.name,
+                    self._path,
+                    saved.offset,
+                    ", ".join(str(entry[0]) for entry in matched),
+                )
+            elif truncated:
+                log.warning(
+                    "%s: %s was truncated and no rotated copy holds it up to byte %d: lines written after that "
+                    "byte and before the truncation, if any, were not read",
+                    self.name,
+                    self._path,
+                    saved.offset,
+                )
+            return False
+        path, handle, stat, head, tail = chosen
+        if truncated:
+            self._metrics.file_rotations.labels(self.name, "copytruncate_recovered").inc()
+        self.close()
+        self._current = _Open(handle, stat.st_dev, stat.st_ino, saved.offset, saved.fingerprint, head, tail, path)
+        self._skipping = False
+        self._state.save_position(self.name, self._position())  # a crash from here on resumes in the copy
+        log.info(
+            "%s: reading %s from byte %d to its end (%s)",
+            self.name,
+            path,
+            saved.offset,
+            f"the copy of {self._path} truncated" if truncated else f"{self._path} rotated while we were stopped",
+        )
+        return True
+
+    def _finish_copy(self) -> bool:
+        """Reads the rotated copy on (nobody writes to it); at its end, the file at the path from its start."""
+        current = self._current
+        assert current is not None and current.rotated is not None
+        busy = self._read_available(final=False)
+        if busy or self._ingest.full:
+            return busy
+        self._read_available(final=True)  # a last line without newline
+        self._metrics.file_recovered_lines.labels(self.name).inc(current.lines)
+        log.info(
+            "%s: read %d lines from %s (to byte %d); continuing with %s from its start",
+            self.name,
+            current.lines,
+            current.rotated,
+            current.offset,
+            self._path,
+        )
+        self._switch_to(0)
+        return self._current is not None
 
     def _switch_to(self, offset: int) -> None:
         """Opens the file now at the path, at `offset`, and records the position (even with no ids yet)."""
@@ -193,7 +362,10 @@ class FileSource:
         except OSError:
             return
         stat = os.fstat(handle.fileno())
-        self._current = _Open(handle, stat.st_dev, stat.st_ino, min(offset, stat.st_size))
+        offset = min(offset, stat.st_size)
+        head = _head(handle)
+        tail = _tail(handle, head, offset)
+        self._current = _Open(handle, stat.st_dev, stat.st_ino, offset, head=head, tail=tail)
         self._skipping = False
         self._rotated_size, self._rotated_quiet_polls = -1, 0
         self._state.save_position(self.name, self._position())
@@ -201,8 +373,14 @@ class FileSource:
     def _position(self) -> FilePosition:
         assert self._current is not None
         current = self._current
-        current.fingerprint = head_fingerprint(current.handle, current.offset)
+        if len(current.head) < min(current.offset, FINGERPRINT_BYTES):  # a file grown past the head we knew
+            current.head = _head(current.handle)
+        current.fingerprint = self._identity(current)
         return FilePosition(current.device, current.inode, current.offset, current.fingerprint)
+
+    @staticmethod
+    def _identity(current: _Open) -> bytes:
+        return fingerprint(current.head[: min(current.offset, FINGERPRINT_BYTES)], current.tail)
 
     def poll(self) -> bool:
         """Follows rotation, then reads what is new; True when it stopped early with more to read."""
@@ -215,6 +393,8 @@ class FileSource:
             if self._current is None:
                 return False
         current = self._current
+        if current.rotated is not None:
+            return self._finish_copy()
         stat = _stat(self._path)
         seen = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if stat is not None and (stat.st_dev, stat.st_ino) != (current.device, current.inode):
@@ -230,8 +410,13 @@ class FileSource:
             if seen is not None and seen == self._read_up_to:
                 return False  # unchanged since it was read to the end: no read, no fingerprint (idle polls)
             if self._truncated(current):
-                # Copied and truncated, perhaps already refilled past our offset: start over from the beginning.
+                # Copied and truncated, perhaps already refilled past our offset: what we had not read yet is
+                # in the copy (read first), then the file is read from its start.
                 self._metrics.file_rotations.labels(self.name, "truncate").inc()
+                # What we read, as we read it (the file now holds other bytes).
+                read = FilePosition(current.device, current.inode, current.offset, self._identity(current))
+                if self._open_copy(read, truncated=True):
+                    return self._finish_copy()
                 self._switch_to(0)
         busy = self._read_available(final=False)
         if self._current is not None:
@@ -251,10 +436,16 @@ class FileSource:
         return self._rotated_quiet_polls >= ROTATION_GRACE_POLLS
 
     def _truncated(self, current: _Open) -> bool:
+        """The file no longer holds what we read: shorter than our offset, or other bytes at its head or just
+        before the offset (truncated and refilled past it between two polls)."""
         if os.fstat(current.handle.fileno()).st_size < current.offset:
             return True
-        length = int.from_bytes(current.fingerprint[:2], "big")
-        return head_fingerprint(current.handle, length) != current.fingerprint
+        length = min(current.offset, FINGERPRINT_BYTES)
+        current.handle.seek(0)
+        if current.handle.read(length) != current.head[:length]:
+            return True
+        current.handle.seek(current.offset - len(current.tail))
+        return current.handle.read(len(current.tail)) != current.tail
 
     def _read_available(self, *, final: bool) -> bool:
         """Consumes complete lines (and, when final, a last line without newline); True if the budget ran out.
@@ -268,37 +459,56 @@ class FileSource:
             if not final and self._ingest.full:
                 return False  # backpressure: the ids stay in the file until the queue has room
             chunks += 1
-            current.handle.seek(current.offset)
-            chunk = current.handle.read(CHUNK_BYTES)
+            chunk = self._read_chunk(current)
             if not chunk:
                 return False
             cut = chunk.rfind(b"\n")
             if cut >= 0:
-                self._consume(chunk[: cut + 1], cut + 1)
+                self._consume(chunk[: cut + 1])
             elif final:
-                self._consume(chunk, len(chunk))
+                self._consume(chunk)
             elif len(chunk) == CHUNK_BYTES or len(chunk) > self._config.max_line_bytes:
-                self._reject_overlong(len(chunk))
+                self._reject_overlong(chunk)
             else:
                 return False  # a partial line: wait for the rest
         return True
 
-    def _reject_overlong(self, consumed: int) -> None:
+    def _read_chunk(self, current: _Open) -> bytes:
+        current.handle.seek(current.offset)  # where it is already, for a compressed copy: no rewind
+        if current.rotated is None:
+            return current.handle.read(CHUNK_BYTES)
+        try:
+            return current.handle.read(CHUNK_BYTES)
+        except DECOMPRESS_ERRORS as err:
+            log.error("%s: %s cannot be read past byte %d (%s); the rest of it is skipped", self.name,
+                      current.rotated, current.offset, err)
+            return b""
+
+    def _reject_overlong(self, chunk: bytes) -> None:
         assert self._current is not None
         if not self._skipping:
             self._metrics.ids_rejected.labels(self.name, LINE_TOO_LONG).inc()
         self._skipping = True
-        self._current.offset += consumed
+        self._advance(chunk)
         self._state.save_position(self.name, self._position())
 
-    def _consume(self, data: bytes, length: int) -> None:
+    def _advance(self, consumed: bytes) -> None:
+        """Moves the offset past `consumed`, keeping the bytes before it (the position's tail digest)."""
+        current = self._current
+        assert current is not None
+        current.offset += len(consumed)
+        current.tail = (current.tail[-TAIL_BYTES:] + consumed[-TAIL_BYTES:])[-TAIL_BYTES:]
+        if current.rotated is not None:
+            current.lines += consumed.count(b"\n") + (not consumed.endswith(b"\n"))
+
+    def _consume(self, data: bytes) -> None:
         assert self._current is not None
+        self._advance(data)
         if self._skipping:
             self._skipping = False
             cut = data.find(b"\n")  # what precedes it is the tail of an overlong line, already counted
             data = data[cut + 1 :] if cut >= 0 else b""
         parsed = self._parse(data) if data else []
-        self._current.offset += length
         self._ingest.submit(self.name, parsed, self._position(), bounded=False)
 
 
