@@ -498,12 +498,12 @@ class FileSource:
         assert current is not None
         current.offset += len(consumed)
         current.tail = (current.tail[-TAIL_BYTES:] + consumed[-TAIL_BYTES:])[-TAIL_BYTES:]
-        if current.rotated is not None:
-            current.lines += consumed.count(b"\n") + (not consumed.endswith(b"\n"))
 
     def _consume(self, data: bytes) -> None:
         assert self._current is not None
         self._advance(data)
+        if self._current.rotated is not None:  # whole lines (or the last one, without newline)
+            self._current.lines += data.count(b"\n") + (not data.endswith(b"\n"))
         if self._skipping:
             self._skipping = False
             cut = data.find(b"\n")  # what precedes it is the tail of an overlong line, already counted
