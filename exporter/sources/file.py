@@ -1,4 +1,5 @@
-"""Tails a log file: follows rename+create and copytruncate rotation, resumes from its persisted position."""
+"""Tails a log file: follows rename+create and copytruncate rotation (a truncated file's unread tail is read from
+its rotated copy), resumes from its persisted position."""
 
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def _head(handle: BinaryIO) -> bytes:
 
 
 def _tail(handle: BinaryIO, head: bytes, offset: int) -> bytes:
-    """The TAIL_BYTES before `offset` (fewer if the file is shorter), the handle at the head's end: read
-    forward only, so a compressed stream is decompressed once. Leaves the handle at `offset`."""
+    """The TAIL_BYTES before `offset` (fewer if the file is shorter), `head` being already read: the handle
+    only moves forward, so a compressed stream is decompressed once."""
     start = max(offset - TAIL_BYTES, 0)
     if start < len(head):
         return head[start:offset] + (handle.read(offset - len(head)) if offset > len(head) else b"")
