@@ -510,26 +510,27 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
         where = f"byte {err.start}: {err.object[err.start]:#04x}"
         raise ConfigError(str(path), [f"(file): not UTF-8 text ({where}); save it as UTF-8"]) from None
     try:
-        data = load_yaml(text)
+        data, duplicates = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"(yaml): {err}"]) from None
-    except DuplicateKeys as err:
-        raise ConfigError(str(path), err.problems) from None
-    return parse_config(data, str(path), environ, check_system=True)
-
-
-class DuplicateKeys(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+    try:
+        config = parse_config(data, str(path), environ, check_system=True)
+    except ConfigError as err:
+        raise ConfigError(str(path), duplicates + err.problems) from None
+    if duplicates:
+        raise ConfigError(str(path), duplicates)
+    return config
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader whose mappings refuse a key given twice (PyYAML keeps the last one silently)."""
+    """A SafeLoader that notes every key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[yaml.MappingNode, Any, int, int]] = []
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
-        duplicates = self.duplicates  # type: ignore[attr-defined]
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
@@ -539,29 +540,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:
                 continue  # an unhashable key: the base constructor reports it
             if first is not key_node:
-                duplicates.append((node, key, first.start_mark.line + 1, key_node.start_mark.line + 1))
+                self.duplicates.append((node, key, first.start_mark.line + 1, key_node.start_mark.line + 1))
         return super().construct_mapping(node, deep=deep)
 
 
-def load_yaml(text: str) -> Any:
-    """yaml.safe_load, except that a key given twice in one mapping raises DuplicateKeys naming its path."""
+def load_yaml(text: str) -> tuple[Any, list[str]]:
+    """yaml.safe_load, and a problem (key path, both lines) for every key given twice in one mapping."""
     loader = _UniqueKeyLoader(text)
-    loader.duplicates = []  # type: ignore[attr-defined]
     try:
         root = loader.get_single_node()
         data = None if root is None else loader.construct_document(root)
     finally:
         loader.dispose()
-    if loader.duplicates:  # type: ignore[attr-defined]
-        paths = _node_paths(root) if root is not None else {}
-        raise DuplicateKeys(
-            [
-                f"{_join(paths.get(id(mapping), ''), key)}: given twice (lines {first} and {second}); "
-                "the second would silently win"
-                for mapping, key, first, second in loader.duplicates  # type: ignore[attr-defined]
-            ]
-        )
-    return data
+    paths = _node_paths(root) if root is not None and loader.duplicates else {}
+    return data, [
+        f"{_join(paths.get(id(mapping), ''), key)}: given twice (lines {first} and {second}); the second would "
+        "silently win"
+        for mapping, key, first, second in loader.duplicates
+    ]
 
 
 def _join(path: str, key: object) -> str:

@@ -244,6 +244,16 @@ def test_file_problems_name_the_key_path_and_the_file(tmp_path: Path, text: str,
     assert len(caught.value.problems) == 1 and caught.value.problems[0].startswith(problem), caught.value.problems
 
 
+def test_duplicate_keys_are_listed_with_every_other_problem(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        HEAD + "sources: [{type: udp, listen: x}]\nresolve: {retry_max_seconds: 60, retry_max_seconds: 90}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert [p.split(":")[0] for p in caught.value.problems] == ["resolve.retry_max_seconds", "sources[0].listen"]
+
+
 def test_listen_addresses_that_resolve_pass(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(
