@@ -438,7 +438,7 @@ async def test_exactly_once_through_kill_9_rotation_and_api_faults(tmp_path: Pat
                 await wait_ready(process, metrics_port, client)
 
                 async def caught_up() -> bool:
-                    ids, position = read_state(state)
+                    position = read_position(state)
                     stat = (logs / "app.log").stat()
                     if position != (stat.st_ino, stat.st_size):  # read to the end (lost ids are reported below)
                         return False
