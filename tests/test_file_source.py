@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import gzip
 import hashlib
+import lzma
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -183,10 +187,13 @@ def lines(prefix: str, count: int) -> list[str]:
     return [json_line(f"{prefix}{i}") for i in range(count)]
 
 
+COMPRESSORS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
 def compress(path: Path, suffix: str = ".gz") -> Path:
-    """What logrotate's `compress` does: gzip writes `path.gz`, then removes `path`."""
+    """What logrotate's `compress` does: gzip (or bzip2, xz) writes `path.gz`, then removes `path`."""
     target = path.with_name(path.name + suffix)
-    with path.open("rb") as plain, gzip.open(target, "wb") as packed:
+    with path.open("rb") as plain, COMPRESSORS[suffix](target, "wb") as packed:
         shutil.copyfileobj(plain, packed)
     path.unlink()
     return target
@@ -211,15 +218,15 @@ def recovered(tail: Tail) -> tuple[float, float]:
     )
 
 
-@pytest.mark.parametrize("compressed", [False, True], ids=["plain-copy", "gzip-copy"])
-def test_copytruncate_between_two_polls_reads_the_tail_from_the_copy(tmp_path: Path, compressed: bool) -> None:
+@pytest.mark.parametrize("compressed", ["", ".gz", ".bz2", ".xz"])
+def test_copytruncate_between_two_polls_reads_the_tail_from_the_copy(tmp_path: Path, compressed: str) -> None:
     tail = Tail(tmp_path)
     append_lines(tail.log, lines("read", 5))
     tail.drain()
     append_lines(tail.log, lines("unread", 5))  # written after the last poll
     copytruncate(tail.log, tmp_path / "app.log.1")
     if compressed:
-        compress(tmp_path / "app.log.1")
+        compress(tmp_path / "app.log.1", compressed)
     append_lines(tail.log, lines("new", 2))
     tail.drain()
     assert tail.state.pending == 12
