@@ -499,8 +499,11 @@ def parse_config(
     return config
 
 
-def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
-    """Reads and validates a YAML config file."""
+def load_config(
+    path: Path | str, environ: Mapping[str, str] | None = None, *, check_system: bool = True
+) -> Config:
+    """Reads and validates a YAML config file, by default against this machine too (the API key file is
+    read, listen hosts resolved): pass check_system=False for a config meant for another machine."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -514,7 +517,7 @@ def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> C
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"(yaml): {err}"]) from None
     try:
-        config = parse_config(data, str(path), environ, check_system=True)
+        config = parse_config(data, str(path), environ, check_system=check_system)
     except ConfigError as err:
         raise ConfigError(str(path), duplicates + err.problems) from None
     if duplicates:
