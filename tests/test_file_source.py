@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.clock import ManualClock
 from exporter.config import SourceConfig
-from exporter.ids import lines_parser_for
+from exporter.ids import LinesParser, lines_parser_for
 from exporter.ingest import Ingest
 from exporter.sources import file as file_source
 from exporter.sources.file import FileSource
@@ -30,7 +30,14 @@ from tests.support import append_lines, json_line
 class Tail:
     """A FileSource with its own state database and registry, polled by hand."""
 
-    def __init__(self, tmp_path: Path, *, max_pending: int = 1000, max_line_bytes: int = 65536) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        max_pending: int = 1000,
+        max_line_bytes: int = 65536,
+        parse: Callable[[LinesParser], LinesParser] = lambda parse: parse,
+    ) -> None:
         self.log = tmp_path / "app.log"
         self.registry = CollectorRegistry()
         self.state = StateStore(tmp_path / "state.db", max_pending=max_pending)
@@ -39,7 +46,7 @@ class Tail:
         )
         metrics = SelfMetrics(self.registry)
         self.ingest = Ingest(self.state, metrics, ManualClock(), billing_delay_seconds=0)
-        self.source = FileSource(self.config, lines_parser_for(self.config), self.ingest, self.state, metrics)
+        self.source = FileSource(self.config, parse(lines_parser_for(self.config)), self.ingest, self.state, metrics)
         self.source.open_initial()
 
     def metric(self, name: str, **labels: str) -> float:
@@ -205,10 +212,10 @@ def copytruncate(log: Path, copy: Path) -> None:
         handle.truncate(0)
 
 
-def reopen(tail: Tail, tmp_path: Path, **options: int) -> Tail:
+def reopen(tail: Tail, tmp_path: Path) -> Tail:
     """A new process on the same state (the old one is simply gone, as after kill -9)."""
     tail.state.close()
-    return Tail(tmp_path, **options)
+    return Tail(tmp_path)
 
 
 def recovered(tail: Tail) -> tuple[float, float]:
@@ -374,3 +381,29 @@ def test_a_position_saved_by_the_previous_version_still_resumes(tmp_path: Path) 
     tail.drain()
     assert tail.state.pending == 10
     assert recovered(tail) == (1, 5)
+
+
+def test_a_truncation_during_a_read_is_not_taken_for_more_of_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_source, "CHUNK_BYTES", 4096)
+    log = tmp_path / "app.log"
+    append_lines(log, lines("old", 200))  # ~5 chunks
+
+    def rotate_after_the_first_chunk(parse: LinesParser) -> LinesParser:
+        # The writer's logrotate runs between two chunk reads of one poll: copied, truncated, refilled past
+        # the offset. The next chunk at the old offset would be the middle of the new file.
+        def parse_and_rotate(data: bytes) -> Any:
+            if not (tmp_path / "app.log.1").exists():
+                copytruncate(log, tmp_path / "app.log.1")
+                append_lines(log, lines("new", 200))
+            return parse(data)
+
+        return parse_and_rotate
+
+    tail = Tail(tmp_path, parse=rotate_after_the_first_chunk)
+    tail.drain()
+    assert tail.state.pending == 400
+    assert all(tail.state.status(f"old{i}") == 0 and tail.state.status(f"new{i}") == 0 for i in range(200))
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_recovered") == 1
+    assert tail.metric("zenmux_exporter_ids_rejected_total", reason="not_json") == 0  # no line read from its middle

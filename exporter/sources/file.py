@@ -419,7 +419,7 @@ class FileSource:
                 if self._open_copy(read, truncated=True):
                     return self._finish_copy()
                 self._switch_to(0)
-        busy = self._read_available(final=False)
+        busy = self._read_available(final=False, verify=True)
         if self._current is not None:
             size = os.fstat(self._current.handle.fileno()).st_size
             self._metrics.file_read_bytes.labels(self.name).set(self._current.offset)
@@ -448,10 +448,13 @@ class FileSource:
         current.handle.seek(current.offset - len(current.tail))
         return current.handle.read(len(current.tail)) != current.tail
 
-    def _read_available(self, *, final: bool) -> bool:
+    def _read_available(self, *, final: bool, verify: bool = False) -> bool:
         """Consumes complete lines (and, when final, a last line without newline); True if the budget ran out.
 
         A final read (the file was rotated away) has no budget: it must reach the end before we switch.
+        `verify` (the file at the path): each chunk counts only if the file still holds what was read before
+        it once the chunk is read: truncated and refilled past the offset during the read, the chunk would be
+        the middle of the new file. Then it returns True and the next poll takes the truncation.
         """
         current = self._current
         assert current is not None
@@ -463,6 +466,9 @@ class FileSource:
             chunk = self._read_chunk(current)
             if not chunk:
                 return False
+            if verify and self._truncated(current):
+                self._read_up_to = None
+                return True
             cut = chunk.rfind(b"\n")
             if cut >= 0:
                 self._consume(chunk[: cut + 1])
