@@ -331,7 +331,7 @@ class FileSource:
             self.name,
             path,
             saved.offset,
-            f"the copy of {self._path} truncated" if truncated else f"{self._path} rotated while we were stopped",
+            f"a copy of {self._path}, since truncated" if truncated else f"{self._path}, rotated while stopped",
         )
         return True
 
