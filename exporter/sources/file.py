@@ -4,25 +4,30 @@ its rotated copy), resumes from its persisted position."""
 from __future__ import annotations
 
 import asyncio
-import bz2
 import contextlib
-import glob
-import gzip
-import hashlib
 import logging
-import lzma
 import os
 import sqlite3
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from stat import S_ISREG
-from typing import BinaryIO, cast
+from typing import BinaryIO
 
 from exporter.config import SourceConfig
 from exporter.ids import LINE_TOO_LONG, LinesParser
 from exporter.ingest import Ingest
+from exporter.sources.rotated import (
+    DECOMPRESS_ERRORS,
+    EMPTY_FINGERPRINT,
+    FINGERPRINT_BYTES,
+    TAIL_BYTES,
+    candidates,
+    find_copy,
+    fingerprint,
+    holds,
+    read_head,
+    read_tail,
+    stat_or_none,
+)
 from exporter.state import FilePosition, StateError, StateStore
 from exporter.telemetry import SelfMetrics
 
@@ -31,87 +36,11 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 CHUNKS_PER_POLL = 8
 ROTATION_GRACE_POLLS = 4
-# A position names its file by the hashes of the file's first bytes and of the bytes just before the offset:
-# rotated copies that share a header (a banner, a constant prefix) still differ just before the offset.
-FINGERPRINT_BYTES = 4096
-TAIL_BYTES = 4096
-# Rotated siblings examined for a copy holding the unread tail, newest first (a directory of old logs).
-MAX_ROTATED_CANDIDATES = 64
 STATE_RETRY_SECONDS = 1.0
 # A file with nothing new is polled less and less often, down to this many times less than the configured
 # interval: every wakeup of an idle sidecar costs CPU (~0.7 ms each on a small VM), while ids wait out a
 # billing delay of minutes anyway. The first line written resets the interval.
 QUIET_BACKOFF = 4
-# Compressed copies are read through these; other compressed suffixes are not candidates.
-OPENERS: dict[str, Callable[..., object]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".lzma": lzma.open}
-UNREADABLE_SUFFIXES = (".zst", ".zip")
-# What a damaged or half-written compressed copy raises while it is read.
-DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
-DIGEST = 18  # 2 bytes of length, 16 of SHA-256
-
-
-def _digest(data: bytes) -> bytes:
-    return len(data).to_bytes(2, "big") + hashlib.sha256(data).digest()[:16]
-
-
-def fingerprint(head: bytes, tail: bytes) -> bytes:
-    """A position's identity of its file: digests of its head and of the bytes just before the offset.
-
-    Positions saved before the tail digest existed hold the head digest only (18 bytes); both are read."""
-    return _digest(head) + _digest(tail)
-
-
-EMPTY_FINGERPRINT = fingerprint(b"", b"")
-
-
-def _head(handle: BinaryIO) -> bytes:
-    handle.seek(0)
-    return handle.read(FINGERPRINT_BYTES)
-
-
-def _tail(handle: BinaryIO, head: bytes, offset: int) -> bytes:
-    """The TAIL_BYTES before `offset` (fewer if the file is shorter), `head` being already read: the handle
-    only moves forward, so a compressed stream is decompressed once."""
-    start = max(offset - TAIL_BYTES, 0)
-    if start < len(head):
-        return head[start:offset] + (handle.read(offset - len(head)) if offset > len(head) else b"")
-    handle.seek(start)
-    return handle.read(offset - start)
-
-
-def holds(handle: BinaryIO, position: FilePosition) -> tuple[bytes, bytes] | None:
-    """The (head, tail) of a file holding the very bytes the position was read up to, or None.
-
-    The head is compared first: a compressed file with another head is not decompressed any further."""
-    saved = position.fingerprint
-    head = _head(handle)
-    head_length = int.from_bytes(saved[:2], "big")
-    if len(head) < head_length or _digest(head[:head_length]) != saved[:DIGEST]:
-        return None
-    tail = _tail(handle, head, position.offset)
-    if len(tail) != min(position.offset, TAIL_BYTES):
-        return None  # shorter than the offset
-    if len(saved) >= 2 * DIGEST:
-        tail_length = int.from_bytes(saved[DIGEST : DIGEST + 2], "big")
-        if len(tail) < tail_length or _digest(tail[len(tail) - tail_length :]) != saved[DIGEST : 2 * DIGEST]:
-            return None
-    return head, tail
-
-
-def _open_rotated(path: Path) -> BinaryIO | None:
-    """A rotated sibling, decompressed if need be (None: a format we do not read, or not openable)."""
-    if path.suffix in UNREADABLE_SUFFIXES:
-        return None
-    opener = OPENERS.get(path.suffix)
-    try:
-        return cast(BinaryIO, opener(path, "rb")) if opener is not None else path.open("rb")
-    except OSError:
-        return None
-
-
-def _base_name(path: Path) -> str:
-    """app.log.1.gz and app.log.1 are one rotated copy (gzip writes the first, then removes the second)."""
-    return path.name[: -len(path.suffix)] if path.suffix in OPENERS else path.name
 
 
 @dataclass
@@ -206,7 +135,7 @@ class FileSource:
         """Resumes from the saved position. A file truncated or rotated away while we were not running is
         finished first, from its rotated copy; then the file at the path is read from its start."""
         saved = self._state.position(self.name)
-        stat = _stat(self._path)
+        stat = stat_or_none(self._path)
         if saved is None:
             if stat is not None:
                 start = _end_of_last_line(self._path, stat.st_size) if self._config.start_at == "end" else 0
@@ -238,65 +167,14 @@ class FileSource:
             if stat is not None:
                 self._switch_to(0)
 
-    def _candidates(self) -> list[Path]:
-        """The rotated siblings (sources[].rotated_glob; by default the log's name followed by anything, in
-        its directory), newest first, at most MAX_ROTATED_CANDIDATES."""
-        pattern = self._config.rotated_glob or glob.escape(self._path.name) + "*"
-        found = []
-        for name in glob.glob(os.path.join(glob.escape(str(self._path.parent)), pattern)):
-            path = Path(name)
-            stat = _stat(path)
-            if path != self._path and stat is not None and S_ISREG(stat.st_mode):
-                found.append((stat.st_mtime_ns, name, path))
-        found.sort(reverse=True)
-        if len(found) > MAX_ROTATED_CANDIDATES:
-            log.warning(
-                "%s: %d rotated files match, only the newest %d are looked at", self.name, len(found),
-                MAX_ROTATED_CANDIDATES,
-            )
-        return [path for _, _, path in found[:MAX_ROTATED_CANDIDATES]]
-
     def _open_copy(self, saved: FilePosition, *, truncated: bool) -> bool:
-        """Makes the one rotated file that holds the bytes up to the saved position the file being read, from
-        that offset; poll() reads it to its end, then the file at the path from its start.
-
-        A plain file with the saved inode is the renamed file itself. Any other file is recognised by content:
-        its first bytes and the bytes before the offset hash as saved (so it is at least that long).
-        Different files that all match (copies of one log by two rotation schemes, say) are refused rather
-        than guessed between: the wrong one would count lines that were never in this log."""
-        live = _stat(self._path)
-        matched: list[tuple[Path, BinaryIO, os.stat_result, bytes, bytes]] = []
-        for path in self._candidates():
-            stat = _stat(path)
-            if stat is None or (live is not None and (stat.st_dev, stat.st_ino) == (live.st_dev, live.st_ino)):
-                continue
-            handle = _open_rotated(path)
-            if handle is None:
-                continue
-            try:
-                window = holds(handle, saved)
-            except DECOMPRESS_ERRORS:  # being written by gzip, or damaged
-                window = None
-            if window is None:
-                handle.close()
-                continue
-            matched.append((path, handle, stat, *window))
-            if path.suffix not in OPENERS and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
-                for other in matched[:-1]:
-                    other[1].close()
-                matched = matched[-1:]  # the renamed file itself: no doubt left
-                break
-        chosen = None
-        # One copy, perhaps under two names: app.log.1 and the app.log.1.gz gzip is writing, or one inode
-        # seen before and after a rename.
-        inodes = {(entry[2].st_dev, entry[2].st_ino) for entry in matched if entry[0].suffix not in OPENERS}
-        if len({_base_name(entry[0]) for entry in matched}) == 1 or (
-            len(inodes) == 1 and all(entry[0].suffix not in OPENERS for entry in matched)
-        ):
-            chosen = min(matched, key=lambda entry: entry[0].suffix in OPENERS)  # plain while gzip still writes
-        for entry in matched:
-            if entry is not chosen:
-                entry[1].close()
+        """Makes the one rotated file that holds the bytes up to the saved position (rotated.find_copy) the
+        file being read, from that offset; poll() reads it to its end, then the file at the path from its
+        start. Several different files that hold them are refused, and logged."""
+        paths, found = candidates(self._path, self._config.rotated_glob)
+        if found > len(paths):
+            log.warning("%s: %d rotated files match, only the newest %d are looked at", self.name, found, len(paths))
+        chosen, matched = find_copy(paths, saved, stat_or_none(self._path))
         if chosen is None:
             if truncated:
                 self._metrics.file_rotations.labels(self.name, "copytruncate_unrecovered").inc()
@@ -308,7 +186,7 @@ class FileSource:
                     self.name,
                     self._path,
                     saved.offset,
-                    ", ".join(str(entry[0]) for entry in matched),
+                    ", ".join(map(str, matched)),
                 )
             elif truncated:
                 log.warning(
@@ -319,17 +197,19 @@ class FileSource:
                     saved.offset,
                 )
             return False
-        path, handle, stat, head, tail = chosen
         if truncated:
             self._metrics.file_rotations.labels(self.name, "copytruncate_recovered").inc()
         self.close()
-        self._current = _Open(handle, stat.st_dev, stat.st_ino, saved.offset, saved.fingerprint, head, tail, path)
+        device, inode = chosen.stat.st_dev, chosen.stat.st_ino
+        self._current = _Open(
+            chosen.handle, device, inode, saved.offset, saved.fingerprint, chosen.head, chosen.tail, chosen.path
+        )
         self._skipping = False
         self._state.save_position(self.name, self._position())  # a crash from here on resumes in the copy
         log.info(
             "%s: reading %s from byte %d to its end (%s)",
             self.name,
-            path,
+            chosen.path,
             saved.offset,
             f"a copy of {self._path}, since truncated" if truncated else f"{self._path}, rotated while stopped",
         )
@@ -364,8 +244,8 @@ class FileSource:
             return
         stat = os.fstat(handle.fileno())
         offset = min(offset, stat.st_size)
-        head = _head(handle)
-        tail = _tail(handle, head, offset)
+        head = read_head(handle)
+        tail = read_tail(handle, head, offset)
         self._current = _Open(handle, stat.st_dev, stat.st_ino, offset, head=head, tail=tail)
         self._skipping = False
         self._rotated_size, self._rotated_quiet_polls = -1, 0
@@ -375,7 +255,7 @@ class FileSource:
         assert self._current is not None
         current = self._current
         if len(current.head) < min(current.offset, FINGERPRINT_BYTES):  # a file grown past the head we knew
-            current.head = _head(current.handle)
+            current.head = read_head(current.handle)
         current.fingerprint = self._identity(current)
         return FilePosition(current.device, current.inode, current.offset, current.fingerprint)
 
@@ -388,7 +268,7 @@ class FileSource:
         if self._ingest.full:
             return False  # backpressure: the file keeps the ids until the queue has room
         if self._current is None:
-            if _stat(self._path) is None:
+            if stat_or_none(self._path) is None:
                 return False
             self._switch_to(0)  # the file appeared after we started: all of it is new
             if self._current is None:
@@ -396,7 +276,7 @@ class FileSource:
         current = self._current
         if current.rotated is not None:
             return self._finish_copy()
-        stat = _stat(self._path)
+        stat = stat_or_none(self._path)
         seen = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if stat is not None and (stat.st_dev, stat.st_ino) != (current.device, current.inode):
             # Renamed away and a new file created. The writer may append to the old file until it reopens
@@ -526,10 +406,3 @@ def _end_of_last_line(path: Path, size: int) -> int:
         tail = handle.read(min(size, CHUNK_BYTES))
     cut = tail.rfind(b"\n")
     return size if cut < 0 else size - len(tail) + cut + 1
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return path.stat()
-    except OSError:
-        return None
