@@ -191,8 +191,12 @@ class Exporter:
                 lambda: {reason: sum(s.rejected[reason] for s in servers) for reason in REJECT_REASONS},
             )
         )
-        for server in servers:
-            await server.start()
+        listens = (("metrics.listen", config.metrics.listen), ("metrics.probe_listen", config.metrics.probe_listen))
+        for server, (key, listen) in zip(servers, listens, strict=False):  # no probe server: one pair
+            try:
+                await server.start()
+            except OSError as err:  # "Address already in use" alone does not say which
+                raise OSError(err.errno, f"{key} {listen}: cannot listen: {err.strerror or err}") from None
         for source in config.sources if "ingest" in roles else ():
             if source.type == "udp":
                 udp = UdpSource(source, parser_for(source), ingest, self.metrics)

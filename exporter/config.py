@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -21,6 +22,10 @@ ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 REDACTED = "<redacted>"
 
 Format = Literal["json", "regex", "plain"]
+# Bounds for keys without a narrower one: past them a value is a typo, and (for integers) no longer fits the
+# C int of a socket option or the SQLite integer it is stored in.
+MAX_NUMBER = 1e9
+MAX_INT = 2**31 - 1
 
 
 class ConfigError(Exception):
@@ -67,6 +72,9 @@ class SourceConfig:
     start_at: Literal["end", "beginning"] = "end"
     poll_interval_seconds: float = 0.25
     max_line_bytes: int = 64 * 1024
+    # Where rotated copies are looked for (a glob; relative to the log's directory). "": the log's name
+    # followed by anything (app.log.1, app.log.1.gz, app.log-20261203).
+    rotated_glob: str = ""
     # udp
     listen: str = "127.0.0.1:9467"
     receive_buffer_bytes: int = 4 * 1024 * 1024
@@ -161,9 +169,11 @@ T = TypeVar("T")
 class _Reader:
     """Walks a parsed YAML tree, converting values and collecting problems instead of raising."""
 
-    def __init__(self, environ: Mapping[str, str]) -> None:
+    def __init__(self, environ: Mapping[str, str], *, check_system: bool = False) -> None:
         self.problems: list[str] = []
         self.environ = environ
+        # Also look at the machine: read the API key file, resolve listen addresses (load_config does).
+        self.check_system = check_system
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
@@ -215,21 +225,27 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.problem(f"{path}.{key}", f"must be a number, got {value!r}")
             return default
+        if not math.isfinite(value):  # YAML's .nan and .inf: a NaN delay never comes due, for one
+            self.problem(f"{path}.{key}", f"must be a finite number, got {value!r}")
+            return default
+        maximum = MAX_NUMBER if maximum is None else maximum
         too_small = value <= minimum if exclusive_minimum else value < minimum
         if too_small or (maximum is not None and value > maximum):
             low = f"> {minimum}" if exclusive_minimum else f">= {minimum}"
-            high = f" and <= {maximum}" if maximum is not None else ""
+            high = f" and <= {maximum:g}"
             self.problem(f"{path}.{key}", f"must be {low}{high}, got {value!r}")
             return default
         return float(value)
 
-    def integer(self, data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 1) -> int:
+    def integer(
+        self, data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 1, maximum: int = MAX_INT
+    ) -> int:
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int):
             self.problem(f"{path}.{key}", f"must be an integer, got {value!r}")
             return default
-        if value < minimum:
-            self.problem(f"{path}.{key}", f"must be >= {minimum}, got {value}")
+        if not minimum <= value <= maximum:
+            self.problem(f"{path}.{key}", f"must be >= {minimum} and <= {maximum}, got {value}")
             return default
         return value
 
@@ -244,6 +260,19 @@ class _Reader:
         _host, sep, port = value.rpartition(":")
         if not sep or not (port.isascii() and port.isdigit()) or int(port) > 65535:
             self.problem(path, f"must be host:port, got {value!r}")
+        elif self.check_system:
+            host, number = split_host_port(value)
+            try:
+                socket.getaddrinfo(host, number, proto=socket.IPPROTO_TCP)
+            except (OSError, UnicodeError) as err:
+                self.problem(path, f"host {host!r} does not resolve ({err}); use an IP address or a resolvable name")
+
+    def key_file(self, key_file: str, path: str) -> None:
+        """The API key file's problems, listed with the others (the running exporter reads it again)."""
+        try:
+            read_key_file(key_file)
+        except ConfigError as err:
+            self.problems.extend(f"{path}: {problem}" for problem in err.problems)
 
 
 def _zenmux(r: _Reader, data: dict[str, Any], *, needs_key: bool) -> ZenMuxConfig:
@@ -266,6 +295,8 @@ def _zenmux(r: _Reader, data: dict[str, Any], *, needs_key: bool) -> ZenMuxConfi
         problem = key_problem(api_key)
         if problem:
             r.problem(f"{p}.api_key", problem)
+    if api_key_file and not api_key and r.check_system:
+        r.key_file(api_key_file, f"{p}.api_key_file")
     if api_key and api_key_file:
         r.problem(p, "set api_key or api_key_file, not both")
     elif "api_key" not in data and "api_key_file" not in data and needs_key:
@@ -335,7 +366,7 @@ def _resolve(r: _Reader, data: dict[str, Any]) -> ResolveConfig:
 
 
 _SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceConfig)}
-_FILE_ONLY = {"path", "start_at", "poll_interval_seconds", "max_line_bytes"}
+_FILE_ONLY = {"path", "start_at", "poll_interval_seconds", "max_line_bytes", "rotated_glob"}
 _UDP_ONLY = {"listen", "receive_buffer_bytes", "max_datagram_bytes", "max_buffered_ids"}
 
 
@@ -391,9 +422,12 @@ def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) ->
             data, "poll_interval_seconds", p, d.poll_interval_seconds, exclusive_minimum=True
         ),
         max_line_bytes=r.integer(data, "max_line_bytes", p, d.max_line_bytes, minimum=256),
+        rotated_glob=r.string(data, "rotated_glob", p, d.rotated_glob),
         listen=r.string(data, "listen", p, d.listen),
         receive_buffer_bytes=r.integer(data, "receive_buffer_bytes", p, d.receive_buffer_bytes, minimum=4096),
-        max_datagram_bytes=r.integer(data, "max_datagram_bytes", p, d.max_datagram_bytes, minimum=64),
+        max_datagram_bytes=r.integer(
+            data, "max_datagram_bytes", p, d.max_datagram_bytes, minimum=64, maximum=65535
+        ),
         max_buffered_ids=r.integer(data, "max_buffered_ids", p, d.max_buffered_ids),
     )
     if kind == "file" and not source.path:
@@ -419,13 +453,16 @@ def _sources(r: _Reader, data: Any, extra_labels: tuple[str, ...], *, needed: bo
         return ()
     if not data and needed:
         r.problem("sources", "needs at least one source (type: file or type: udp) for the ingest role")
-    sources = [s for i, item in enumerate(data) if (s := _source(r, item, i, extra_labels)) is not None]
-    seen: set[str] = set()
-    for i, s in enumerate(sources):
+    indexed = [(i, s) for i, item in enumerate(data) if (s := _source(r, item, i, extra_labels)) is not None]
+    seen: dict[str, int] = {}
+    for i, s in indexed:  # i: the index in the file, not among the sources that parsed
         if s.name in seen:
-            r.problem(f"sources[{i}].name", f"duplicate source name {s.name!r}; give each source a unique name")
-        seen.add(s.name)
-    return tuple(sources)
+            r.problem(
+                f"sources[{i}].name",
+                f"duplicate source name {s.name!r} (also sources[{seen[s.name]}]); give each source a unique name",
+            )
+        seen.setdefault(s.name, i)
+    return tuple(s for _, s in indexed)
 
 
 def _simple(r: _Reader, data: dict[str, Any], path: str, cls: type[T], **checks: Callable[[Any], str]) -> T:
@@ -513,9 +550,14 @@ def _state(r: _Reader, data: dict[str, Any], roles: tuple[str, ...]) -> StateCon
     return state
 
 
-def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = None) -> Config:
-    """Builds a Config from parsed YAML; raises ConfigError listing every problem."""
-    r = _Reader(os.environ if environ is None else environ)
+def parse_config(
+    data: Any, source: str, environ: Mapping[str, str] | None = None, *, check_system: bool = False
+) -> Config:
+    """Builds a Config from parsed YAML; raises ConfigError listing every problem.
+
+    With `check_system`, also what depends on the machine: the API key file is read and checked, listen
+    hosts must resolve."""
+    r = _Reader(os.environ if environ is None else environ, check_system=check_system)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -555,24 +597,92 @@ def parse_config(data: Any, source: str, environ: Mapping[str, str] | None = Non
         reconcile=_reconcile(r, r.section(data, "reconcile", "reconcile")),
     )
     if not 0.0 <= config.tracing.sample_ratio <= 1.0:
-        r.problem("tracing.sample_ratio", "must be between 0 and 1")
+        r.problem("tracing.sample_ratio", f"must be between 0 and 1, got {config.tracing.sample_ratio!r}")
     if r.problems:
         raise ConfigError(source, r.problems)
     return config
 
 
-def load_config(path: Path | str, environ: Mapping[str, str] | None = None) -> Config:
-    """Reads and validates a YAML config file."""
+def load_config(
+    path: Path | str, environ: Mapping[str, str] | None = None, *, check_system: bool = True
+) -> Config:
+    """Reads and validates a YAML config file, by default against this machine too (the API key file is
+    read, listen hosts resolved): pass check_system=False for a config meant for another machine."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(str(path), [f"(file): cannot read: {err.strerror}"]) from None
+    except UnicodeDecodeError as err:
+        where = f"byte {err.start}: {err.object[err.start]:#04x}"
+        raise ConfigError(str(path), [f"(file): not UTF-8 text ({where}); save it as UTF-8"]) from None
     try:
-        data = yaml.safe_load(text)
+        data, duplicates = load_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(str(path), [f"(yaml): {err}"]) from None
-    return parse_config(data, str(path), environ)
+    try:
+        config = parse_config(data, str(path), environ, check_system=check_system)
+    except ConfigError as err:
+        raise ConfigError(str(path), duplicates + err.problems) from None
+    if duplicates:
+        raise ConfigError(str(path), duplicates)
+    return config
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that notes every key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[yaml.MappingNode, Any, int, int]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+            if first is not key_node:
+                self.duplicates.append((node, key, first.start_mark.line + 1, key_node.start_mark.line + 1))
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> tuple[Any, list[str]]:
+    """yaml.safe_load, and a problem (key path, both lines) for every key given twice in one mapping."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = None if root is None else loader.construct_document(root)
+    finally:
+        loader.dispose()
+    paths = _node_paths(root) if root is not None and loader.duplicates else {}
+    return data, [
+        f"{_join(paths.get(id(mapping), ''), key)}: given twice (lines {first} and {second}); the second would "
+        "silently win"
+        for mapping, key, first, second in loader.duplicates
+    ]
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _node_paths(root: yaml.Node) -> dict[int, str]:
+    """The key path of every mapping node (by id), in the notation of the other problems."""
+    paths: dict[int, str] = {}
+    todo: list[tuple[yaml.Node, str]] = [(root, "")]
+    while todo:
+        node, path = todo.pop()
+        if isinstance(node, yaml.MappingNode):
+            paths.setdefault(id(node), path)
+            todo.extend((value, _join(path, key.value)) for key, value in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((item, f"{path}[{i}]") for i, item in enumerate(node.value))
+    return paths
 
 
 def split_host_port(listen: str) -> tuple[str, int]:
@@ -599,16 +709,24 @@ def read_api_key(config: ZenMuxConfig) -> str:
 
 
 def _read_key_file(path: str, where: str, prefix: str = "") -> str:
-    """A key read (stripped) from a mounted secret file; ConfigError naming `where` if unusable."""
+    """read_key_file, its problems also naming the config key `where`."""
+    try:
+        return read_key_file(path, prefix)
+    except ConfigError as err:
+        raise ConfigError(err.source, [f"{where}: {p}" for p in err.problems]) from None
+
+
+def read_key_file(path: str, prefix: str = "") -> str:
+    """The (stripped) key in a mounted secret file; ConfigError naming the file otherwise (never the key)."""
     try:
         key = Path(path).read_text(encoding="utf-8").strip()
     except OSError as err:
-        raise ConfigError(where, [f"{where}: cannot read: {err.strerror}"]) from None
+        raise ConfigError(path, [f"{path}: cannot read: {err.strerror}"]) from None
     except UnicodeDecodeError:
-        raise ConfigError(where, [f"{where}: is not UTF-8 text"]) from None
+        raise ConfigError(path, [f"{path}: is not UTF-8 text"]) from None
     problem = key_problem(key) or ("" if key.startswith(prefix) else f"does not start with {prefix}")
     if problem:
-        raise ConfigError(where, [f"{where}: the key {problem}"])
+        raise ConfigError(path, [f"{path}: the key {problem}"])
     return key
 
 

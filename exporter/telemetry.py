@@ -26,6 +26,7 @@ from exporter.redact import Redactor
 # The outcome label of zenmux_exporter_reconcile_requests_total: "ok", or why the account request failed.
 RECONCILE_OUTCOMES = ("ok", *(o.value for o in Outcome if o not in (Outcome.RESOLVED, Outcome.NOT_READY)))
 LOOKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROTATION_KINDS = ("rename", "truncate", "copytruncate_recovered", "copytruncate_unrecovered")
 
 
 class SelfMetrics:
@@ -52,7 +53,16 @@ class SelfMetrics:
         )
         self.file_size_bytes = Gauge(p + "file_size_bytes", "Size of the current file.", ["source"], registry=registry)
         self.file_rotations = Counter(
-            p + "file_rotations", "Rotations followed (rename or truncate).", ["source", "kind"], registry=registry
+            p + "file_rotations",
+            "Rotations followed (rename, truncate) and whether a truncated log's unread tail was read from its copy.",
+            ["source", "kind"],
+            registry=registry,
+        )
+        self.file_recovered_lines = Counter(
+            p + "file_recovered_lines",
+            "Lines read from rotated copies: a truncated log's copy, a file rotated away while stopped.",
+            ["source"],
+            registry=registry,
         )
         self.inflight = Gauge(p + "inflight_lookups", "Lookups in progress.", registry=registry)
         self.lookups = Counter(p + "lookups", "Lookup attempts by outcome.", ["outcome"], registry=registry)
@@ -117,8 +127,9 @@ class SelfMetrics:
             for reason in reasons:
                 self.ids_rejected.labels(source.name, reason)
             if source.type == "file":
-                for kind in ("rename", "truncate"):
+                for kind in ROTATION_KINDS:
                     self.file_rotations.labels(source.name, kind)
+                self.file_recovered_lines.labels(source.name)
                 self.file_read_bytes.labels(source.name)
                 self.file_size_bytes.labels(source.name)
             else:

@@ -603,9 +603,13 @@ def exporter_health() -> Json:
                      [target(f"zenmux_exporter_file_read_bytes{{{SEL}}}", "read {{instance}} {{source}}"),
                       target(f"zenmux_exporter_file_size_bytes{{{SEL}}}", "size {{instance}} {{source}}",
                              ref="B")], "bytes"), 8, 8)
-    L.add(timeseries("File rotations", "Rotations followed per interval, by kind (rename, truncate).",
+    L.add(timeseries("File rotations", "Rotations followed per interval, by kind (rename, truncate; a "
+                     "truncation's copy read: copytruncate_recovered, or not: copytruncate_unrecovered), and the "
+                     "lines read from rotated copies.",
                      [target(f"sum by (source, kind) (increase(zenmux_exporter_file_rotations_total{{{SEL}}}"
-                             "[$__interval]))", "{{source}} {{kind}}")], "short"), 8, 8)
+                             "[$__interval]))", "{{source}} {{kind}}"),
+                      target(f"sum by (source) (increase(zenmux_exporter_file_recovered_lines_total{{{SEL}}}"
+                             "[$__interval]))", "{{source}} lines from copies", ref="B")], "short"), 8, 8)
     L.add(timeseries("Label values folded into 'other'", "Values folded by a cardinality cap, by label. "
                      "Non-zero means a label (model, feature...) has more values than allowed.",
                      [target(f"sum by (label) (increase(zenmux_exporter_label_overflow_total{{{SEL}}}"

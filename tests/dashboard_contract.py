@@ -80,7 +80,9 @@ LABEL_VALUES: dict[tuple[str, str], frozenset[str]] = {
         {"invalid_id", "no_id", "not_json", "line_too_long", "datagram_too_large", "queue_full"}
     ),
     ("zenmux_exporter_billing_unavailable_total", "reason"): frozenset({"subscription_key", "gave_up_waiting"}),
-    ("zenmux_exporter_file_rotations_total", "kind"): frozenset({"rename", "truncate"}),
+    ("zenmux_exporter_file_rotations_total", "kind"): frozenset(
+        {"rename", "truncate", "copytruncate_recovered", "copytruncate_unrecovered"}
+    ),
     ("zenmux_exporter_lookups_total", "outcome"): frozenset(
         {"resolved", "not_ready", "rate_limited", "server_error", "timeout", "connection_error",
          "malformed", "unauthorized", "client_error", "too_large"}

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from exporter.__main__ import main
+from exporter.clock import ManualClock
 from exporter.config import ConfigError, SourceConfig, load_config, parse_config, read_api_key
+from exporter.ids import parser_for
+from exporter.ingest import Ingest
+from exporter.sources.udp import UdpSource
+from exporter.state import StateStore
+from exporter.telemetry import SelfMetrics
+from tests.support import FakeApi, StartExporter, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "sk-ai-v1-0123456789abcdef-secret"
@@ -130,8 +139,9 @@ def test_api_key_from_a_mounted_secret_file(tmp_path: Path) -> None:
     config = parse_config({"zenmux": {"api_key_file": str(secret)}, "sources": [{"type": "udp"}]}, "x", {})
     assert read_api_key(config.zenmux) == SECRET
     missing = parse_config({"zenmux": {"api_key_file": str(tmp_path / "no")}, "sources": [{"type": "udp"}]}, "x", {})
-    with pytest.raises(ConfigError, match=r"zenmux\.api_key_file: cannot read"):
+    with pytest.raises(ConfigError, match=r"zenmux\.api_key_file: .*/no: cannot read") as caught:
         read_api_key(missing.zenmux)
+    assert caught.value.source == str(tmp_path / "no")
 
 
 def test_check_config_prints_the_effective_config_without_the_key(
@@ -163,3 +173,174 @@ def test_probe_listen_is_optional() -> None:
     assert parse_config(base, "inline.yaml", {}).metrics.probe_listen == ""
     config = parse_config({**base, "metrics": {"probe_listen": "0.0.0.0:9468"}}, "inline.yaml", {})
     assert config.metrics.probe_listen == "0.0.0.0:9468"
+
+
+UDP = {"type": "udp"}
+
+
+def with_key(**sections: object) -> dict[str, object]:
+    return {"zenmux": {"api_key": "k"}, "sources": [UDP], **sections}
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (with_key(resolve={"billing_delay_seconds": float("nan")}), "resolve.billing_delay_seconds: must be a finite"),
+        (with_key(resolve={"give_up_after_seconds": float("inf")}), "resolve.give_up_after_seconds: must be a finite"),
+        (with_key(resolve={"retry_initial_seconds": float("-inf")}), "resolve.retry_initial_seconds: must be a finite"),
+        (with_key(zenmux={"api_key": "k", "timeout_seconds": float("nan")}), "zenmux.timeout_seconds: must be a fin"),
+        (with_key(shutdown={"drain_seconds": float("inf")}), "shutdown.drain_seconds: must be a finite"),
+        (with_key(state={"dedupe_window_seconds": float("nan")}), "state.dedupe_window_seconds: must be a finite"),
+        (with_key(tracing={"sample_ratio": float("nan")}), "tracing.sample_ratio: must be a finite"),
+        (with_key(tracing={"sample_ratio": 1.5}), "tracing.sample_ratio: must be between 0 and 1, got 1.5"),
+        (with_key(resolve={"billing_delay_seconds": 1e300}), "resolve.billing_delay_seconds: must be >= 0.0 and <="),
+        (
+            {"zenmux": {"api_key": "k"}, "sources": [{"type": "file", "path": "/x", "poll_interval_seconds": 1e999}]},
+            "sources[0].poll_interval_seconds: must be a finite",
+        ),
+        (
+            {"zenmux": {"api_key": "k"}, "sources": [{"type": "udp", "receive_buffer_bytes": 2**40}]},
+            "sources[0].receive_buffer_bytes: must be >= 4096 and <= 2147483647",
+        ),
+        (
+            {"zenmux": {"api_key": "k"}, "sources": [{"type": "udp", "max_datagram_bytes": 70000}]},
+            "sources[0].max_datagram_bytes: must be >= 64 and <= 65535",
+        ),
+        (with_key(state={"max_pending": 0}), "state.max_pending: must be >= 1"),
+        (with_key(zenmux={"api_key": "k", "concurrency": True}), "zenmux.concurrency: must be an integer"),
+        # The index is the source's place in the file, even when an earlier entry did not parse.
+        (
+            {"zenmux": {"api_key": "k"}, "sources": [{"type": "pigeon"}, {"type": "udp"}, {"type": "udp"}]},
+            "sources[2].name: duplicate source name 'udp' (also sources[1])",
+        ),
+        (
+            {"zenmux": {"api_key": "k"}, "sources": [{"type": "udp", "name": "a"}, "x", {"type": "udp", "name": "a"}]},
+            "sources[2].name: duplicate source name 'a' (also sources[0])",
+        ),
+    ],
+)
+def test_numbers_must_be_finite_and_in_range_and_names_unique(data: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, "inline.yaml", {})
+    assert any(problem.startswith(fragment) for problem in caught.value.problems), caught.value.problems
+
+
+HEAD = "zenmux: {api_key: k}\n"
+ONE_UDP = "sources: [{type: udp}]\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (HEAD + ONE_UDP + "resolve:\n  billing_delay_seconds: .nan\n",
+         "resolve.billing_delay_seconds: must be a finite number, got nan"),
+        (HEAD + ONE_UDP + "resolve:\n  give_up_after_seconds: .inf\n",
+         "resolve.give_up_after_seconds: must be a finite number, got inf"),
+        (ONE_UDP + "zenmux:\n  api_key: k\n  concurrency: 4\n  concurrency: 8\n",
+         "zenmux.concurrency: given twice (lines 4 and 5); the second would silently win"),
+        (HEAD + ONE_UDP + "resolve: {}\nresolve: {}\n", "resolve: given twice (lines 3 and 4)"),
+        (HEAD + "sources:\n  - type: udp\n    name: a\n    name: b\n", "sources[0].name: given twice (lines 4 and 5)"),
+        (HEAD + ONE_UDP + "metrics:\n  listen: no-such-host.invalid:9466\n",
+         "metrics.listen: host 'no-such-host.invalid' does not resolve"),
+        (HEAD + "sources:\n  - type: udp\n    listen: no-such-host.invalid:9467\n",
+         "sources[0].listen: host 'no-such-host.invalid' does not resolve"),
+    ],
+)
+def test_file_problems_name_the_key_path_and_the_file(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert str(path) in str(caught.value)
+    assert len(caught.value.problems) == 1 and caught.value.problems[0].startswith(problem), caught.value.problems
+
+
+def test_duplicate_keys_are_listed_with_every_other_problem(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        HEAD + "sources: [{type: udp, listen: x}]\nresolve: {retry_max_seconds: 60, retry_max_seconds: 90}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert [p.split(":")[0] for p in caught.value.problems] == ["resolve.retry_max_seconds", "sources[0].listen"]
+
+
+def test_listen_addresses_that_resolve_pass(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "zenmux: {api_key: k}\n"
+        "sources: [{type: udp, listen: 'localhost:0'}, {type: udp, name: six, listen: '[::1]:0'}]\n"
+        "metrics: {listen: ':9466'}\n",
+        encoding="utf-8",
+    )
+    config = load_config(path, {})
+    assert [s.listen for s in config.sources] == ["localhost:0", "[::1]:0"]
+
+
+def test_a_config_file_that_is_not_utf8_is_reported_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("zenmux: {api_key: k}\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, {})
+    assert caught.value.problems == ["(file): not UTF-8 text (byte 26: 0xe9); save it as UTF-8"]
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert str(path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (None, "cannot read: No such file or directory"),
+        (b"\xff\xfe", "is not UTF-8 text"),
+        (b"  \n", "the key is empty"),
+        (b"sk-ai v1\n", "the key contains whitespace"),
+    ],
+)
+def test_api_key_file_problems_name_both_files_and_come_with_the_others(
+    tmp_path: Path, content: bytes | None, fragment: str
+) -> None:
+    key_file = tmp_path / "api-key"
+    if content is not None:
+        key_file.write_bytes(content)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"zenmux: {{api_key_file: '{key_file}', concurrency: 0}}\nsources: [{{type: udp}}]\n", encoding="utf-8"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, {})
+    problems = caught.value.problems
+    assert f"zenmux.api_key_file: {key_file}: " + fragment in problems[0] or any(
+        p.startswith(f"zenmux.api_key_file: {key_file}: {fragment}") for p in problems
+    ), problems
+    assert any(p.startswith("zenmux.concurrency") for p in problems), problems  # listed together
+    assert str(config) in str(caught.value)
+    assert "sk-ai" not in str(caught.value)  # the key itself is never quoted
+
+
+async def test_udp_bind_error_names_the_source_and_the_address(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = SourceConfig(type="udp", name="edge", format="plain", listen=listen)
+        state = StateStore(tmp_path / "state.db", max_pending=10)
+        metrics = SelfMetrics(CollectorRegistry())
+        source = UdpSource(config, parser_for(config), Ingest(state, metrics, ManualClock(), 0), metrics)
+        try:
+            with pytest.raises(OSError, match=f"source edge: cannot listen on udp {listen}: Address already in use"):
+                await source.start()
+        finally:
+            await state.close()
+
+
+async def test_metrics_bind_error_names_the_key_and_the_address(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = make_config(tmp_path, fake_api.url, metrics={"listen": listen})
+        with pytest.raises(OSError, match=f"metrics.listen {listen}: cannot listen: .*in use"):
+            await start_exporter(config)

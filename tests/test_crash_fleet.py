@@ -53,16 +53,16 @@ class FleetWriter(Writer):
         self.url = url
         self.instance = instance
 
-    def position(self) -> tuple[int, int] | None:
+    def saved(self) -> tuple[int, int, bytes] | None:
         try:
             with psycopg.connect(self.url, connect_timeout=2) as db:
                 row = db.execute(
-                    "SELECT inode, \"offset\" FROM positions WHERE instance = %s AND source = 'app-log'",
+                    "SELECT inode, \"offset\", fingerprint FROM positions WHERE instance = %s AND source = 'app-log'",
                     (self.instance,),
                 ).fetchone()
         except psycopg.Error:
             return None
-        return None if row is None else (int(row[0]), int(row[1]))
+        return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
 
 
 @dataclass

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import bz2
+import dataclasses
+import gzip
+import hashlib
+import lzma
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter.clock import ManualClock
 from exporter.config import SourceConfig
-from exporter.ids import lines_parser_for
+from exporter.ids import LinesParser, lines_parser_for
 from exporter.ingest import Ingest
+from exporter.sources import file as file_source
 from exporter.sources.file import FileSource
 from exporter.state import StateStore
 from exporter.telemetry import SelfMetrics
@@ -21,7 +30,14 @@ from tests.support import append_lines, json_line
 class Tail:
     """A FileSource with its own state database and registry, polled by hand."""
 
-    def __init__(self, tmp_path: Path, *, max_pending: int = 1000, max_line_bytes: int = 65536) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        max_pending: int = 1000,
+        max_line_bytes: int = 65536,
+        parse: Callable[[LinesParser], LinesParser] = lambda parse: parse,
+    ) -> None:
         self.log = tmp_path / "app.log"
         self.registry = CollectorRegistry()
         self.state = StateStore(tmp_path / "state.db", max_pending=max_pending)
@@ -30,11 +46,18 @@ class Tail:
         )
         metrics = SelfMetrics(self.registry)
         self.ingest = Ingest(self.state, metrics, ManualClock(), billing_delay_seconds=0)
-        self.source = FileSource(self.config, lines_parser_for(self.config), self.ingest, self.state, metrics)
+        self.source = FileSource(self.config, parse(lines_parser_for(self.config)), self.ingest, self.state, metrics)
 
     @classmethod
-    async def open(cls, tmp_path: Path, *, max_pending: int = 1000, max_line_bytes: int = 65536) -> Tail:
-        tail = cls(tmp_path, max_pending=max_pending, max_line_bytes=max_line_bytes)
+    async def open(
+        cls,
+        tmp_path: Path,
+        *,
+        max_pending: int = 1000,
+        max_line_bytes: int = 65536,
+        parse: Callable[[LinesParser], LinesParser] = lambda parse: parse,
+    ) -> Tail:
+        tail = cls(tmp_path, max_pending=max_pending, max_line_bytes=max_line_bytes, parse=parse)
         await tail.source.open_initial()
         return tail
 
@@ -174,3 +197,229 @@ async def test_start_at_end_begins_after_the_last_complete_line(tmp_path: Path) 
     await source.poll()
     assert await state.status("history") is None
     assert await state.status("being-written") == 0
+
+
+def lines(prefix: str, count: int) -> list[str]:
+    return [json_line(f"{prefix}{i}") for i in range(count)]
+
+
+COMPRESSORS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def compress(path: Path, suffix: str = ".gz") -> Path:
+    """What logrotate's `compress` does: gzip (or bzip2, xz) writes `path.gz`, then removes `path`."""
+    target = path.with_name(path.name + suffix)
+    with path.open("rb") as plain, COMPRESSORS[suffix](target, "wb") as packed:
+        shutil.copyfileobj(plain, packed)
+    path.unlink()
+    return target
+
+
+def copytruncate(log: Path, copy: Path) -> None:
+    shutil.copyfile(log, copy)
+    with log.open("r+b") as handle:
+        handle.truncate(0)
+
+
+async def reopen(tail: Tail, tmp_path: Path) -> Tail:
+    """A new process on the same state (the old one is simply gone, as after kill -9)."""
+    await tail.state.close()
+    return await Tail.open(tmp_path)
+
+
+def recovered(tail: Tail) -> tuple[float, float]:
+    return (
+        tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_recovered"),
+        tail.metric("zenmux_exporter_file_recovered_lines_total"),
+    )
+
+
+@pytest.mark.parametrize("compressed", ["", ".gz", ".bz2", ".xz"])
+async def test_copytruncate_between_two_polls_reads_the_tail_from_the_copy(tmp_path: Path, compressed: str) -> None:
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    append_lines(tail.log, lines("unread", 5))  # written after the last poll
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    if compressed:
+        compress(tmp_path / "app.log.1", compressed)
+    append_lines(tail.log, lines("new", 2))
+    await tail.drain()
+    assert tail.state.pending == 12
+    assert all([await tail.state.status(f"unread{i}") == 0 for i in range(5)])
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="truncate") == 1
+    assert recovered(tail) == (1, 5)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+@pytest.mark.parametrize("rotation", ["copytruncate", "copytruncate+compress", "copytruncate+dateext+compress"])
+async def test_copytruncate_while_stopped_is_recovered_at_start(tmp_path: Path, rotation: str) -> None:
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    append_lines(tail.log, lines("unread", 5))  # the exporter is down from here
+    copy = tmp_path / ("app.log-20261203" if "dateext" in rotation else "app.log.1")
+    copytruncate(tail.log, copy)
+    if "compress" in rotation:
+        compress(copy)
+    append_lines(tail.log, lines("new", 2))
+    tail = await reopen(tail, tmp_path)
+    await tail.drain()
+    assert tail.state.pending == 12
+    assert recovered(tail) == (1, 5)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+async def test_delaycompress_the_previous_copy_is_compressed_while_the_exporter_reads_the_new_one(
+    tmp_path: Path,
+) -> None:
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("first", 3))
+    await tail.drain()
+    copytruncate(tail.log, tmp_path / "app.log.1")  # nothing unread in this one
+    await tail.drain()
+    append_lines(tail.log, lines("second", 4))
+    await tail.drain()
+    append_lines(tail.log, lines("second-unread", 2))
+    # Next rotation with delaycompress: app.log.1 -> app.log.2.gz, the log -> app.log.1 (plain), truncated.
+    (tmp_path / "app.log.1").rename(tmp_path / "app.log.2")
+    compress(tmp_path / "app.log.2")
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    await tail.drain()
+    assert tail.state.pending == 9
+    assert recovered(tail) == (2, 2)
+
+
+async def test_rename_rotation_finished_while_stopped_and_already_compressed(tmp_path: Path) -> None:
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    append_lines(tail.log, lines("unread", 5))
+    tail.log.rename(tmp_path / "app.log.1")
+    compress(tmp_path / "app.log.1")
+    append_lines(tail.log, lines("new", 2))
+    tail = await reopen(tail, tmp_path)
+    await tail.drain()
+    assert tail.state.pending == 12
+    assert tail.metric("zenmux_exporter_file_recovered_lines_total") == 5
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+async def test_a_crash_while_draining_a_copy_resumes_in_the_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(file_source, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(file_source, "CHUNKS_PER_POLL", 1)
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    append_lines(tail.log, lines("unread", 200))  # ~20 chunks of the copy
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    gz = compress(tmp_path / "app.log.1")
+    append_lines(tail.log, lines("new", 2))
+    for _ in range(3):
+        assert await tail.source.poll()  # one chunk a poll: the copy is being drained
+    position = await tail.state.position("app")
+    assert position is not None and position.inode == gz.stat().st_ino  # the position names the copy
+    read_before = tail.state.pending
+    assert 5 < read_before < 205
+    tail = await reopen(tail, tmp_path)  # killed mid-drain
+    await tail.drain()
+    assert tail.state.pending == 207
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0  # nothing read twice
+    assert recovered(tail) == (0, 205 - read_before)
+
+
+async def test_copies_that_share_a_long_header_are_told_apart_by_the_bytes_before_the_offset(tmp_path: Path) -> None:
+    header = "# " + "banner " * 700 + "\n"  # every generation starts so, longer than the head fingerprint
+    tail = await Tail.open(tmp_path)
+    tail.log.write_text(header + "".join(line + "\n" for line in lines("gen1-", 50)))
+    await tail.drain()
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    tail.log.write_text(header + "".join(line + "\n" for line in lines("gen2-", 5)))
+    await tail.drain()
+    append_lines(tail.log, lines("gen2-unread", 3))
+    (tmp_path / "app.log.1").rename(tmp_path / "app.log.2")  # gen1: same head, longer than our offset
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    await tail.drain()
+    assert tail.state.pending == 58
+    assert all([await tail.state.status(f"gen2-unread{i}") == 0 for i in range(3)])
+    assert recovered(tail) == (2, 3)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+async def test_two_copies_that_both_match_are_refused_not_guessed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    append_lines(tail.log, lines("unread", 5))
+    shutil.copyfile(tail.log, tmp_path / "app.log-20261203")  # two rotation schemes copied the same file
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    append_lines(tail.log, lines("new", 2))
+    await tail.drain()
+    assert tail.state.pending == 7  # the copies' tail is not read from either
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_unrecovered") == 1
+    assert recovered(tail) == (0, 0)
+    assert "app.log-20261203" in caplog.text and "app.log.1" in caplog.text
+
+
+async def test_a_copy_shorter_than_the_offset_is_not_taken(tmp_path: Path) -> None:
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("a", 5))
+    shutil.copyfile(tail.log, tmp_path / "app.log.1")  # copied here ...
+    append_lines(tail.log, lines("b", 5))
+    await tail.drain()  # ... read past the copy's end ...
+    with tail.log.open("r+b") as handle:
+        handle.truncate(0)  # ... truncated later: nothing unread, and the copy does not reach our offset
+    append_lines(tail.log, lines("new", 2))
+    await tail.drain()
+    assert tail.state.pending == 12
+    assert recovered(tail) == (0, 0)
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_unrecovered") == 1
+
+
+async def test_a_position_saved_by_the_previous_version_still_resumes(tmp_path: Path) -> None:
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    saved = await tail.state.position("app")
+    assert saved is not None
+    # The previous format: the head's length and hash only (first 256 bytes).
+    head = tail.log.read_bytes()[:256]
+    old = len(head).to_bytes(2, "big") + hashlib.sha256(head).digest()[:16]
+    await tail.state.save_position("app", dataclasses.replace(saved, fingerprint=old))
+    append_lines(tail.log, lines("unread", 5))
+    copytruncate(tail.log, tmp_path / "app.log.1")
+    tail = await reopen(tail, tmp_path)
+    await tail.drain()
+    assert tail.state.pending == 10
+    assert recovered(tail) == (1, 5)
+
+
+async def test_a_truncation_during_a_read_is_not_taken_for_more_of_the_old_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_source, "CHUNK_BYTES", 4096)
+    log = tmp_path / "app.log"
+    append_lines(log, lines("old", 200))  # ~5 chunks
+
+    def rotate_after_the_first_chunk(parse: LinesParser) -> LinesParser:
+        # The writer's logrotate runs between two chunk reads of one poll: copied, truncated, refilled past
+        # the offset. The next chunk at the old offset would be the middle of the new file.
+        def parse_and_rotate(data: bytes) -> Any:
+            if not (tmp_path / "app.log.1").exists():
+                copytruncate(log, tmp_path / "app.log.1")
+                append_lines(log, lines("new", 200))
+            return parse(data)
+
+        return parse_and_rotate
+
+    tail = await Tail.open(tmp_path, parse=rotate_after_the_first_chunk)
+    await tail.drain()
+    assert tail.state.pending == 400
+    statuses = [await tail.state.status(f"{generation}{i}") for generation in ("old", "new") for i in range(200)]
+    assert statuses == [0] * 400
+    assert tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_recovered") == 1
+    assert tail.metric("zenmux_exporter_ids_rejected_total", reason="not_json") == 0  # no line read from its middle

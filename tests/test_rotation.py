@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 from pathlib import Path
@@ -125,3 +126,29 @@ async def test_start_at_end_skips_history_of_a_file_never_seen(
     append_lines(log, [json_line(new)])
     text = await wait_resolved(exporter, 1)
     assert value(text, "zenmux_exporter_ids_received_total") == 1
+
+
+async def test_copytruncate_and_compress_while_stopped_loses_and_duplicates_nothing(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    log = tmp_path / "app.log"
+    config = make_config(tmp_path, fake_api.url)
+    ids = [fake_api.create() for _ in range(30)]
+    exporter = await start_exporter(config)
+    append_lines(log, [json_line(i) for i in ids[:10]])
+    await wait_received(exporter, 10)
+    await exporter.stop(drain_seconds=0)
+    append_lines(log, [json_line(i) for i in ids[10:20]])  # only in the copy after the rotation below
+    # logrotate with copytruncate + compress (no delaycompress): copy, truncate, gzip the copy.
+    with log.open("rb") as plain, gzip.open(tmp_path / "app.log.1.gz", "wb") as packed:
+        shutil.copyfileobj(plain, packed)
+    with log.open("r+b") as handle:
+        handle.truncate(0)
+    append_lines(log, [json_line(i) for i in ids[20:]])
+    exporter = await start_exporter(config)
+    text = await wait_resolved(exporter, 30)
+    assert value(text, "zenmux_generations_total") == 30
+    assert value(text, "zenmux_exporter_ids_received_total") == 20
+    assert value(text, "zenmux_exporter_ids_duplicate_total") == 0
+    assert value(text, "zenmux_exporter_file_rotations_total", kind="copytruncate_recovered") == 1
+    assert value(text, "zenmux_exporter_file_recovered_lines_total") == 10

@@ -52,8 +52,15 @@ class UdpSource:
         host, port = split_host_port(self._config.listen)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._config.receive_buffer_bytes)
-        sock.bind((host, port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._config.receive_buffer_bytes)
+            sock.bind((host, port))
+        except OSError as err:
+            sock.close()
+            # Which source and which address: "Address already in use" alone does not say.
+            raise OSError(
+                err.errno, f"source {self.name}: cannot listen on udp {self._config.listen}: {err.strerror or err}"
+            ) from None
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         asyncio.get_running_loop().add_reader(sock.fileno(), self._read_ready)
