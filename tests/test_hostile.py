@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.config import ConfigError, parse_config
 from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution
 from exporter.ids import (
+    DATAGRAM_TOO_LARGE,
     INVALID_ID,
     NO_ID,
     NOT_JSON,
@@ -46,7 +47,14 @@ json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | 
     st.text(max_size=8), inner, max_size=3), max_leaves=8)
 
 
-def reference(line: bytes) -> Sighting | str:
+def dig(document: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        document = document.get(key) if isinstance(document, dict) else None
+    return document
+
+
+def reference(line: bytes, path: tuple[str, ...] = ("generation_id",),
+              labels: tuple[tuple[str, tuple[str, ...]], ...] = (("feature", ("feature",)),)) -> Sighting | str:
     """What the json format means, by json.loads (the parser may take a faster path to the same answer)."""
     try:
         document = json.loads(line)
@@ -54,26 +62,40 @@ def reference(line: bytes) -> Sighting | str:
         return NOT_JSON
     if not isinstance(document, dict):
         return NOT_JSON
-    value = document.get("generation_id")
+    value = dig(document, path)
     if value is None:
         return NO_ID
     if not isinstance(value, str) or not VALID.fullmatch(value):
         return INVALID_ID
-    feature = document.get("feature")
-    if isinstance(feature, bool):
-        label = "true" if feature else "false"
-    elif isinstance(feature, str | int | float):
-        label = str(feature)
-    else:
-        return Sighting(value)
-    return Sighting(value, (("feature", label),))
+    found = []
+    for name, where in labels:
+        label = dig(document, where)
+        if isinstance(label, bool):
+            found.append((name, "true" if label else "false"))
+        elif isinstance(label, str | int | float):
+            found.append((name, str(label)))
+    return Sighting(value, tuple(found))
 
 
-def check(result: Sighting | str) -> None:
-    if isinstance(result, Sighting):
-        assert VALID.fullmatch(result.id), result.id  # never an invalid id towards the API
-    else:
-        assert result in (NOT_JSON, NO_ID, INVALID_ID)
+REGEX = r"gen=(?P<id>\S+)(?: feature=(?P<f>\S+))?"
+
+
+def regex_reference(line: bytes) -> Sighting | str:
+    """The regex format: the first match in the line, decoded with replacement characters."""
+    match = re.search(REGEX, line.decode("utf-8", "replace"))
+    if match is None:
+        return NO_ID
+    if not VALID.fullmatch(match["id"]):
+        return INVALID_ID
+    return Sighting(match["id"], () if match["f"] is None else (("feature", match["f"]),))
+
+
+def plain_reference(line: bytes) -> Sighting | str:
+    """The plain format: the stripped line is the id."""
+    text = line.strip().decode("utf-8", "replace")
+    if not text:
+        return NO_ID
+    return Sighting(text) if VALID.fullmatch(text) else INVALID_ID
 
 
 @FAST
@@ -83,29 +105,27 @@ def check(result: Sighting | str) -> None:
 def test_json_lines_parse_like_json_loads(document: dict[str, Any], separators: tuple[str, str],
                                           ascii_only: bool) -> None:
     line = json.dumps(document, separators=separators, ensure_ascii=ascii_only).encode()
-    parse = json_parser("generation_id", {"feature": "feature"})
-    result = parse(line)
-    check(result)
-    assert result == reference(line)
+    assert json_parser("generation_id", {"feature": "feature"})(line) == reference(line)
 
 
 @FAST
 @given(line=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_any_bytes_in_every_line_format(line: bytes) -> None:
-    for parse in (json_parser("generation_id", {"feature": "feature"}), json_parser("a.b", {}),
-                  regex_parser(r"gen=(?P<id>\S+)(?: feature=(?P<f>\S+))?", {"feature": "f"}), plain_parser()):
-        check(parse(line))
+    assert json_parser("generation_id", {"feature": "feature"})(line) == reference(line)
+    assert json_parser("a.b", {})(line) == reference(line, ("a", "b"), ())
+    assert regex_parser(REGEX, {"feature": "f"})(line) == regex_reference(line)
+    assert plain_parser()(line) == plain_reference(line)
 
 
 @FAST
 @given(data=st.binary(max_size=2000), limit=st.integers(64, 4096))
 def test_datagrams(data: bytes, limit: int) -> None:
-    parsed = parse_datagram(data, plain_parser(), limit)
+    """One answer per non-blank line, each the plain format's (which strips a CR); one rejection if oversized."""
     if len(data) > limit:
-        assert parsed == ["datagram_too_large"]
-    for item in parsed:
-        if isinstance(item, Sighting):
-            assert VALID.fullmatch(item.id)
+        expected: list[Sighting | str] = [DATAGRAM_TOO_LARGE]
+    else:
+        expected = [plain_reference(line) for line in data.split(b"\n") if line.strip()]
+    assert parse_datagram(data, plain_parser(), limit) == expected
 
 
 RECORD_FIELDS = ["api", "generationId", "model", "createAt", "generationTime", "latency", "nativeTokens", "streamed",
