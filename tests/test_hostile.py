@@ -3,14 +3,11 @@ label values that try to break the exposition, a 100 MB line, a binary file and 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
-import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,17 @@ from exporter.ids import (
 from exporter.ledger import Ledger
 from exporter.records import GenerationRecord, Outcome, classify
 from tests.exposition_oracle import LedgerCollector
-from tests.support import FakeApi, StartExporter, append_lines, json_line, make_config, scrape, value, wait_until
+from tests.support import (
+    FakeApi,
+    StartExporter,
+    append_lines,
+    json_line,
+    make_config,
+    peak_allocations,
+    scrape,
+    value,
+    wait_until,
+)
 
 VALID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -241,19 +248,6 @@ def test_label_values_are_escaped_truncated_and_capped(models: list[str], featur
 # Generous on purpose (about 1 MB for the flood and 3 MB for the 100 MB line here, the test's own 2 MB of
 # garbage included): it catches a buffer without a bound (the whole line; every datagram read), not a few MB.
 ALLOCATION_BOUND = 16 * 1024 * 1024
-
-
-@contextlib.contextmanager
-def peak_allocations() -> Iterator[list[int]]:
-    """The peak of the Python allocations made meanwhile (tracemalloc), in bytes, in the list yielded. The
-    exporter runs in this process; its RSS would also move with the allocator and with other tests."""
-    peak: list[int] = []
-    tracemalloc.start()
-    try:
-        yield peak
-        peak.append(tracemalloc.get_traced_memory()[1])
-    finally:
-        tracemalloc.stop()
 
 
 async def test_a_100_mb_line_and_a_binary_file(tmp_path: Path, fake_api: FakeApi,
