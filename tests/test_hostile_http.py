@@ -32,6 +32,9 @@ from tests.support import (
 
 BOUND = 256  # exporter.web.MAX_CONNECTIONS, the default
 OVER = BOUND + 144
+# The exporter is a process of its own here, so its RSS is what can be read. Generous on purpose: it catches a
+# buffer without a bound (a few hundred hostile connections each holding their input), not a few MB; the
+# memory figures are bench/'s.
 RSS_BOUND = 300 * 1024 * 1024
 
 
