@@ -30,7 +30,6 @@ from bench.common import (
     Row,
     exporter_config,
     file_source,
-    free_port,
     median,
     start_exporter,
     udp_source,
@@ -38,6 +37,7 @@ from bench.common import (
 )
 from exporter.simulate.api import GENERATION_PATH, SimConfig, SimulatedZenMux
 from exporter.web import Request
+from tests.support import free_port  # one helper; bench runs from a checkout, as for tests.pg
 
 MTAIL_PROGRAM = """counter generation_ids_total
 /"generation_id": "(?P<id>[A-Za-z0-9_.:-]{1,128})"/ {

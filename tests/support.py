@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,19 @@ def append_lines(path: Path, lines: list[str]) -> None:
 def json_line(generation_id: str, feature: str = "chat") -> str:
     line = {"ts": "2026-11-25T10:00:00Z", "level": "info", "generation_id": generation_id, "feature": feature}
     return json.dumps(line)
+
+
+@contextlib.contextmanager
+def peak_allocations() -> Iterator[list[int]]:
+    """The peak of the Python allocations made meanwhile (tracemalloc), in bytes, in the list yielded: what an
+    in-process exporter or client holds, which its RSS shows only blurred by the allocator and other tests."""
+    peak: list[int] = []
+    tracemalloc.start()
+    try:
+        yield peak
+        peak.append(tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
 
 
 # --------------------------------------------------------------------------- ports and certificates

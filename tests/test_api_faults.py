@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -17,7 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.trace import StatusCode
 
+from exporter.clock import ManualClock
 from exporter.config import ZenMuxConfig
+from exporter.policy import RATE_LIMIT_PAUSE_SECONDS
 from exporter.records import Outcome, classify
 from exporter.simulate.api import Faults, totals
 from exporter.zenmux import ZenMuxClient
@@ -125,31 +128,51 @@ async def test_oversized_bodies_are_not_read_past_the_limit() -> None:
     assert peak < 8 * 1024 * 1024, f"{peak} bytes allocated at the peak"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("retry_after", [None, 2.0])
 async def test_422_storm_on_the_management_path_honours_retry_after(
     retry_after: float | None, tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:
+    """On a clock only the test moves, each pause (Retry-After, else the rate-limit pause) ends with at most one
+    round of `concurrency` lookups, and nothing more goes out until the clock passes the next pause."""
     sim = fake_api.sim
-    sim.configure(dataclasses.replace(sim.config, faults=Faults(rate_limited=1.0), retry_after_seconds=retry_after))
-    config = fault_config(tmp_path, fake_api.url, generation_path="/api/v1/management/generation",
-                          api_key=MANAGEMENT_KEY)
-    exporter = await start_exporter(config)
+    sim.configure(dataclasses.replace(sim.config, billing_delay_seconds=0, faults=Faults(rate_limited=1.0),
+                                      retry_after_seconds=retry_after))
+    clock = ManualClock()
+    config = make_config(
+        tmp_path, fake_api.url,
+        zenmux={"concurrency": 8, "generation_path": "/api/v1/management/generation", "api_key": MANAGEMENT_KEY},
+        resolve={"billing_delay_seconds": 0, "retry_initial_seconds": 0.05, "retry_max_seconds": 0.2})
+    exporter = await start_exporter(config, clock=clock)
+    state, resolver = exporter.state, exporter.resolver
+    assert state is not None and resolver is not None
     ids = [fake_api.create() for _ in range(IDS)]
     append_lines(tmp_path / "app.log", [json_line(i) for i in ids])
+    pause = retry_after if retry_after is not None else RATE_LIMIT_PAUSE_SECONDS
 
     def answered_422() -> int:
         return int(sim.stats()["requests"].get("/api/v1/management/generation", {}).get("422", 0))
 
-    await wait_until(lambda: answered_422() > 0, what="the first 422")
-    first, started = answered_422(), time.monotonic()
-    await wait_until(lambda: time.monotonic() - started > 2.5, what="a storm of 2.5 s")  # the window measured
-    pause = retry_after if retry_after is not None else 1.0
-    windows = math.ceil(2.5 / pause) + 1
-    # Each pause ends with at most one round of `concurrency` lookups: no hammering a limited API.
-    assert answered_422() - first <= windows * 8, (answered_422() - first, windows)
-    text = await scrape(exporter.metrics_port)
-    assert value(text, "zenmux_exporter_lookups_total", outcome="rate_limited") >= 1
+    async def held_back(count: int) -> bool:
+        """`count` pending ids are due exactly `pause` from now: those the last round's 422s put off."""
+        now = clock.time()
+        late = {p.id for p in await state.due(now + pause, IDS, set())}
+        return len(late - {p.id for p in await state.due(now + pause - 0.001, IDS, set())}) == count
+
+    before = 0
+    for _ in range(3):
+        # A round is over once a 422 has paused the resolver and its lookups in flight are answered.
+        await wait_until(lambda: answered_422() > before and resolver.inflight == 0,  # noqa: B023
+                         what="a round of lookups answered 422")
+        round_ = answered_422() - before
+        assert 1 <= round_ <= 8, (answered_422(), before)
+        await wait_until(functools.partial(held_back, round_), what=f"the round's {round_} ids due in {pause} s")
+        before = answered_422()
+        text = await scrape(exporter.metrics_port)
+        assert value(text, "zenmux_exporter_lookups_total", outcome="rate_limited") == before
+        assert answered_422() == before  # the clock has not moved: nothing more goes out
+        clock.advance(pause)
+        resolver.wake()
+    # Healed before the resolver runs again (no await since the last wake): the released round resolves.
     sim.configure(dataclasses.replace(sim.config, faults=Faults(), retry_after_seconds=None))
 
     async def healed() -> bool:

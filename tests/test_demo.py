@@ -6,17 +6,15 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 
-from tests.support import samples, value
+from tests.support import samples, scrape, value, wait_until
 
 pytestmark = pytest.mark.slow  # `zenmux-exporter demo` as a process
 
 
-def test_demo_shows_cost_by_model_within_15_seconds() -> None:
+async def test_demo_shows_cost_by_model_within_15_seconds() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "exporter", "demo", "--listen", "127.0.0.1:0", "--rate", "20"],
         stdout=subprocess.PIPE,
@@ -31,14 +29,14 @@ def test_demo_shows_cost_by_model_within_15_seconds() -> None:
                 port = int(match.group(1))
                 break
         assert port is not None
-        started = time.monotonic()
         text = ""
-        while time.monotonic() - started < 15:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-            if value(text, "zenmux_cost_usd_total") > 0:
-                break
-            time.sleep(0.2)  # polling an external process for a condition, not synchronising
-        assert value(text, "zenmux_cost_usd_total") > 0, "no cost on /metrics after 15 s"
+
+        async def cost_shown() -> bool:
+            nonlocal text
+            text = await scrape(port)
+            return value(text, "zenmux_cost_usd_total") > 0
+
+        await wait_until(cost_shown, timeout=15, what="cost on the demo's /metrics")
         assert value(text, "zenmux_tokens_total", token_type="prompt") > 0
         assert len({labels["model"] for name, labels, _ in samples(text) if name == "zenmux_cost_usd_total"}) >= 1
         process.send_signal(signal.SIGINT)

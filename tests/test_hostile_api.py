@@ -1,6 +1,6 @@
 """A hostile API (the standard library's http.server with handlers written to harm): gzip bombs single and
 stacked, bodies that never end or drip, and an API that echoes the key into errors, request ids and records.
-Memory stays bounded, each lookup is an outcome, and no piece of the key reaches a result, span, log or
+What is allocated stays bounded, each lookup is an outcome, and no piece of the key reaches a result, span, log or
 /metrics."""
 
 from __future__ import annotations
@@ -24,7 +24,16 @@ from exporter.config import ZenMuxConfig
 from exporter.records import Outcome
 from exporter.redact import MIN_PIECE
 from exporter.zenmux import ZenMuxClient
-from tests.support import Spans, StartExporter, append_lines, make_config, scrape, value, wait_until
+from tests.support import (
+    Spans,
+    StartExporter,
+    append_lines,
+    make_config,
+    peak_allocations,
+    scrape,
+    value,
+    wait_until,
+)
 
 KEY = "sk-ai-v1-" + "7f3a9c1e5b2d4f6a8c0e" * 4  # 89 characters: longer than any cut of an error message
 LIMIT = 1024 * 1024  # zenmux.max_response_bytes
@@ -45,9 +54,8 @@ def bomb(stacked: bool) -> bytes:
     return gzip.compress(single, 9) if stacked else single
 
 
-def rss() -> int:
-    with open("/proc/self/status") as status:
-        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) * 1024
+# Generous on purpose: it catches reading a body whole (128 MB inflated, or endless), not a few MB.
+ALLOCATION_BOUND = 16 * LIMIT
 
 
 Reply = Callable[[http.server.BaseHTTPRequestHandler], None]
@@ -107,13 +115,11 @@ async def test_gzip_bombs_stop_at_the_decoded_limit(
     client_for: Callable[[str], ZenMuxClient], stacked: bool, encoding: str
 ) -> None:
     body = bomb(stacked)
-    with hostile(lambda h: send(h, 200, body, Content_Encoding=encoding)) as url:
-        before = rss()
+    with hostile(lambda h: send(h, 200, body, Content_Encoding=encoding)) as url, peak_allocations() as peak:
         result = await client_for(url).lookup("gen-1")
-        grown = rss() - before
     assert result.outcome is Outcome.TOO_LARGE and "decoded" in result.detail
-    assert grown < 64 * 1024 * 1024, f"RSS grew {grown / 2**20:.0f} MB for a {len(body)}-byte bomb"
-    print(f"{encoding} bomb of {len(body)} bytes (128 MB inflated): RSS +{grown / 2**20:.1f} MB, {result.outcome}")
+    assert peak[0] < ALLOCATION_BOUND, f"{peak[0] / 2**20:.0f} MB allocated for a {len(body)}-byte bomb"
+    print(f"{encoding} bomb of {len(body)} bytes (128 MB inflated): peak allocations {peak[0] / 2**20:.1f} MB")
 
 
 async def test_three_codings_and_unknown_codings_are_malformed(client_for: Callable[[str], ZenMuxClient]) -> None:
@@ -143,10 +149,9 @@ def dripping(handler: http.server.BaseHTTPRequestHandler) -> None:
 
 
 async def test_endless_and_dripping_bodies_are_bounded(client_for: Callable[[str], ZenMuxClient]) -> None:
-    with hostile(endless) as url:
-        before = rss()
+    with hostile(endless) as url, peak_allocations() as peak:
         assert (await client_for(url).lookup("gen-1")).outcome is Outcome.TOO_LARGE
-        assert rss() - before < 64 * 1024 * 1024
+    assert peak[0] < ALLOCATION_BOUND, f"{peak[0] / 2**20:.0f} MB allocated for an endless body"
     with hostile(dripping) as url:
         assert (await client_for(url).lookup("gen-1")).outcome is Outcome.TIMEOUT  # zenmux.timeout_seconds
 

@@ -32,6 +32,9 @@ from tests.support import (
 
 BOUND = 256  # exporter.web.MAX_CONNECTIONS, the default
 OVER = BOUND + 144
+# The exporter is a process of its own here, so its RSS is what can be read. Generous on purpose: it catches a
+# buffer without a bound (a few hundred hostile connections each holding their input), not a few MB; the
+# memory figures are bench/'s.
 RSS_BOUND = 300 * 1024 * 1024
 
 
@@ -176,7 +179,8 @@ async def test_smuggling_shapes_and_http_1_0_against_the_process(exporter: Runni
         writer.write(data)
         answer = await asyncio.wait_for(reader.read(), 10)  # the server closes after its one answer
         writer.close()
-        assert answer.split(b" ")[1] in (b"400", b"431"), (shape, answer[:80])
+        status = b"431" if shape == "header_too_large" else b"400"
+        assert answer.split(b" ")[1] == status, (shape, answer[:80])
         assert answer.count(b"HTTP/1.1 ") == 1 and b"smuggled" not in answer, shape
     reader, writer = await asyncio.open_connection("127.0.0.1", exporter.port)
     writer.write(b"GET /healthz HTTP/1.0\r\n\r\n")
@@ -184,7 +188,7 @@ async def test_smuggling_shapes_and_http_1_0_against_the_process(exporter: Runni
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"ok\n")
     text = await still_served(exporter)
-    assert rejected(text, "bad_request") >= len(SMUGGLING) - 1 and rejected(text, "header_too_large") == 1
+    assert rejected(text, "bad_request") == len(SMUGGLING) - 1 and rejected(text, "header_too_large") == 1
 
 
 async def test_tls_handshake_floods(tmp_path: Path) -> None:

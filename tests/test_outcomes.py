@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from exporter.app import Exporter
+from exporter.clock import ManualClock
 from exporter.simulate.api import Faults
 from tests.support import (
     SUBSCRIPTION_KEY,
@@ -85,15 +85,27 @@ async def test_faults_are_counted_then_the_id_resolves(
 
 
 async def test_retry_after_is_honoured(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
-    set_sim(fake_api, faults=Faults(rate_limited=1.0), retry_after_seconds=1)
-    exporter = await start_exporter(make_config(tmp_path, fake_api.url))
+    """Retry-After: 3 (not the 1 s rate-limit pause, nor the 0.05-0.2 s backoff) sets when the id is looked up
+    again; on a clock only the test moves, the next lookup goes out once 3 s have passed."""
+    set_sim(fake_api, billing_delay_seconds=0, faults=Faults(rate_limited=1.0), retry_after_seconds=3)
+    clock = ManualClock()
+    config = make_config(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 0})
+    exporter = await start_exporter(config, clock=clock)
+    state, resolver = exporter.state, exporter.resolver
+    assert state is not None and resolver is not None
     append_lines(tmp_path / "app.log", [json_line(fake_api.create())])
-    await wait_metric(exporter, "zenmux_exporter_lookups_total", 1, outcome="rate_limited")
-    first = time.monotonic()
-    await wait_metric(exporter, "zenmux_exporter_lookups_total", 2, outcome="rate_limited")
-    # Backoff alone would retry within 0.2 s here; Retry-After: 1 holds every lookup back a second.
-    assert time.monotonic() - first >= 0.9
-    set_sim(fake_api, faults=Faults())
+
+    async def due_at(when: float) -> bool:
+        return await state.next_due(clock.time(), set()) == when
+
+    for lookups in (1, 2):
+        await wait_metric(exporter, "zenmux_exporter_lookups_total", lookups, outcome="rate_limited")
+        await wait_until(lambda: due_at(clock.time() + 3), what="the retry due when Retry-After says")
+        assert await metric(exporter, "zenmux_exporter_lookups_total", outcome="rate_limited") == lookups
+        if lookups == 2:
+            set_sim(fake_api, faults=Faults())  # the third lookup, once released, is answered
+        clock.advance(3)
+        resolver.wake()
     await wait_metric(exporter, "zenmux_generations_total", 1)
 
 

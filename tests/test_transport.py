@@ -124,13 +124,18 @@ async def test_at_most_max_connections_are_open_and_the_rest_wait() -> None:
 
 
 async def test_a_silent_server_is_a_read_timeout() -> None:
+    timed_out = asyncio.Event()
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        await asyncio.sleep(5)
+        await timed_out.wait()  # silent until the client has given up
 
     async with server(handle) as port, transport() as client:
-        with pytest.raises(httpx.ReadTimeout):
-            await get(client, f"http://127.0.0.1:{port}/", {**TIMEOUTS, "read": 0.2})
+        try:
+            with pytest.raises(httpx.ReadTimeout):
+                await get(client, f"http://127.0.0.1:{port}/", {**TIMEOUTS, "read": 0.2})
+        finally:
+            timed_out.set()
 
 
 async def test_a_reset_mid_body_is_a_transport_error() -> None:

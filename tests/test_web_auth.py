@@ -7,7 +7,6 @@ import base64
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import bcrypt
@@ -17,7 +16,7 @@ import yaml
 
 from exporter.config import ConfigError
 from exporter.webconfig import load_web_config
-from tests.support import FakeApi, StartExporter, make_cert, make_config, write_config
+from tests.support import FakeApi, StartExporter, make_cert, make_config, value, wait_until, write_config
 
 PASSWORD = "correct horse battery staple"
 
@@ -83,10 +82,16 @@ async def test_a_flood_of_wrong_passwords_does_not_stall_scrapes(
         assert (await client.get("/metrics", headers=basic("prometheus", PASSWORD))).status_code == 200
         attack = [asyncio.create_task(client.get("/metrics", headers=basic("prometheus", f"guess{i}")))
                   for i in range(40)]
-        await asyncio.sleep(0.2)  # let the guesses queue up: what is measured is a scrape in the middle of them
-        started = time.monotonic()
+
+        async def guesses_at_the_server() -> bool:  # the server counts their connections open
+            scraped = await client.get("/metrics", headers=basic("prometheus", PASSWORD))
+            return value(scraped.text, "zenmux_exporter_http_connections") >= len(attack)
+
+        await wait_until(guesses_at_the_server, what="a scrape answered with the 40 guesses open at the server")
         assert (await client.get("/metrics", headers=basic("prometheus", PASSWORD))).status_code == 200
-        assert time.monotonic() - started < 1.0
+        # Checked two at a time, the guesses take seconds of bcrypt; a scrape queued behind them would be
+        # answered after the last one.
+        assert not all(guess.done() for guess in attack), "the scrape waited for every guess"
         assert {r.status_code for r in await asyncio.gather(*attack)} == {401}
 
 
