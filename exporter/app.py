@@ -99,6 +99,8 @@ class Exporter:
         self._tasks: list[asyncio.Task[None]] = []
         self._source_tasks: list[asyncio.Task[None]] = []
         self._oldest_age = 0.0
+        self._next_count = 0.0  # an ingest-only process of a fleet: when to count the shared queue again
+        self._last_forget = 0.0
         self._started = False
         self._draining = False
         # Set to cut a drain short (a second SIGTERM/SIGINT): what is pending stays in the state database.
@@ -238,6 +240,7 @@ class Exporter:
         """The first call to a shared state connects (and creates or checks the schema)."""
         try:
             await self.state.refresh()
+            self._next_count = self.clock.time() + INGEST_COUNT_SECONDS
         except StateError as err:
             if err.operation == "schema":  # no use waiting: this exporter cannot read that database
                 await self._close_servers()
@@ -318,34 +321,39 @@ class Exporter:
         return self.state.problem
 
     async def _housekeeping(self) -> None:
-        last_forget = 0.0
-        # Only resolvers and exposers report the queue; a fleet's ingest-only process counts it seldom (to hold
-        # state.max_pending) and never asks for its oldest id.
-        reports = "resolve" in self.config.roles or "expose" in self.config.roles or not self.state.shared
         while not self._stop_resolver.is_set():
-            now = self.clock.time()
-            wait = HOUSEKEEPING_SECONDS if reports else INGEST_COUNT_SECONDS
+            await self.housekeep()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_resolver.wait(), HOUSEKEEPING_SECONDS)
+
+    async def housekeep(self) -> None:
+        """One round of housekeeping at the clock's time: the queue's count and oldest id, and forgetting.
+
+        Only resolvers and exposers report the queue; a fleet's ingest-only process counts it every
+        INGEST_COUNT_SECONDS (to hold state.max_pending; its own inserts are added in between) and never asks
+        for its oldest id."""
+        now = self.clock.time()
+        reports = "resolve" in self.config.roles or "expose" in self.config.roles or not self.state.shared
+        if reports or now >= self._next_count:
             try:
                 await self.state.refresh()
                 if reports:
                     oldest = await self.state.oldest_pending()
                     self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
+                self._next_count = now + INGEST_COUNT_SECONDS
             except StateError as err:
-                log.warning("%s", err)
-                wait = HOUSEKEEPING_SECONDS  # the store's backoff paces the reconnection
-            # One forgetter per state: the process that resolves (in a fleet, every resolver; they take turns).
-            if self.resolver is not None and now - last_forget >= FORGET_EVERY_SECONDS:
-                forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
-                if forgotten:
-                    log.info("forgot %d resolved ids older than the dedupe window", forgotten)
-                try:
-                    await prune_days(self.state, self.ledger, now, self.config.reconcile.days_kept)
-                except StateError as err:
-                    self.metrics.state_errors.labels("forget").inc()
-                    log.error("cannot drop old per-day ledger rows from the state database: %s", err)
-                last_forget = now
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop_resolver.wait(), wait)
+                log.warning("%s", err)  # counted again next round: the store's backoff paces reconnecting
+        # One forgetter per state: the process that resolves (in a fleet, every resolver; they take turns).
+        if self.resolver is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
+            forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
+            if forgotten:
+                log.info("forgot %d resolved ids older than the dedupe window", forgotten)
+            try:
+                await prune_days(self.state, self.ledger, now, self.config.reconcile.days_kept)
+            except StateError as err:
+                self.metrics.state_errors.labels("forget").inc()
+                log.error("cannot drop old per-day ledger rows from the state database: %s", err)
+            self._last_forget = now
 
     async def _forget(self, before: float) -> int:
         """Forgets finished ids older than `before` in batches, letting the event loop run between them."""

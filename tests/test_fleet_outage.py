@@ -12,8 +12,11 @@ import httpx
 import psycopg
 import pytest
 
-from exporter.app import Exporter
+from exporter.app import INGEST_COUNT_SECONDS, Exporter
+from exporter.clock import ManualClock
 from exporter.config import parse_config
+from exporter.ids import Sighting
+from exporter.pgstate import PostgresStore
 from exporter.store import StateError
 from tests.pg import Cluster
 from tests.support import FakeApi, StartExporter, append_lines, json_line, samples, scrape, value, wait_until
@@ -141,3 +144,24 @@ async def test_a_hanging_database_does_not_hold_a_fleet_sidecars_shutdown_past_d
     # Cut short, the read-out saved nothing it did not also queue: the next start reads on and loses nothing.
     await start_exporter(parse_config(data, "ingest"))
     await wait_until(lambda: queued(pg_url) == set(first + later), timeout=30, what="every id queued once")
+
+
+async def test_an_ingest_process_counts_the_shared_queue_seldom_and_adds_its_own_inserts(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, pg_url: str
+) -> None:
+    clock = ManualClock()
+    data = fleet_data(tmp_path, fake_api.url, pg_url, ["ingest"])
+    ingest = await start_exporter(parse_config(data, "ingest"), clock=clock)
+    other = await PostgresStore.open(pg_url, password=None, instance="other-sidecar", max_pending=100,
+                                     lease_seconds=5)
+    try:
+        await other.enqueue("udp", [Sighting(f"gen-{i}", ()) for i in range(3)], clock.time(), clock.time())
+        await ingest.housekeep()
+        assert ingest.state.pending == 0  # another sidecar's inserts are not seen before the next count...
+        send_udp(ingest.udp_sources[0].port, ["gen-own"])
+        await wait_until(lambda: ingest.state.pending == 1, what="its own insert added to its estimate")
+        clock.advance(INGEST_COUNT_SECONDS)
+        await ingest.housekeep()
+        assert ingest.state.pending == 4  # ... which comes INGEST_COUNT_SECONDS after the last
+    finally:
+        await other.close()
