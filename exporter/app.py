@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 # The oldest-pending gauge is refreshed this often: alerts on it look at minutes, and every wakeup of an
 # idle sidecar costs CPU.
 HOUSEKEEPING_SECONDS = 5.0
+# An ingest-only process of a fleet counts the shared queue this seldom, only to hold state.max_pending: between
+# counts it adds its own inserts. 500 sidecars counting every 5 s would be a count of the queue 100 times a second.
+INGEST_COUNT_SECONDS = 60.0
+# A file source waiting for the database (to learn where it stopped reading) asks again this often; the store's
+# own backoff decides when a connection is really tried.
+SOURCE_OPEN_RETRY_SECONDS = 1.0
 FORGET_EVERY_SECONDS = 3600.0
 LOOKUP_GRACE_SECONDS = 5.0
 FORGET_BATCH = 10_000
@@ -86,13 +92,15 @@ class Exporter:
         self._transport = transport
         self.clock = clock or SystemClock()
         self._rng = rng or random.Random()
-        self.metrics = SelfMetrics(self.registry)
+        self.metrics = SelfMetrics(self.registry, config.roles)
         self.metrics.declare(config)
         self._stop_sources = asyncio.Event()
         self._stop_resolver = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._source_tasks: list[asyncio.Task[None]] = []
         self._oldest_age = 0.0
+        self._next_count = 0.0  # an ingest-only process of a fleet: when to count the shared queue again
+        self._last_forget = 0.0
         self._started = False
         self._draining = False
         # Set to cut a drain short (a second SIGTERM/SIGINT): what is pending stays in the state database.
@@ -105,9 +113,13 @@ class Exporter:
         self.exposer: Exposer | None = None
 
     async def start(self) -> None:
-        """Opens the state (raising StateError if unusable), then starts lookups, sources and HTTP.
+        """Opens the state, then starts HTTP, lookups and sources.
 
-        A bad web config file (metrics.web_config_file) raises ConfigError before anything is opened."""
+        A SQLite state that cannot be opened raises StateError. A PostgreSQL state is connected to after HTTP
+        serves: if the database is unreachable, the process starts anyway (/healthz ok, /readyz names the
+        database) and every part waits and retries with the store's backoff; only a schema newer than this
+        exporter reads raises StateError. A bad web config file (metrics.web_config_file) raises ConfigError
+        before anything is opened."""
         config = self.config
         web_config = config.metrics.web_config_file
         web = load_web_config(web_config) if web_config else WebConfig()  # ConfigError before any side effect
@@ -115,18 +127,17 @@ class Exporter:
             raise ConfigError(web_config, [
                 "tls_server_config.client_auth_type: RequireAndVerifyClientCert fails the kubelet's probes (they "
                 "present no certificate): set metrics.probe_listen for a plain probe listener"])
-        self.state = await open_store(config)
+        self.state = create_store(config)
         roles = config.roles
         shape = LedgerShape(config.metrics.extra_labels)
         limiter = LabelLimiter(
             config.metrics.max_models, config.metrics.max_label_values, config.metrics.max_label_value_length
         )
         self.ledger = Ledger(shape, limiter)
-        # A shared ledger is the database's: an exposer follows it; a resolver only sends its increments.
+        # A shared ledger is the database's: an exposer follows it (Exposer.run); a resolver only sends its
+        # increments.
         if not self.state.shared:
             self.ledger.load(await self.state.ledger_rows())
-        elif "expose" in roles:
-            self.ledger.load(await self.state.ledger_changes())
         exposition = LedgerExposition(self.ledger) if "expose" in roles else None
         if "resolve" in roles:
             self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
@@ -161,11 +172,12 @@ class Exporter:
             self.metrics.expose_leader.set(1 if exposition is not None else 0)
         exposer = self.exposer
         local = not self.state.shared
-        self.registry.register(QueueCollector(
-            lambda: self.state.pending,
-            lambda: self._oldest_age,
-            (lambda: exposer.leading) if exposer is not None else (lambda: local),
-        ))
+        if "resolve" in roles or "expose" in roles:  # an ingest-only process's count is an estimate
+            self.registry.register(QueueCollector(
+                lambda: self.state.pending,
+                lambda: self._oldest_age,
+                (lambda: exposer.leading) if exposer is not None else (lambda: local),
+            ))
         host, port = split_host_port(config.metrics.listen)
         endpoints = Endpoints(
             self.registry,
@@ -197,6 +209,8 @@ class Exporter:
                 await server.start()
             except OSError as err:  # "Address already in use" alone does not say which
                 raise OSError(err.errno, f"{key} {listen}: cannot listen: {err.strerror or err}") from None
+        if self.state.shared:
+            await self._connect()
         for source in config.sources if "ingest" in roles else ():
             if source.type == "udp":
                 udp = UdpSource(source, parser_for(source), ingest, self.metrics)
@@ -205,9 +219,10 @@ class Exporter:
                 self._source_tasks.append(self._watch(udp.serve(self._stop_sources), f"source {source.name}"))
             else:
                 tail = FileSource(source, lines_parser_for(source), ingest, self.state, self.metrics)
-                await tail.open_initial()  # "start_at: end" means the end as of start-up
+                # "start_at: end" means the end as of start-up (or as of when the database answers).
+                opened = self.state.problem is None and await self._open_source(tail)
                 self.file_sources.append(tail)
-                self._source_tasks.append(self._watch(tail.run(self._stop_sources), f"source {source.name}"))
+                self._source_tasks.append(self._watch(self._tail(tail, opened), f"source {source.name}"))
         if resolver is not None:
             self._tasks.append(self._watch(resolver.run(self._stop_resolver), "resolver"))
         if exposer is not None:
@@ -224,6 +239,43 @@ class Exporter:
             self.state.pending,
             self.state.description,
         )
+
+    async def _connect(self) -> None:
+        """The first call to a shared state connects (and creates or checks the schema)."""
+        try:
+            await self.state.refresh()
+            self._next_count = self.clock.time() + INGEST_COUNT_SECONDS
+        except StateError as err:
+            if err.operation == "schema":  # no use waiting: this exporter cannot read that database
+                await self._close_servers()
+                await self.state.close()
+                raise
+            log.warning("starting without the state database (/readyz not ready; retrying with backoff): %s", err)
+
+    async def _close_servers(self) -> None:
+        await self.http.close()
+        if self.probe_http is not None:
+            await self.probe_http.close()
+
+    async def _open_source(self, tail: FileSource) -> bool:
+        """Resumes a file source from its saved position; False while the database cannot say where."""
+        try:
+            await tail.open_initial()
+        except StateError as err:
+            tail.close()
+            log.warning("%s waits for the state database to resume reading: %s", tail.name, err)
+            return False
+        return True
+
+    async def _tail(self, tail: FileSource, opened: bool) -> None:
+        """Runs a file source once it knows where it stopped; until then nothing is read (the file keeps it)."""
+        while not opened:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_sources.wait(), SOURCE_OPEN_RETRY_SECONDS)
+            if self._stop_sources.is_set():
+                return
+            opened = await self._open_source(tail)
+        await tail.run(self._stop_sources)
 
     def _start_reconciler(self) -> None:
         config = self.config
@@ -273,28 +325,39 @@ class Exporter:
         return self.state.problem
 
     async def _housekeeping(self) -> None:
-        last_forget = 0.0
         while not self._stop_resolver.is_set():
-            now = self.clock.time()
-            try:
-                await self.state.refresh()
-                oldest = await self.state.oldest_pending()
-                self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
-            except StateError as err:
-                log.warning("%s", err)
-            # One forgetter per state: the process that resolves (in a fleet, every resolver; they take turns).
-            if self.resolver is not None and now - last_forget >= FORGET_EVERY_SECONDS:
-                forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
-                if forgotten:
-                    log.info("forgot %d resolved ids older than the dedupe window", forgotten)
-                try:
-                    await prune_days(self.state, self.ledger, now, self.config.reconcile.days_kept)
-                except StateError as err:
-                    self.metrics.state_errors.labels("forget").inc()
-                    log.error("cannot drop old per-day ledger rows from the state database: %s", err)
-                last_forget = now
+            await self.housekeep()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_resolver.wait(), HOUSEKEEPING_SECONDS)
+
+    async def housekeep(self) -> None:
+        """One round of housekeeping at the clock's time: the queue's count and oldest id, and forgetting.
+
+        Only resolvers and exposers report the queue; a fleet's ingest-only process counts it every
+        INGEST_COUNT_SECONDS (to hold state.max_pending; its own inserts are added in between) and never asks
+        for its oldest id."""
+        now = self.clock.time()
+        reports = "resolve" in self.config.roles or "expose" in self.config.roles or not self.state.shared
+        if reports or now >= self._next_count:
+            try:
+                await self.state.refresh()
+                if reports:
+                    oldest = await self.state.oldest_pending()
+                    self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
+                self._next_count = now + INGEST_COUNT_SECONDS
+            except StateError as err:
+                log.warning("%s", err)  # counted again next round: the store's backoff paces reconnecting
+        # One forgetter per state: the process that resolves (in a fleet, every resolver; they take turns).
+        if self.resolver is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
+            forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
+            if forgotten:
+                log.info("forgot %d resolved ids older than the dedupe window", forgotten)
+            try:
+                await prune_days(self.state, self.ledger, now, self.config.reconcile.days_kept)
+            except StateError as err:
+                self.metrics.state_errors.labels("forget").inc()
+                log.error("cannot drop old per-day ledger rows from the state database: %s", err)
+            self._last_forget = now
 
     async def _forget(self, before: float) -> int:
         """Forgets finished ids older than `before` in batches, letting the event loop run between them."""
@@ -322,7 +385,16 @@ class Exporter:
         self._draining = True
         self.metrics.draining.set(1)
         self._stop_sources.set()
+        # A fleet's sidecar is given drain_seconds for the sources' last read-out (a database that hangs must not
+        # hold the pod): what is cut short was not saved, and is read again from the saved position.
+        reading = set(self._source_tasks)
+        if reading and self.state.shared:
+            _done, reading = await asyncio.wait(reading, timeout=drain)
+            for task in reading:
+                task.cancel()
         await asyncio.gather(*self._source_tasks, return_exceptions=True)
+        for tail in self.file_sources:
+            tail.close()
         pending_at_start = self.state.pending
         # In a fleet the queue is shared and durable: other replicas resolve what is pending.
         resolver = self.resolver
@@ -353,9 +425,7 @@ class Exporter:
                 report.left_pending,
                 self.state.description,
             )
-        await self.http.close()
-        if self.probe_http is not None:
-            await self.probe_http.close()
+        await self._close_servers()
         if resolver is not None:
             await self.client.aclose()
         if self.reconciler is not None:
@@ -366,8 +436,9 @@ class Exporter:
         return report
 
 
-async def open_store(config: Config) -> Store:
-    """The state backend the config names: PostgreSQL for a postgresql:// state.url, else the SQLite file."""
+def create_store(config: Config) -> Store:
+    """The state backend the config names: PostgreSQL for a postgresql:// state.url (not connected yet: its
+    first call connects), else the SQLite file (opened, or StateError)."""
     state = config.state
     if not state.url:
         return StateStore(state.path, max_pending=state.max_pending)
@@ -377,10 +448,22 @@ async def open_store(config: Config) -> Store:
         password = read_state_password(state)
     except ConfigError as err:
         raise StateError(str(err), "open") from None
-    return await PostgresStore.open(
+    return PostgresStore(
         state.url,
         password=password,
         instance=instance_name(state),
         max_pending=state.max_pending,
         lease_seconds=state.lease_seconds,
     )
+
+
+async def open_store(config: Config) -> Store:
+    """The state backend the config names, connected: StateError if it cannot be used now."""
+    store = create_store(config)
+    if store.shared:
+        try:
+            await store.refresh()
+        except StateError:
+            await store.close()
+            raise
+    return store

@@ -86,11 +86,13 @@ class Exposer:
 
     async def run(self, stop: asyncio.Event) -> None:
         next_election = 0.0
+        loaded = False  # an exposer that never read the ledger does not lead: it would serve zeros
         while not stop.is_set():
             now = time.monotonic()
             with contextlib.suppress(StateError):  # the store logs and /readyz reports the outage
                 self._ledger.load(await self._store.ledger_changes())
-            if now >= next_election:
+                loaded = True
+            if loaded and now >= next_election:
                 try:
                     leading = await self._store.try_lead()
                 except StateError:

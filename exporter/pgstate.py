@@ -229,6 +229,7 @@ class PostgresStore:
         self._reconnect_wait = RECONNECT_INITIAL_SECONDS
         self._counted = 0  # pending ids at the last count, plus what this process added and removed since
         self._cursor = "0"  # the ledger's change horizon (an xid8) for ledger_changes
+        self._migrated = False  # the schema is checked (created, migrated) on the first connection
         info = conninfo_to_dict(url)
         self._where = (
             f"postgresql {info.get('user') or '(default user)'}@{info.get('host') or '(local socket)'}:"
@@ -249,7 +250,6 @@ class PostgresStore:
     ) -> PostgresStore:
         """Connects, creates or migrates the schema and counts the queue; raises StateError if it cannot."""
         store = cls(url, password=password, instance=instance, max_pending=max_pending, lease_seconds=lease_seconds)
-        await store._call("open", store._migrate)
         await store.refresh()
         return store
 
@@ -287,9 +287,15 @@ class PostgresStore:
                         raise StateError(self.problem or f"{self._where}: not connected", operation)
                     try:
                         db = self._db = await self._connect()
-                    except BaseException:
+                        if not self._migrated:  # the first connection creates or checks the schema
+                            await asyncio.wait_for(self._migrate(db), STATEMENT_TIMEOUT_SECONDS)
+                            self._migrated = True
+                    except BaseException as err:
                         self._reconnect_at = self._monotonic() + self._reconnect_wait
                         self._reconnect_wait = min(self._reconnect_wait * 2, RECONNECT_MAX_SECONDS)
+                        if isinstance(err, StateError):  # a schema newer than this exporter reads
+                            self.problem = str(err)
+                        await self._drop()  # an unchecked schema is checked again on the next connection
                         raise
                     if self.problem is not None:
                         log.info("%s: connected again", self._where)
@@ -337,7 +343,7 @@ class PostgresStore:
                 raise StateError(
                     f"{self._where}: schema version {version}, this exporter reads {SCHEMA_VERSION}: "
                     "run the newer exporter (or restore the database it was made for)",
-                    "open",
+                    "schema",
                 )
 
     # --- ingest -------------------------------------------------------------------------------------------

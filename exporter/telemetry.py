@@ -6,7 +6,7 @@ import json
 import logging
 import platform
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 
 from opentelemetry.sdk.resources import Resource
@@ -30,10 +30,16 @@ ROTATION_KINDS = ("rename", "truncate", "copytruncate_recovered", "copytruncate_
 
 
 class SelfMetrics:
-    """Counters and gauges about the exporter itself, on an injected registry."""
+    """Counters and gauges about the exporter itself, on an injected registry.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    Each process exposes those of its roles: lookups (and the horizon, limits and label caps of resolution)
+    only where `resolve` runs; the give-up horizon also where `expose` runs, beside the queue gauges it is
+    compared with. The others are still counted into, never exposed."""
+
+    def __init__(self, registry: CollectorRegistry, roles: Sequence[str] = ("ingest", "resolve", "expose")) -> None:
         p = "zenmux_exporter_"
+        resolving = registry if "resolve" in roles else None
+        exposing = registry if "resolve" in roles or "expose" in roles else None
         self.ids_received = Counter(p + "ids_received", "Valid ids read from a source.", ["source"], registry=registry)
         self.ids_duplicate = Counter(
             p + "ids_duplicate", "Ids already pending or resolved, dropped.", ["source"], registry=registry
@@ -64,24 +70,24 @@ class SelfMetrics:
             ["source"],
             registry=registry,
         )
-        self.inflight = Gauge(p + "inflight_lookups", "Lookups in progress.", registry=registry)
-        self.lookups = Counter(p + "lookups", "Lookup attempts by outcome.", ["outcome"], registry=registry)
+        self.inflight = Gauge(p + "inflight_lookups", "Lookups in progress.", registry=resolving)
+        self.lookups = Counter(p + "lookups", "Lookup attempts by outcome.", ["outcome"], registry=resolving)
         self.lookup_duration = Histogram(
             p + "lookup_duration_seconds",
             "Duration of one lookup attempt.",
             ["outcome"],
             buckets=LOOKUP_BUCKETS,
-            registry=registry,
+            registry=resolving,
         )
         self.abandoned = Counter(
-            p + "abandoned_ids", "Ids given up after the give-up horizon.", ["reason"], registry=registry
+            p + "abandoned_ids", "Ids given up after the give-up horizon.", ["reason"], registry=resolving
         )
         self.billing_unavailable = Counter(
-            p + "billing_unavailable", "Generations counted without cost.", ["reason"], registry=registry
+            p + "billing_unavailable", "Generations counted without cost.", ["reason"], registry=resolving
         )
-        self.auth_failing = Gauge(p + "api_auth_failing", "1 while the API answers 401/403.", registry=registry)
+        self.auth_failing = Gauge(p + "api_auth_failing", "1 while the API answers 401/403.", registry=resolving)
         self.label_overflow = Counter(
-            p + "label_overflow", "Label values folded into 'other' by a cardinality cap.", ["label"], registry=registry
+            p + "label_overflow", "Label values folded into 'other' by a cardinality cap.", ["label"], registry=exposing
         )
         self.draining = Gauge(p + "draining", "1 while shutting down and draining pending ids.", registry=registry)
         self.reconcile_requests = Counter(
@@ -96,11 +102,11 @@ class SelfMetrics:
         build = Gauge(p + "build_info", "Build information.", ["version", "python_version"], registry=registry)
         build.labels(__version__, platform.python_version()).set(1)
         self.give_up_after = Gauge(
-            p + "give_up_after_seconds", "Configured resolve.give_up_after_seconds.", registry=registry
+            p + "give_up_after_seconds", "Configured resolve.give_up_after_seconds.", registry=exposing
         )
         self.max_pending = Gauge(p + "max_pending_ids", "Configured state.max_pending.", registry=registry)
         self.concurrency_limit = Gauge(
-            p + "lookup_concurrency_limit", "Configured zenmux.concurrency.", registry=registry
+            p + "lookup_concurrency_limit", "Configured zenmux.concurrency.", registry=resolving
         )
         self.expose_leader = Gauge(
             p + "expose_leader",

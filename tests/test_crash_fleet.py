@@ -137,6 +137,7 @@ async def test_a_fleet_counts_exactly_once_through_kill_9_of_any_member(
 ) -> None:
     kills_wanted = 40 if soak else 12
     seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))
+    print(f"fleet crash-loop seed: {seed} (rerun with CRASH_SEED={seed})", flush=True)
     rng = random.Random(seed)
     faults = ["server_error=0.04", "reset=0.02", "truncated=0.02", "malformed=0.02", "slow=0.01"]
     with api_process("--billing-delay", "0.4", *(a for f in faults for a in ("--fault", f)),
