@@ -12,6 +12,7 @@ import httpx
 
 from exporter.clock import Clock
 from exporter.records import MalformedResponse, Outcome, parse_retry_after
+from exporter.transport import BodyEncodingError, BodyTooLarge, read_bounded
 
 T = TypeVar("T")
 
@@ -19,6 +20,7 @@ COST_PATH = "/api/v1/management/cost"
 BALANCE_PATH = "/api/v1/management/payg/balance"
 DEFAULT_RETRY_AFTER_SECONDS = 60.0  # the documented Retry-After of the cost endpoint; 422 carries none
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+MAX_EXPONENT, MIN_EXPONENT = 15, -30  # amounts and counts within 1e15, precision down to 1e-30
 
 # --- parsing (pure) ---------------------------------------------------------------------------------------
 
@@ -36,6 +38,10 @@ def parse_decimal(value: Any, where: str) -> Decimal | None:
         raise MalformedResponse(f"{where} is not a decimal number") from None
     if not number.is_finite():
         raise MalformedResponse(f"{where} is not finite")
+    # "1e999999999" is a finite Decimal, but summing it overflows the context: no amount ZenMux bills is that
+    # large or that small, so such an exponent is a malformed body (counted), never a crash.
+    if number and not MIN_EXPONENT <= number.adjusted() <= MAX_EXPONENT:
+        raise MalformedResponse(f"{where} is out of range")
     return number
 
 
@@ -139,7 +145,12 @@ class AccountClient:
             base_url=base_url.rstrip("/"),
             transport=transport,
             timeout=timeout_seconds,
-            headers={"Authorization": f"Bearer {management_key}", "User-Agent": "zenmux-exporter"},
+            # Only codings read_bounded undoes layer by layer within the size limit (no brotli, no zstd).
+            headers={
+                "Authorization": f"Bearer {management_key}",
+                "User-Agent": "zenmux-exporter",
+                "Accept-Encoding": "gzip, deflate",
+            },
         )
 
     async def aclose(self) -> None:
@@ -155,11 +166,11 @@ class AccountClient:
     async def _get(self, path: str, params: Mapping[str, str], parse: Callable[[Any], T]) -> T:
         try:
             async with self._http.stream("GET", path, params=params) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > MAX_RESPONSE_BYTES:
-                        raise PollError(Outcome.TOO_LARGE, f"{path}: body over {MAX_RESPONSE_BYTES} bytes")
+                body = await read_bounded(response, MAX_RESPONSE_BYTES)  # decoded bytes bounded too (gzip bombs)
+        except BodyTooLarge:
+            raise PollError(Outcome.TOO_LARGE, f"{path}: body over {MAX_RESPONSE_BYTES} bytes") from None
+        except BodyEncodingError as err:
+            raise PollError(Outcome.MALFORMED, f"{path}: {err}") from None
         except httpx.TimeoutException:
             raise PollError(Outcome.TIMEOUT, f"{path}: timed out") from None
         except httpx.HTTPError as err:

@@ -27,7 +27,7 @@ from exporter.fleet import Exposer, SharedRateLimit
 from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
-from exporter.reconcile import ReconcileCollector, Reconciler, prune_days
+from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler, days_window, prune_days
 from exporter.resolver import RateLimit, Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
@@ -229,7 +229,11 @@ class Exporter:
             self._tasks.append(self._watch(exposer.run(self._stop_resolver), "exposer"))
         self._tasks.append(self._watch(self._housekeeping(), "housekeeping"))
         if self._management_key:
-            self._start_reconciler()
+            if "expose" in roles:
+                self._start_reconciler(exposer)
+            else:
+                log.warning("reconcile: the management key is not used here: only a process with the expose role "
+                            "reconciles (in a fleet, the leading exposer)")
         self._started = True
         log.info(
             "zenmux-exporter (%s) serving /metrics on %s:%d; %d pending ids in %s",
@@ -277,7 +281,7 @@ class Exporter:
             opened = await self._open_source(tail)
         await tail.run(self._stop_sources)
 
-    def _start_reconciler(self) -> None:
+    def _start_reconciler(self, exposer: Exposer | None) -> None:
         config = self.config
         self.account = AccountClient(
             config.zenmux.base_url,
@@ -287,9 +291,15 @@ class Exporter:
             clock=self.clock,
         )
         reconciler = Reconciler(config.reconcile, self.account, self.ledger, self.metrics, clock=self.clock)
-        self.registry.register(ReconcileCollector(lambda: reconciler.snapshot))
+
+        # In a fleet only the leading exposer polls (the account's rate limit is shared) and shows the
+        # comparison (its ledger is the whole fleet's; a follower's figures would be counted twice).
+        def leading() -> bool:
+            return exposer is None or exposer.leading
+
+        self.registry.register(ReconcileCollector(lambda: reconciler.snapshot if leading() else EMPTY_SNAPSHOT))
         self.reconciler = reconciler
-        self._tasks.append(self._watch(reconciler.run(self._stop_resolver), "reconcile"))
+        self._tasks.append(self._watch(reconciler.run(self._stop_resolver, leading), "reconcile"))
 
     def _watch(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A background task whose death by an exception is logged and fails /healthz (so a liveness probe
@@ -357,6 +367,11 @@ class Exporter:
             except StateError as err:
                 self.metrics.state_errors.labels("forget").inc()
                 log.error("cannot drop old per-day ledger rows from the state database: %s", err)
+            self._last_forget = now
+        elif self.exposer is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
+            # The resolvers drop old days from the database; an exposer's ledger forgets them (no row change
+            # tells it).
+            self.ledger.forget_daily_outside(*days_window(now, self.config.reconcile.days_kept))
             self._last_forget = now
 
     async def _forget(self, before: float) -> int:

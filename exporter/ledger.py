@@ -154,11 +154,6 @@ class Ledger:
                     out[model] = (cost + value, count) if metric == DAILY_COST else (cost, count + value)
         return out
 
-    def daily_rows_outside(self, first: str, last: str) -> list[tuple[str, str]]:
-        """The (metric, labels) row keys, as the store holds them, of days (YYYYMMDD) not in [first, last]."""
-        with self._lock:
-            return [(m, _labels_json(labels)) for m, labels in self._daily if not first <= labels[0] <= last]
-
     def forget_daily_outside(self, first: str, last: str) -> None:
         """Drops days not in [first, last] from memory (after the store dropped their rows)."""
         with self._lock:

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from exporter.contribution import DAILY_METRICS
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
 from exporter.store import (
@@ -583,15 +584,15 @@ class PostgresStore:
             self._cursor = horizon
         return [_row(*row[1:]) for row in rows]
 
-    async def drop_ledger_rows(self, keys: Sequence[tuple[str, str]]) -> None:
-        async def work(db: psycopg.AsyncConnection[Any]) -> None:
-            await db.execute(
-                "DELETE FROM ledger USING unnest(%s::text[], %s::text[]) AS k(metric, labels) "
-                "WHERE ledger.metric = k.metric AND ledger.labels = k.labels",
-                ([metric for metric, _ in keys], [labels for _, labels in keys]),
+    async def drop_daily_outside(self, first: str, last: str) -> int:
+        async def work(db: psycopg.AsyncConnection[Any]) -> int:
+            cursor = await db.execute(
+                "DELETE FROM ledger WHERE metric = ANY(%s) AND NOT ((labels::jsonb)->>0 BETWEEN %s AND %s)",
+                (sorted(DAILY_METRICS), first, last),
             )
+            return max(cursor.rowcount, 0)
 
-        await self._call("forget", work)
+        return await self._call("forget", work)
 
     async def forget_finished(self, before: float, limit: int = 10_000) -> int:
         async def work(db: psycopg.AsyncConnection[Any]) -> int:

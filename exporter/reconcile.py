@@ -98,12 +98,19 @@ def compare(
 # --- the poller ---------------------------------------------------------------------------------------------
 
 
+# A following exposer looks this often whether it leads now (and should poll).
+FOLLOWER_CHECK_SECONDS = 5.0
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """The last comparison: lines per `day` label, and the balance (None until first read)."""
 
     days: Mapping[str, Sequence[Line]]
     balance: Balance | None
+
+
+EMPTY_SNAPSHOT = Snapshot({}, None)
 
 
 class Reconciler:
@@ -124,8 +131,10 @@ class Reconciler:
         clock: Clock,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        pause: Callable[[asyncio.Event, float], Awaitable[None]] | None = None,
     ) -> None:
         self._config = config
+        self._pause = pause or _until_stopped
         self._client = client
         self._ledger = ledger
         self._metrics = metrics
@@ -137,7 +146,7 @@ class Reconciler:
         self._held_until = dict.fromkeys(ENDPOINTS, -math.inf)
         self._backoff = 0.0
         self._costs: dict[str, tuple[str, dict[str, ModelCost]]] = {}  # day label -> (YYYYMMDD, ZenMux's)
-        self.snapshot = Snapshot({}, None)
+        self.snapshot = EMPTY_SNAPSHOT
 
     async def poll(self) -> float:
         """One round; returns the seconds until the next (the poll interval, or sooner/later after errors)."""
@@ -190,23 +199,44 @@ class Reconciler:
         self._backoff = 0.0
         return interval
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, active: Callable[[], bool] = lambda: True) -> None:
+        """Polls while `active` (in a fleet: while this exposer leads, so one process spends the account's
+        rate limit); any failure of a round is logged and backed off: an optional feature never fails /healthz."""
         while not stop.is_set():
-            delay = await self.poll()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            delay = self._config.poll_interval_seconds
+            if active():
+                try:
+                    delay = await self.poll()
+                except Exception:
+                    log.exception("reconcile: the round failed; trying again later")
+                    self._backoff = min(delay, self._backoff * 2 if self._backoff else BACKOFF_INITIAL_SECONDS)
+                    delay = self._backoff
+            else:
+                delay = min(delay, FOLLOWER_CHECK_SECONDS)
+            await self._pause(stop, delay)
+
+
+async def _until_stopped(stop: asyncio.Event, seconds: float) -> None:
+    """Waits `seconds`, or less if `stop` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+def days_window(now: float, days_kept: int) -> tuple[str, str]:
+    """The first and last UTC day (YYYYMMDD) whose per-day rows are kept: the last `days_kept`, and tomorrow
+    (a createAt a little ahead of our clock)."""
+    today = datetime.fromtimestamp(now, UTC)
+    return utc_day(today - timedelta(days=days_kept - 1)), utc_day(today + timedelta(days=1))
 
 
 async def prune_days(state: Store, ledger: Ledger, now: float, days_kept: int) -> int:
-    """Drops per-day ledger rows of days older than the last `days_kept` (UTC), or after tomorrow (a createAt
-    no clock agrees with), from the state and then from memory; returns how many rows."""
-    today = datetime.fromtimestamp(now, UTC)
-    first, last = utc_day(today - timedelta(days=days_kept - 1)), utc_day(today + timedelta(days=1))
-    keys = ledger.daily_rows_outside(first, last)
-    if keys:
-        await state.drop_ledger_rows(keys)
-        ledger.forget_daily_outside(first, last)
-    return len(keys)
+    """Drops per-day ledger rows of days outside the window (older, or after tomorrow: a createAt no clock
+    agrees with) from the state, by their day in the database (a fleet's resolver does not hold every row in
+    memory), and from this process's ledger; returns how many rows left the state."""
+    first, last = days_window(now, days_kept)
+    dropped = await state.drop_daily_outside(first, last)
+    ledger.forget_daily_outside(first, last)
+    return dropped
 
 
 # --- exposition -----------------------------------------------------------------------------------------------

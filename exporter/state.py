@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
+from exporter.contribution import DAILY_METRICS
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
 from exporter.store import (
@@ -380,13 +381,17 @@ class StateStore:
         except sqlite3.Error as err:
             raise self._error("ledger", err) from None
 
-    async def drop_ledger_rows(self, keys: Sequence[tuple[str, str]]) -> None:
-        """Deletes ledger rows by (metric, labels) in one transaction: the bound on the per-day rows."""
+    async def drop_daily_outside(self, first: str, last: str) -> int:
         try:
             with self._transaction():
-                self._db.executemany("DELETE FROM ledger WHERE metric = ? AND labels = ?", keys)
+                cursor = self._db.execute(
+                    "DELETE FROM ledger WHERE metric IN (SELECT value FROM json_each(?)) "
+                    "AND json_extract(labels, '$[0]') NOT BETWEEN ? AND ?",
+                    (json.dumps(sorted(DAILY_METRICS)), first, last),
+                )
         except sqlite3.Error as err:
             raise self._error("forget", err) from None
+        return cursor.rowcount
 
     async def dump(self) -> StateDump:
         """Everything the file holds, for import-state (read in one transaction)."""

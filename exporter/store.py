@@ -174,8 +174,9 @@ class Store(Protocol):
         A backend whose ledger only this process writes returns nothing: its settle already updated it."""
         ...
 
-    async def drop_ledger_rows(self, keys: Sequence[tuple[str, str]]) -> None:
-        """Deletes ledger rows by (metric, labels) in one transaction (the bound on the per-day rows)."""
+    async def drop_daily_outside(self, first: str, last: str) -> int:
+        """Deletes the per-day ledger rows (DAILY_METRICS) of days (YYYYMMDD) not in [first, last], whichever
+        process wrote them; returns how many (the bound on the per-day rows)."""
 
     async def forget_finished(self, before: float, limit: int = 10_000) -> int:
         """Drops up to `limit` finished ids older than `before`; call again while it returns `limit`."""

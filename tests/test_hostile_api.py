@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from exporter.account import AccountClient, PollError
+from exporter.clock import ManualClock
 from exporter.config import ZenMuxConfig
 from exporter.records import Outcome
 from exporter.redact import MIN_PIECE
@@ -120,6 +122,20 @@ async def test_gzip_bombs_stop_at_the_decoded_limit(
     assert result.outcome is Outcome.TOO_LARGE and "decoded" in result.detail
     assert peak[0] < ALLOCATION_BOUND, f"{peak[0] / 2**20:.0f} MB allocated for a {len(body)}-byte bomb"
     print(f"{encoding} bomb of {len(body)} bytes (128 MB inflated): peak allocations {peak[0] / 2**20:.1f} MB")
+
+
+async def test_the_account_client_bounds_decoded_bytes_too() -> None:
+    body = bomb(True)
+    client: AccountClient | None = None
+    with hostile(lambda h: send(h, 200, body, Content_Encoding="gzip, gzip")) as url, peak_allocations() as peak:
+        client = AccountClient(url, "sk-mg-v1-" + "5" * 40, timeout_seconds=5, clock=ManualClock(0))
+        try:
+            with pytest.raises(PollError) as caught:
+                await client.balance()
+        finally:
+            await client.aclose()
+    assert caught.value.outcome is Outcome.TOO_LARGE
+    assert peak[0] < ALLOCATION_BOUND, f"{peak[0] / 2**20:.0f} MB allocated for a {len(body)}-byte bomb"
 
 
 async def test_three_codings_and_unknown_codings_are_malformed(client_for: Callable[[str], ZenMuxClient]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import time
 from collections.abc import AsyncIterator
@@ -82,7 +83,9 @@ def test_decimal_strings_parse_exactly(raw: Any, expected: Decimal | None) -> No
     assert parse_decimal(raw, "x") == expected
 
 
-@pytest.mark.parametrize("raw", ["abc", "NaN", "Infinity", "", True, [], {"a": 1}])
+@pytest.mark.parametrize(
+    "raw", ["abc", "NaN", "Infinity", "", True, [], {"a": 1}, "1e999999999", "-1e999999999", "1e-999999999"]
+)
 def test_what_is_not_a_decimal_is_malformed(raw: Any) -> None:
     with pytest.raises(MalformedResponse, match="x"):
         parse_decimal(raw, "x")
@@ -194,20 +197,23 @@ async def test_daily_rows_are_settled_with_the_ledger_exactly_restored_and_never
     assert {DAILY_COST, DAILY_GENERATIONS} <= rows
 
 
-async def test_days_beyond_the_bound_leave_the_state_and_the_ledger(open_state: OpenState) -> None:
+@pytest.mark.parametrize("holds_rows", [True, False], ids=["ledger_loaded", "fleet_resolver_ledger"])
+async def test_days_beyond_the_bound_leave_the_state_and_the_ledger(open_state: OpenState, holds_rows: bool) -> None:
     state = await open_state()
     days = ["20260918", "20260919", "20260920", "20260921", "20260922", "20991231"]
     await state.enqueue("src", [Sighting(d) for d in days], now=0, due=0)
     resolved = [Resolved(d, billed("m", 0.5, d, d)) for d in days]
     await state.settle(resolved, Ledger(LedgerShape(()), LabelLimiter(10, 10, 64)), now=1)
     ledger = Ledger(LedgerShape(()), LabelLimiter(10, 10, 64))
-    ledger.load(await state.ledger_rows())  # what a process holds after it started on this state
+    if holds_rows:  # a process that loaded the state; a fleet's resolver holds none of the rows others wrote
+        ledger.load(await state.ledger_rows())
     # START is on 2026-09-21: two days kept, tomorrow tolerated (clock skew), 2099 dropped
     assert await prune_days(state, ledger, START, days_kept=2) == 6  # 3 days x (cost, generations)
-    assert [d for d in days if ledger.daily(d)] == ["20260920", "20260921", "20260922"]
+    assert [d for d in days if ledger.daily(d)] == (["20260920", "20260921", "20260922"] if holds_rows else [])
     restored = Ledger(LedgerShape(()), LabelLimiter(10, 10, 64))
     restored.load(await state.ledger_rows())
     assert [d for d in days if restored.daily(d)] == ["20260920", "20260921", "20260922"]
+    assert {metric for metric, _, _ in await state.ledger_rows()} - {DAILY_COST, DAILY_GENERATIONS}, "others stay"
     assert await prune_days(state, ledger, START, days_kept=2) == 0
 
 
@@ -386,6 +392,43 @@ def poller(
     reconciler = Reconciler(settings, client, ledger, metrics, clock=clock, monotonic=clock.time, sleep=sleep)
     registry.register(ReconcileCollector(lambda: reconciler.snapshot))
     return reconciler, metrics, registry, slept
+
+
+async def test_a_failing_round_backs_off_and_a_follower_does_not_poll(caplog: pytest.LogCaptureFixture) -> None:
+    """Reconciliation is optional: a bug in a round must not kill its task (that fails /healthz, and the
+    liveness probe restarts the sidecar carrying the ids); and in a fleet only the leading exposer polls."""
+    clock = ManualClock(START)
+    stop = asyncio.Event()
+    waits: list[float] = []
+
+    async def pause(stop_event: asyncio.Event, seconds: float) -> None:  # the wait between rounds, on the clock
+        waits.append(seconds)
+        clock.advance(seconds)
+        if len(waits) == 3:
+            stop_event.set()
+
+    settings = ReconcileConfig(management_api_key=MANAGEMENT_KEY)
+    client = AccountClient("http://127.0.0.1:9", MANAGEMENT_KEY, timeout_seconds=5, clock=clock)
+    ledger = Ledger(LedgerShape(()), LabelLimiter(10, 10, 64))
+    reconciler = Reconciler(settings, client, ledger, SelfMetrics(CollectorRegistry()), clock=clock,
+                            monotonic=clock.time, pause=pause)
+    rounds: list[float] = []
+
+    async def broken() -> float:
+        rounds.append(clock.time())
+        raise ArithmeticError("a bug in a round")
+
+    reconciler.poll = broken  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, "exporter.reconcile"):
+        await reconciler.run(stop)
+    assert len(rounds) == 3 and waits == [5.0, 10.0, 20.0]  # backed off, and the task still runs
+    assert "the round failed" in caplog.text
+    stop.clear()
+    rounds.clear()
+    waits.clear()
+    await reconciler.run(stop, active=lambda: False)
+    assert rounds == [] and waits == [5.0, 5.0, 5.0], "a follower never polls, and looks again soon"
+    await client.aclose()
 
 
 def requests(sim: SimulatedZenMux, path: str) -> dict[str, int]:
