@@ -11,13 +11,17 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from exporter.app import INGEST_COUNT_SECONDS, Exporter
 from exporter.clock import ManualClock
-from exporter.config import parse_config
-from exporter.ids import Sighting
+from exporter.config import SourceConfig, parse_config
+from exporter.ids import Sighting, lines_parser_for
+from exporter.ingest import Ingest
 from exporter.pgstate import PostgresStore
+from exporter.sources.file import FileSource
 from exporter.store import StateError
+from exporter.telemetry import SelfMetrics
 from tests.pg import Cluster
 from tests.support import FakeApi, StartExporter, append_lines, json_line, samples, scrape, value, wait_until
 from tests.test_fleet import fleet_data, send_udp
@@ -165,3 +169,46 @@ async def test_an_ingest_process_counts_the_shared_queue_seldom_and_adds_its_own
         assert ingest.state.pending == 4  # ... which comes INGEST_COUNT_SECONDS after the last
     finally:
         await other.close()
+
+
+async def test_a_log_renamed_while_the_database_is_away_is_finished_from_its_saved_position(
+    tmp_path: Path, pg_url: str, postgres: Cluster
+) -> None:
+    """A write fails, and so does reading the saved position back: the source must not take the file now at
+    the path for a new one (offset 0), or the renamed file's unread tail would be skipped."""
+    state = await PostgresStore.open(pg_url, password=None, instance="pod-a", max_pending=1000, lease_seconds=60)
+    log_path = tmp_path / "app.log"
+    config = SourceConfig(type="file", name="app", path=str(log_path), start_at="beginning")
+    metrics = SelfMetrics(CollectorRegistry())
+    ingest = Ingest(state, metrics, ManualClock(), billing_delay_seconds=0)
+    source = FileSource(config, lines_parser_for(config), ingest, state, metrics)
+    append_lines(log_path, [json_line(f"read{i}") for i in range(10)])
+    await source.open_initial()
+    while await source.poll():
+        pass
+    postgres.stop("immediate")
+    try:
+        append_lines(log_path, [json_line(f"unread{i}") for i in range(5)])  # then logrotate renames the log
+        log_path.rename(tmp_path / "app.log.1")
+        append_lines(log_path, [json_line(f"new{i}") for i in range(3)])
+        stop = asyncio.Event()
+        stop.set()  # no pause between the failure and the retry
+        with pytest.raises(StateError) as failed:
+            await source.poll()
+        await source._recover(stop, failed.value)  # reading the saved position fails too: still down
+        with pytest.raises(StateError):
+            await source.poll()  # and never reads the new file from byte 0 meanwhile
+    finally:
+        postgres.start()
+
+    async def settled() -> bool:
+        try:
+            while await source.poll():
+                pass
+        except StateError:
+            return False  # the store's reconnect backoff
+        return all([await state.status(g) is not None for g in [*(f"unread{i}" for i in range(5)), "new2"]])
+
+    await wait_until(settled, timeout=60, what="the renamed file's tail and the new file queued")
+    source.close()
+    await state.close()

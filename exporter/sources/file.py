@@ -79,6 +79,9 @@ class FileSource:
         self._rotated_size, self._rotated_quiet_polls = -1, 0  # the renamed-away file, while it settles
         # (size, mtime, ctime) of the file at the path when it was last read as far as it goes.
         self._read_up_to: tuple[int, int, int] | None = None
+        # A failed write left the source closed: it must continue from the saved position once the database
+        # answers again, not take the file at the path for a new one (that would skip a rotated file's tail).
+        self._resume_pending = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Polls until `stop`, then reads what the writer left before closing (open_initial() comes first)."""
@@ -113,12 +116,18 @@ class FileSource:
         self._skipping = False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), STATE_RETRY_SECONDS)
+        self._resume_pending = True
         try:
-            if await self._state.position(self.name) is not None:
-                await self.open_initial()
-            # Nothing saved yet: the file appeared after start-up, and poll() reads it from the beginning.
+            await self._resume()
         except StateError:
-            self.close()
+            self.close()  # poll() resumes once the database answers, never from byte 0 of the file now there
+
+    async def _resume(self) -> None:
+        """Continues from the last saved position (finishing a file rotated away meanwhile); with nothing saved
+        yet, the file appeared after start-up and poll() reads it from the beginning."""
+        if await self._state.position(self.name) is not None:
+            await self.open_initial()
+        self._resume_pending = False
 
     def _progress(self) -> tuple[int, int] | None:
         """Which file is read and how far: a poll that changes neither found nothing new."""
@@ -266,6 +275,8 @@ class FileSource:
         """Follows rotation, then reads what is new; True when it stopped early with more to read."""
         if self._ingest.full:
             return False  # backpressure: the file keeps the ids until the queue has room
+        if self._current is None and self._resume_pending:
+            await self._resume()  # a StateError here: the database is still away, run() waits and retries
         if self._current is None:
             if stat_or_none(self._path) is None:
                 return False
