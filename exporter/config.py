@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 import yaml
 
@@ -751,13 +752,23 @@ def redacted(config: Config) -> dict[str, Any]:
     return data
 
 
+def url_passwords(url: str) -> list[str]:
+    """The passwords a database URL carries: in its user info, and as a `password` query parameter (libpq
+    takes both)."""
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    if not url:
+        return []
+    parts = urlsplit(url)
+    found = [unquote(parts.password or ""), *parse_qs(parts.query).get("password", [])]
+    return [p for p in found if p]
+
+
 def redacted_url(url: str) -> str:
-    """A database URL with its password (if any) replaced, for printing."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
-        return url
-    return f"{scheme}://{userinfo.partition(':')[0]}:{REDACTED}@{host}"
+    """A database URL with its passwords (user info and `password=` query parameter) replaced, for printing."""
+    for password in url_passwords(url):
+        url = url.replace(password, REDACTED).replace(quote(password, safe=""), REDACTED)
+    return url
 
 
 def read_state_password(config: StateConfig) -> str | None:
@@ -780,8 +791,5 @@ def instance_name(config: StateConfig) -> str:
 
 def state_secrets(config: StateConfig) -> list[str]:
     """The database password(s) to keep out of the logs: the URL's and the password file's."""
-    from urllib.parse import unquote, urlsplit
-
-    found = [unquote(urlsplit(config.url).password or "")] if config.url else []
     password = read_state_password(config)
-    return [s for s in (*found, password) if s]
+    return [s for s in (*url_passwords(config.url), password) if s]

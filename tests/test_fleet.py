@@ -152,8 +152,18 @@ def test_roles_and_state_url_rules(tmp_path: Path) -> None:
         parse_config(fleet_data(tmp_path, "http://zenmux.test", url, ["expose", "scrape"]), "x")
 
 
-def test_check_config_redacts_the_database_password(tmp_path: Path) -> None:
-    data = fleet_data(tmp_path, "http://zenmux.test", "postgresql://zenmux:${PGPW}@db:5432/zenmux", ["ingest"])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://zenmux:${PGPW}@db:5432/zenmux", "postgresql://zenmux:<redacted>@db:5432/zenmux"),
+        # libpq also takes the password as a query parameter
+        ("postgresql://zenmux@db:5432/zenmux?password=${PGPW}&sslmode=require",
+         "postgresql://zenmux@db:5432/zenmux?password=<redacted>&sslmode=require"),
+    ],
+    ids=["user_info", "query_parameter"],
+)
+def test_check_config_redacts_the_database_password(tmp_path: Path, url: str, shown: str) -> None:
+    data = fleet_data(tmp_path, "http://zenmux.test", url, ["ingest"])
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))
     out = io.StringIO()
@@ -161,7 +171,8 @@ def test_check_config_redacts_the_database_password(tmp_path: Path) -> None:
         env.setenv("PGPW", "hunter2-db")
         assert main(["check-config", "--config", str(config)]) == 0
     assert "hunter2-db" not in out.getvalue()
-    assert "postgresql://zenmux:<redacted>@db:5432/zenmux" in out.getvalue()
+    assert shown in out.getvalue()
+    assert state_secrets(parse_config(data, "x", {"PGPW": "hunter2-db"}).state) == ["hunter2-db"]  # kept out of logs
 
 
 async def test_a_lost_database_is_not_ready_loses_nothing_and_counts_once_after(
