@@ -182,7 +182,8 @@ class FileSource:
         paths, found = candidates(self._path, self._config.rotated_glob)
         if found > len(paths):
             log.warning("%s: %d rotated files match, only the newest %d are looked at", self.name, found, len(paths))
-        chosen, matched = find_copy(paths, saved, stat_or_none(self._path))
+        # Matching may decompress copies up to the saved offset: off the event loop (scrapes, probes, UDP).
+        chosen, matched = await asyncio.to_thread(find_copy, paths, saved, stat_or_none(self._path))
         if chosen is None:
             if truncated:
                 self._metrics.file_rotations.labels(self.name, "copytruncate_unrecovered").inc()
