@@ -59,27 +59,50 @@ class ResolveConfig:
     give_up_after_seconds: float = 3600.0
 
 
-@dataclass(frozen=True)
-class SourceConfig:
-    type: Literal["file", "udp"]
+@dataclass(frozen=True, kw_only=True)
+class _SourceCommon:
+    """What every source has: its name and how its lines are parsed."""
+
     name: str
     format: Format = "json"
     id_field: str = "generation_id"
     pattern: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
-    # file
-    path: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileSourceConfig(_SourceCommon):
+    """A log file tailed across rotations (`type: file`)."""
+
+    type: Literal["file"] = field(default="file", init=False)
+    name: str = "file"
+    path: str
     start_at: Literal["end", "beginning"] = "end"
     poll_interval_seconds: float = 0.25
     max_line_bytes: int = 64 * 1024
     # Where rotated copies are looked for (a glob; relative to the log's directory). "": the log's name
     # followed by anything (app.log.1, app.log.1.gz, app.log-20261203).
     rotated_glob: str = ""
-    # udp
+
+
+@dataclass(frozen=True, kw_only=True)
+class UdpSourceConfig(_SourceCommon):
+    """Ids sent as UDP datagrams (`type: udp`)."""
+
+    type: Literal["udp"] = field(default="udp", init=False)
+    name: str = "udp"
+    format: Format = "plain"
     listen: str = "127.0.0.1:9467"
     receive_buffer_bytes: int = 4 * 1024 * 1024
     max_datagram_bytes: int = 65507
     max_buffered_ids: int = 100_000
+
+
+SourceConfig = FileSourceConfig | UdpSourceConfig
+SOURCE_TYPES: dict[str, type[FileSourceConfig] | type[UdpSourceConfig]] = {
+    "file": FileSourceConfig,
+    "udp": UdpSourceConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -365,11 +388,6 @@ def _resolve(r: _Reader, data: dict[str, Any]) -> ResolveConfig:
     return cfg
 
 
-_SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceConfig)}
-_FILE_ONLY = {"path", "start_at", "poll_interval_seconds", "max_line_bytes", "rotated_glob"}
-_UDP_ONLY = {"listen", "receive_buffer_bytes", "max_datagram_bytes", "max_buffered_ids"}
-
-
 def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) -> SourceConfig | None:
     p = f"sources[{index}]"
     if not isinstance(data, dict):
@@ -378,9 +396,13 @@ def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) ->
     kind: Literal["file", "udp"] | None = r.choice(data, "type", p, None, ("file", "udp"))
     if kind is None:
         return None
-    other_only = _UDP_ONLY if kind == "file" else _FILE_ONLY
-    r.unknown_keys(data, _SOURCE_KEYS - other_only, p)
-    d = SourceConfig(type=kind, name=kind)
+    cls = SOURCE_TYPES[kind]
+    own = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in own:
+            other = [k for k, c in SOURCE_TYPES.items() if k != kind and key in {f.name for f in dataclasses.fields(c)}]
+            only = f", only a {other[0]} source has it" if other else ""
+            r.problem(f"{p}.{key}", f"unknown key for a {kind} source{only} (known: {', '.join(sorted(own))})")
     fmt: Format = r.choice(data, "format", p, "json" if kind == "file" else "plain", ("json", "regex", "plain"))
     pattern = r.string(data, "pattern", p, "")
     if fmt == "regex":
@@ -409,39 +431,51 @@ def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) ->
                 labels[name] = origin
         if labels and fmt == "plain":
             r.problem(f"{p}.labels", "plain lines carry no fields; use json or regex to extract labels")
-    source = SourceConfig(
-        type=kind,
-        name=r.string(data, "name", p, kind),
-        format=fmt,
-        id_field=r.string(data, "id_field", p, d.id_field),
-        pattern=pattern,
-        labels=labels,
-        path=r.string(data, "path", p, ""),
-        start_at=r.choice(data, "start_at", p, d.start_at, ("end", "beginning")),
-        poll_interval_seconds=r.number(
-            data, "poll_interval_seconds", p, d.poll_interval_seconds, exclusive_minimum=True
-        ),
-        max_line_bytes=r.integer(data, "max_line_bytes", p, d.max_line_bytes, minimum=256),
-        rotated_glob=r.string(data, "rotated_glob", p, d.rotated_glob),
-        listen=r.string(data, "listen", p, d.listen),
-        receive_buffer_bytes=r.integer(data, "receive_buffer_bytes", p, d.receive_buffer_bytes, minimum=4096),
-        max_datagram_bytes=r.integer(
-            data, "max_datagram_bytes", p, d.max_datagram_bytes, minimum=64, maximum=65535
-        ),
-        max_buffered_ids=r.integer(data, "max_buffered_ids", p, d.max_buffered_ids),
-    )
-    if kind == "file" and not source.path:
-        r.problem(f"{p}.path", "is required for a file source")
-    if kind == "udp":
+    name = r.string(data, "name", p, kind)
+    id_field = r.string(data, "id_field", p, "generation_id")
+    source: SourceConfig
+    if kind == "file":
+        f = FileSourceConfig(path="")
+        source = FileSourceConfig(
+            name=name,
+            format=fmt,
+            id_field=id_field,
+            pattern=pattern,
+            labels=labels,
+            path=r.string(data, "path", p, ""),
+            start_at=r.choice(data, "start_at", p, f.start_at, ("end", "beginning")),
+            poll_interval_seconds=r.number(
+                data, "poll_interval_seconds", p, f.poll_interval_seconds, exclusive_minimum=True
+            ),
+            max_line_bytes=r.integer(data, "max_line_bytes", p, f.max_line_bytes, minimum=256),
+            rotated_glob=r.string(data, "rotated_glob", p, f.rotated_glob),
+        )
+        if not source.path:
+            r.problem(f"{p}.path", "is required for a file source")
+    else:
+        u = UdpSourceConfig()
+        source = UdpSourceConfig(
+            name=name,
+            format=fmt,
+            id_field=id_field,
+            pattern=pattern,
+            labels=labels,
+            listen=r.string(data, "listen", p, u.listen),
+            receive_buffer_bytes=r.integer(data, "receive_buffer_bytes", p, u.receive_buffer_bytes, minimum=4096),
+            max_datagram_bytes=r.integer(
+                data, "max_datagram_bytes", p, u.max_datagram_bytes, minimum=64, maximum=65535
+            ),
+            max_buffered_ids=r.integer(data, "max_buffered_ids", p, u.max_buffered_ids),
+        )
         r.host_port(source.listen, f"{p}.listen")
     if fmt == "regex" and pattern and labels:
         try:
             groups = re.compile(pattern).groupindex
         except re.error:
             groups = {}
-        for name, group in labels.items():
+        for label, group in labels.items():
             if groups and group not in groups:
-                r.problem(f"{p}.labels.{name}", f"names group {group!r}, which the pattern does not have")
+                r.problem(f"{p}.labels.{label}", f"names group {group!r}, which the pattern does not have")
     return source
 
 
@@ -747,7 +781,10 @@ def redacted(config: Config) -> dict[str, Any]:
     data["state"]["url"] = redacted_url(config.state.url)
     data["roles"] = list(config.roles)
     data["metrics"]["extra_labels"] = list(config.metrics.extra_labels)
-    data["sources"] = [dict(s, labels=dict(s["labels"])) for s in data["sources"]]
+    # Each source with only its own type's keys, its type first.
+    data["sources"] = [
+        {"type": s.type, **dataclasses.asdict(s), "labels": dict(s.labels)} for s in config.sources
+    ]
     return data
 
 
