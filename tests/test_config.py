@@ -6,6 +6,7 @@ import dataclasses
 import re
 import socket
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -15,11 +16,13 @@ from exporter.clock import ManualClock
 from exporter.config import (
     ConfigError,
     FileSourceConfig,
+    Reader,
     UdpSourceConfig,
     load_config,
     parse_config,
     read_api_key,
     redacted,
+    setting,
 )
 from exporter.ids import parser_for
 from exporter.ingest import Ingest
@@ -204,6 +207,42 @@ def test_check_config_prints_each_source_with_its_own_keys(
     assert "rotated_glob:" in file_part and "listen:" not in file_part and "receive_buffer_bytes" not in file_part
 
 
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    enabled: bool = False
+    ratio: float = setting(0.5, maximum=1.0)
+    mode: Literal["a", "b"] = "a"
+    listen: str = setting("", host_port=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected", "problems"),
+    [
+        ({}, Knobs(), []),
+        ({"enabled": True, "ratio": 1, "mode": "b", "listen": ":1"}, Knobs(True, 1.0, "b", ":1"), []),
+        # A bool is checked like any other key, not silently left at its default.
+        ({"enabled": "yes"}, Knobs(), ["knobs.enabled: must be true or false, got 'yes'"]),
+        ({"enabled": 1}, Knobs(), ["knobs.enabled: must be true or false, got 1"]),
+        (
+            {"ratio": 2, "mode": "c", "listen": "x", "other": 1},
+            Knobs(),
+            [
+                "knobs.other: unknown key (known: enabled, listen, mode, ratio)",
+                "knobs.ratio: must be >= 0.0 and <= 1, got 2",
+                "knobs.mode: must be one of a, b, got 'c'",
+                "knobs.listen: must be host:port, got 'x'",
+            ],
+        ),
+    ],
+)
+def test_the_reader_applies_each_fields_declared_rule(
+    data: dict[str, object], expected: Knobs, problems: list[str]
+) -> None:
+    reader = Reader({})
+    assert reader.read(data, "knobs", Knobs) == expected
+    assert reader.problems == problems
+
+
 def test_unreadable_and_unparsable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml")
@@ -237,7 +276,7 @@ def with_key(**sections: object) -> dict[str, object]:
         (with_key(shutdown={"drain_seconds": float("inf")}), "shutdown.drain_seconds: must be a finite"),
         (with_key(state={"dedupe_window_seconds": float("nan")}), "state.dedupe_window_seconds: must be a finite"),
         (with_key(tracing={"sample_ratio": float("nan")}), "tracing.sample_ratio: must be a finite"),
-        (with_key(tracing={"sample_ratio": 1.5}), "tracing.sample_ratio: must be between 0 and 1, got 1.5"),
+        (with_key(tracing={"sample_ratio": 1.5}), "tracing.sample_ratio: must be >= 0.0 and <= 1, got 1.5"),
         (with_key(resolve={"billing_delay_seconds": 1e300}), "resolve.billing_delay_seconds: must be >= 0.0 and <="),
         (
             {"zenmux": {"api_key": "k"}, "sources": [{"type": "file", "path": "/x", "poll_interval_seconds": 1e999}]},
