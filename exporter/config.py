@@ -539,6 +539,10 @@ def _roles(r: Reader, data: Any) -> tuple[str, ...]:
     return tuple(role for role in ROLES if role in roles)
 
 
+# The mappings of Config (sources and roles are lists).
+SECTIONS = ("metrics", "zenmux", "resolve", "state", "tracing", "shutdown", "log", "reconcile")
+
+
 def parse_config(
     data: Any, source: str, environ: Mapping[str, str] | None = None, *, check_system: bool = False
 ) -> Config:
@@ -575,9 +579,6 @@ def parse_config(
     if r.problems:
         raise ConfigError(source, r.problems)
     return config
-
-
-SECTIONS = ("metrics", "zenmux", "resolve", "state", "tracing", "shutdown", "log", "reconcile")
 
 
 def load_config(
