@@ -19,7 +19,14 @@ from prometheus_client import CollectorRegistry
 
 from exporter.account import AccountClient
 from exporter.clock import Clock, SystemClock
-from exporter.config import Config, ConfigError, instance_name, read_state_password, split_host_port
+from exporter.config import (
+    Config,
+    ConfigError,
+    UdpSourceConfig,
+    instance_name,
+    read_state_password,
+    split_host_port,
+)
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
 from exporter.exposition import LedgerExposition
@@ -212,7 +219,7 @@ class Exporter:
         if self.state.shared:
             await self._connect()
         for source in config.sources if "ingest" in roles else ():
-            if source.type == "udp":
+            if isinstance(source, UdpSourceConfig):
                 udp = UdpSource(source, parser_for(source), ingest, self.metrics)
                 await udp.start()
                 self.udp_sources.append(udp)

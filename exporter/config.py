@@ -7,6 +7,7 @@ import math
 import os
 import re
 import socket
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ RESERVED_LABELS = frozenset(
 )
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 REDACTED = "<redacted>"
+MANAGEMENT_KEY_PREFIX = "sk-mg-"
 
 Format = Literal["json", "regex", "plain"]
 # Bounds for keys without a narrower one: past them a value is a typo, and (for integers) no longer fits the
@@ -40,47 +42,108 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class Rule:
+    """How one key is checked, declared on its field (`setting(...)`) and applied by `Reader.read`.
+
+    The kind of check follows the field's type: bool, int, float (finite, within [minimum, maximum]), str
+    (`${ENV}` interpolated), Literal (one of its values). An empty string where the default is empty means
+    "not set" and skips the string checks."""
+
+    minimum: float | None = None  # None: 0 for numbers, 1 for integers
+    exclusive_minimum: bool = False
+    maximum: float | None = None  # None: MAX_NUMBER, MAX_INT
+    normalize: Callable[[str], str] | None = None  # applied to a string before its checks
+    pattern: str = ""  # the whole string must match
+    pattern_problem: str = ""  # said when it does not; may quote {value!r}
+    host_port: bool = False  # host:port; with check_system the host must resolve
+    required: bool = False  # must be given (a default exists only to build the dataclass in code)
+
+
+def setting(default: Any, *, repr: bool = True, **rule: Any) -> Any:
+    """A config field with its default and its Rule."""
+    return field(default=default, repr=repr, metadata={"rule": Rule(**rule)})
+
+
+NO_RULE = Rule()
+
+
+@dataclass(frozen=True)
 class ZenMuxConfig:
-    base_url: str = "https://zenmux.ai"
-    generation_path: str = "/api/v1/management/generation"
-    api_key: str = field(default="", repr=False)
+    base_url: str = setting(
+        "https://zenmux.ai",
+        normalize=lambda url: url.rstrip("/"),
+        # The lookup URL is base_url + generation_path + "?id=...": neither part may carry a query or fragment.
+        pattern=r"https?://[^/\s?#]+(/[^\s?#]*)?",
+        pattern_problem="must be an http(s) URL without query or fragment, got {value!r}",
+    )
+    generation_path: str = setting(
+        "/api/v1/management/generation",
+        pattern=r"/[^\s?#]*",
+        pattern_problem="must be a path starting with '/', without query or fragment, got {value!r}",
+    )
+    # A Secret injected as an environment variable often ends in a newline: an illegal header value.
+    api_key: str = setting("", repr=False, normalize=str.strip)
     api_key_file: str = ""
-    connect_timeout_seconds: float = 5.0
-    timeout_seconds: float = 10.0
+    connect_timeout_seconds: float = setting(5.0, exclusive_minimum=True)
+    timeout_seconds: float = setting(10.0, exclusive_minimum=True)
     concurrency: int = 16
-    max_requests_per_second: float = 20.0
-    max_response_bytes: int = 1024 * 1024
+    max_requests_per_second: float = setting(20.0, exclusive_minimum=True)
+    max_response_bytes: int = setting(1024 * 1024, minimum=1024)
 
 
 @dataclass(frozen=True)
 class ResolveConfig:
     billing_delay_seconds: float = 240.0
-    retry_initial_seconds: float = 30.0
-    retry_max_seconds: float = 300.0
-    give_up_after_seconds: float = 3600.0
+    retry_initial_seconds: float = setting(30.0, exclusive_minimum=True)
+    retry_max_seconds: float = setting(300.0, exclusive_minimum=True)
+    give_up_after_seconds: float = setting(3600.0, exclusive_minimum=True)
 
 
-@dataclass(frozen=True)
-class SourceConfig:
-    type: Literal["file", "udp"]
+@dataclass(frozen=True, kw_only=True)
+class _SourceCommon:
+    """What every source has: its name and how its lines are parsed."""
+
     name: str
     format: Format = "json"
     id_field: str = "generation_id"
     pattern: str = ""
+    # Read by _labels (it needs metrics.extra_labels and the format), not by the generic reader.
     labels: Mapping[str, str] = field(default_factory=dict)
-    # file
-    path: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileSourceConfig(_SourceCommon):
+    """A log file tailed across rotations (`type: file`)."""
+
+    type: Literal["file"] = field(default="file", init=False)
+    name: str = "file"
+    path: str = setting("", required=True)
     start_at: Literal["end", "beginning"] = "end"
-    poll_interval_seconds: float = 0.25
-    max_line_bytes: int = 64 * 1024
+    poll_interval_seconds: float = setting(0.25, exclusive_minimum=True)
+    max_line_bytes: int = setting(64 * 1024, minimum=256)
     # Where rotated copies are looked for (a glob; relative to the log's directory). "": the log's name
     # followed by anything (app.log.1, app.log.1.gz, app.log-20261203).
     rotated_glob: str = ""
-    # udp
-    listen: str = "127.0.0.1:9467"
-    receive_buffer_bytes: int = 4 * 1024 * 1024
-    max_datagram_bytes: int = 65507
+
+
+@dataclass(frozen=True, kw_only=True)
+class UdpSourceConfig(_SourceCommon):
+    """Ids sent as UDP datagrams (`type: udp`)."""
+
+    type: Literal["udp"] = field(default="udp", init=False)
+    name: str = "udp"
+    format: Format = "plain"
+    listen: str = setting("127.0.0.1:9467", host_port=True)
+    receive_buffer_bytes: int = setting(4 * 1024 * 1024, minimum=4096)
+    max_datagram_bytes: int = setting(65507, minimum=64, maximum=65535)
     max_buffered_ids: int = 100_000
+
+
+SourceConfig = FileSourceConfig | UdpSourceConfig
+SOURCE_TYPES: dict[str, type[FileSourceConfig] | type[UdpSourceConfig]] = {
+    "file": FileSourceConfig,
+    "udp": UdpSourceConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -89,33 +152,35 @@ class StateConfig:
     dedupe_window_seconds: float = 7 * 24 * 3600.0
     max_pending: int = 2_000_000
     # Fleet mode: a postgresql:// URL selects the shared PostgreSQL state instead of the SQLite file at `path`.
-    url: str = field(default="", repr=False)
+    # Never quoted in a problem: it may hold a password.
+    url: str = setting("", repr=False, pattern=r"postgres(ql)?://\S+", pattern_problem="must be a postgresql:// URL")
     password_file: str = ""
     # Who this process is among the fleet (file positions are kept per instance); "" = $HOSTNAME or hostname.
     instance: str = ""
     # How long a resolver's claim on a batch of ids holds before other replicas may take them over.
-    lease_seconds: float = 60.0
+    lease_seconds: float = setting(60.0, minimum=1.0)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: str = "0.0.0.0:9466"
+    listen: str = setting("0.0.0.0:9466", host_port=True)
     max_models: int = 200
     max_label_values: int = 100
     max_label_value_length: int = 128
+    # Read by _extra_labels (a list of label names), not by the generic reader.
     extra_labels: tuple[str, ...] = ()
     # exporter-toolkit's web config file: TLS and/or bcrypt basic auth for /metrics (exporter/webconfig.py).
     web_config_file: str = ""
     # A second, plain listener serving only /healthz and /readyz (no TLS, no auth): for the kubelet when
     # /metrics requires client certificates, and a way in that clients of /metrics cannot exhaust. "": none.
-    probe_listen: str = ""
+    probe_listen: str = setting("", host_port=True)
 
 
 @dataclass(frozen=True)
 class TracingConfig:
     exporter: Literal["none", "console", "otlp"] = "none"
     service_name: str = "zenmux-exporter"
-    sample_ratio: float = 1.0
+    sample_ratio: float = setting(1.0, maximum=1.0)
 
 
 @dataclass(frozen=True)
@@ -136,14 +201,14 @@ ROLES = ("ingest", "resolve", "expose")
 class ReconcileConfig:
     """Reconciliation with ZenMux's account cost and PAYG balance: on when a management key is set."""
 
-    management_api_key: str = field(default="", repr=False)
+    management_api_key: str = setting("", repr=False, normalize=str.strip)
     management_api_key_file: str = ""
-    poll_interval_seconds: float = 300.0
+    poll_interval_seconds: float = setting(300.0, minimum=10.0)
     # Account requests per minute we allow ourselves: the account's 60/min is shared with its usage endpoint.
     max_requests_per_minute: int = 20
-    timeout_seconds: float = 30.0
+    timeout_seconds: float = setting(30.0, exclusive_minimum=True)
     # Days of per-day, per-model ledger rows kept (in the state) for the comparison and the audit command.
-    days_kept: int = 35
+    days_kept: int = setting(35, minimum=2)
 
     @property
     def enabled(self) -> bool:
@@ -167,39 +232,118 @@ class Config:
 T = TypeVar("T")
 
 
-class _Reader:
-    """Walks a parsed YAML tree, converting values and collecting problems instead of raising."""
+class Reader:
+    """Reads sections of a parsed YAML tree into their dataclasses by the fields' declared rules, collecting
+    problems (each with its key path) instead of raising."""
 
     def __init__(self, environ: Mapping[str, str], *, check_system: bool = False) -> None:
         self.problems: list[str] = []
+        self.failed: set[str] = set()  # key paths with a problem: cross-key checks skip them
         self.environ = environ
         # Also look at the machine: read the API key file, resolve listen addresses (load_config does).
         self.check_system = check_system
 
     def problem(self, path: str, message: str) -> None:
         self.problems.append(f"{path}: {message}")
+        self.failed.add(path)
 
-    def section(self, data: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
+    def section(self, data: Mapping[str, Any], key: str) -> dict[str, Any]:
         value = data.get(key, {})
         if value is None:
             return {}
         if not isinstance(value, dict):
-            self.problem(path, f"must be a mapping, got {type(value).__name__}")
+            self.problem(key, f"must be a mapping, got {type(value).__name__}")
             return {}
         return value
 
     def unknown_keys(self, data: Mapping[str, Any], known: set[str], path: str) -> None:
         for key in data:
             if key not in known:
-                where = f"{path}.{key}" if path else str(key)
-                self.problem(where, f"unknown key (known: {', '.join(sorted(known))})")
+                self.problem(_join(path, key), f"unknown key (known: {', '.join(sorted(known))})")
 
-    def string(self, data: Mapping[str, Any], key: str, path: str, default: str) -> str:
-        value = data.get(key, default)
-        if not isinstance(value, str):
-            self.problem(f"{path}.{key}", f"must be a string, got {type(value).__name__}")
+    def read(
+        self, data: Mapping[str, Any], path: str, cls: type[T], *, check_unknown: bool = True, **given: Any
+    ) -> T:
+        """An instance of the dataclass `cls` from the mapping `data` at `path`: each field read and checked
+        by its type and Rule (a key with a problem keeps its default); `given` fields are read elsewhere."""
+        fields = [f for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+        if check_unknown:
+            self.unknown_keys(data, {f.name for f in fields}, path)
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = dict(given)
+        for f in fields:
+            if f.name in given:
+                continue
+            rule: Rule = f.metadata.get("rule", NO_RULE)
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            where = f"{path}.{f.name}"
+            if f.name in data:
+                values[f.name] = self.value(data[f.name], where, hints[f.name], rule, default)
+            else:
+                if rule.required:
+                    self.problem(where, "is required")
+                values[f.name] = default
+            value = values[f.name]
+            if isinstance(value, str) and (value or default) and not self.check_string(value, where, rule):
+                values[f.name] = default
+        return cls(**values)
+
+    def value(self, value: Any, where: str, hint: Any, rule: Rule, default: Any) -> Any:
+        """`value` checked against the field's type and rule, or `default` (and a problem)."""
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            self.problem(where, f"must be true or false, got {value!r}")
+        elif hint is int:
+            low = 1 if rule.minimum is None else int(rule.minimum)
+            high = MAX_INT if rule.maximum is None else int(rule.maximum)
+            if isinstance(value, bool) or not isinstance(value, int):
+                self.problem(where, f"must be an integer, got {value!r}")
+            elif not low <= value <= high:
+                self.problem(where, f"must be >= {low} and <= {high}, got {value}")
+            else:
+                return value
+        elif hint is float:
+            return self.number(value, where, rule, default)
+        elif hint is str:
+            if isinstance(value, str):
+                text = self.interpolate(value, where)
+                return rule.normalize(text) if rule.normalize else text
+            self.problem(where, f"must be a string, got {type(value).__name__}")
+        elif typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            if value in choices:
+                return value
+            self.problem(where, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        else:
+            raise TypeError(f"{where}: no reader for {hint!r}; pass it to Reader.read")
+        return default
+
+    def number(self, value: Any, where: str, rule: Rule, default: float) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(where, f"must be a number, got {value!r}")
             return default
-        return self.interpolate(value, f"{path}.{key}")
+        if not math.isfinite(value):  # YAML's .nan and .inf: a NaN delay never comes due, for one
+            self.problem(where, f"must be a finite number, got {value!r}")
+            return default
+        minimum = 0.0 if rule.minimum is None else rule.minimum
+        maximum = MAX_NUMBER if rule.maximum is None else rule.maximum
+        too_small = value <= minimum if rule.exclusive_minimum else value < minimum
+        if too_small or value > maximum:
+            low = f"> {minimum}" if rule.exclusive_minimum else f">= {minimum}"
+            self.problem(where, f"must be {low} and <= {maximum:g}, got {value!r}")
+            return default
+        return float(value)
+
+    def check_string(self, value: str, where: str, rule: Rule) -> bool:
+        """Whether a string passes its rule's pattern and host:port checks (a problem for each that fails)."""
+        if where in self.failed:
+            return True  # already reported
+        if rule.pattern and not re.fullmatch(rule.pattern, value):
+            self.problem(where, rule.pattern_problem.format(value=value))
+        if rule.host_port:
+            self.host_port(value, where)
+        return where not in self.failed
 
     def interpolate(self, value: str, path: str) -> str:
         def replace(match: re.Match[str]) -> str:
@@ -210,52 +354,6 @@ class _Reader:
             return self.environ[name]
 
         return ENV_REF.sub(replace, value)
-
-    def number(
-        self,
-        data: Mapping[str, Any],
-        key: str,
-        path: str,
-        default: float,
-        *,
-        minimum: float = 0.0,
-        exclusive_minimum: bool = False,
-        maximum: float | None = None,
-    ) -> float:
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.problem(f"{path}.{key}", f"must be a number, got {value!r}")
-            return default
-        if not math.isfinite(value):  # YAML's .nan and .inf: a NaN delay never comes due, for one
-            self.problem(f"{path}.{key}", f"must be a finite number, got {value!r}")
-            return default
-        maximum = MAX_NUMBER if maximum is None else maximum
-        too_small = value <= minimum if exclusive_minimum else value < minimum
-        if too_small or (maximum is not None and value > maximum):
-            low = f"> {minimum}" if exclusive_minimum else f">= {minimum}"
-            high = f" and <= {maximum:g}"
-            self.problem(f"{path}.{key}", f"must be {low}{high}, got {value!r}")
-            return default
-        return float(value)
-
-    def integer(
-        self, data: Mapping[str, Any], key: str, path: str, default: int, *, minimum: int = 1, maximum: int = MAX_INT
-    ) -> int:
-        value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.problem(f"{path}.{key}", f"must be an integer, got {value!r}")
-            return default
-        if not minimum <= value <= maximum:
-            self.problem(f"{path}.{key}", f"must be >= {minimum} and <= {maximum}, got {value}")
-            return default
-        return value
-
-    def choice(self, data: Mapping[str, Any], key: str, path: str, default: T, choices: tuple[T, ...]) -> T:
-        value = data.get(key, default)
-        if value not in choices:
-            self.problem(f"{path}.{key}", f"must be one of {', '.join(map(str, choices))}, got {value!r}")
-            return default
-        return value  # type: ignore[no-any-return]
 
     def host_port(self, value: str, path: str) -> None:
         _host, sep, port = value.rpartition(":")
@@ -276,60 +374,27 @@ class _Reader:
             self.problems.extend(f"{path}: {problem}" for problem in err.problems)
 
 
-def _zenmux(r: _Reader, data: dict[str, Any], *, needs_key: bool) -> ZenMuxConfig:
-    d = ZenMuxConfig()
+# What one key cannot say alone: checks across the keys of a section (or of sections), after the reader.
+
+
+def _check_zenmux(r: Reader, data: Mapping[str, Any], zenmux: ZenMuxConfig, *, needs_key: bool) -> None:
     p = "zenmux"
-    r.unknown_keys(data, {f.name for f in dataclasses.fields(ZenMuxConfig)}, p)
-    base_url = r.string(data, "base_url", p, d.base_url).rstrip("/")
-    # The lookup URL is base_url + generation_path + "?id=...": neither part may carry a query or fragment.
-    if not re.fullmatch(r"https?://[^/\s?#]+(/[^\s?#]*)?", base_url):
-        r.problem(f"{p}.base_url", f"must be an http(s) URL without query or fragment, got {base_url!r}")
-    path = r.string(data, "generation_path", p, d.generation_path)
-    if not re.fullmatch(r"/[^\s?#]*", path):
-        r.problem(f"{p}.generation_path", f"must be a path starting with '/', without query or fragment, got {path!r}")
-    known_problems = len(r.problems)
-    # A Secret injected as an environment variable often ends in a newline: an illegal header value.
-    api_key = r.string(data, "api_key", p, "").strip()
-    api_key_reported = len(r.problems) > known_problems  # not a string, or an unset variable
-    api_key_file = r.string(data, "api_key_file", p, "")
-    if "api_key" in data and not api_key_file and not api_key_reported:
-        problem = key_problem(api_key)
+    if "api_key" in data and not zenmux.api_key_file and f"{p}.api_key" not in r.failed:
+        problem = key_problem(zenmux.api_key)
         if problem:
             r.problem(f"{p}.api_key", problem)
-    if api_key_file and not api_key and r.check_system:
-        r.key_file(api_key_file, f"{p}.api_key_file")
-    if api_key and api_key_file:
+    if zenmux.api_key_file and not zenmux.api_key and r.check_system:
+        r.key_file(zenmux.api_key_file, f"{p}.api_key_file")
+    if zenmux.api_key and zenmux.api_key_file:
         r.problem(p, "set api_key or api_key_file, not both")
     elif "api_key" not in data and "api_key_file" not in data and needs_key:
         r.problem(p, "one of api_key or api_key_file is required (by the resolve role)")
-    return ZenMuxConfig(
-        base_url=base_url,
-        generation_path=path,
-        api_key=api_key,
-        api_key_file=api_key_file,
-        connect_timeout_seconds=r.number(
-            data, "connect_timeout_seconds", p, d.connect_timeout_seconds, exclusive_minimum=True
-        ),
-        timeout_seconds=r.number(data, "timeout_seconds", p, d.timeout_seconds, exclusive_minimum=True),
-        concurrency=r.integer(data, "concurrency", p, d.concurrency),
-        max_requests_per_second=r.number(
-            data, "max_requests_per_second", p, d.max_requests_per_second, exclusive_minimum=True
-        ),
-        max_response_bytes=r.integer(data, "max_response_bytes", p, d.max_response_bytes, minimum=1024),
-    )
 
 
-MANAGEMENT_KEY_PREFIX = "sk-mg-"
-
-
-def _reconcile(r: _Reader, data: dict[str, Any]) -> ReconcileConfig:
-    d = ReconcileConfig()
+def _check_reconcile(r: Reader, reconcile: ReconcileConfig) -> None:
     p = "reconcile"
-    r.unknown_keys(data, {f.name for f in dataclasses.fields(ReconcileConfig)}, p)
-    known_problems = len(r.problems)
-    key = r.string(data, "management_api_key", p, "").strip()
-    key_file = r.string(data, "management_api_key_file", p, "")
-    if len(r.problems) == known_problems and key:
+    key, key_file = reconcile.management_api_key, reconcile.management_api_key_file
+    if key and not {f"{p}.management_api_key", f"{p}.management_api_key_file"} & r.failed:
         problem = key_problem(key) or (
             "" if key.startswith(MANAGEMENT_KEY_PREFIX) else "must be a management key (sk-mg-v1-...)"
         )
@@ -337,116 +402,89 @@ def _reconcile(r: _Reader, data: dict[str, Any]) -> ReconcileConfig:
             r.problem(f"{p}.management_api_key", problem)
     if key and key_file:
         r.problem(p, "set management_api_key or management_api_key_file, not both")
-    return ReconcileConfig(
-        management_api_key=key,
-        management_api_key_file=key_file,
-        poll_interval_seconds=r.number(data, "poll_interval_seconds", p, d.poll_interval_seconds, minimum=10.0),
-        max_requests_per_minute=r.integer(data, "max_requests_per_minute", p, d.max_requests_per_minute),
-        timeout_seconds=r.number(data, "timeout_seconds", p, d.timeout_seconds, exclusive_minimum=True),
-        days_kept=r.integer(data, "days_kept", p, d.days_kept, minimum=2),
-    )
 
 
-def _resolve(r: _Reader, data: dict[str, Any]) -> ResolveConfig:
-    d = ResolveConfig()
-    p = "resolve"
-    r.unknown_keys(data, {f.name for f in dataclasses.fields(ResolveConfig)}, p)
-    cfg = ResolveConfig(
-        billing_delay_seconds=r.number(data, "billing_delay_seconds", p, d.billing_delay_seconds),
-        retry_initial_seconds=r.number(
-            data, "retry_initial_seconds", p, d.retry_initial_seconds, exclusive_minimum=True
-        ),
-        retry_max_seconds=r.number(data, "retry_max_seconds", p, d.retry_max_seconds, exclusive_minimum=True),
-        give_up_after_seconds=r.number(
-            data, "give_up_after_seconds", p, d.give_up_after_seconds, exclusive_minimum=True
-        ),
-    )
-    if cfg.retry_max_seconds < cfg.retry_initial_seconds:
-        r.problem(f"{p}.retry_max_seconds", "must be >= resolve.retry_initial_seconds")
-    return cfg
+def _check_resolve(r: Reader, resolve: ResolveConfig) -> None:
+    if resolve.retry_max_seconds < resolve.retry_initial_seconds:
+        r.problem("resolve.retry_max_seconds", "must be >= resolve.retry_initial_seconds")
 
 
-_SOURCE_KEYS = {f.name for f in dataclasses.fields(SourceConfig)}
-_FILE_ONLY = {"path", "start_at", "poll_interval_seconds", "max_line_bytes", "rotated_glob"}
-_UDP_ONLY = {"listen", "receive_buffer_bytes", "max_datagram_bytes", "max_buffered_ids"}
+def _check_state(r: Reader, data: Mapping[str, Any], state: StateConfig, roles: tuple[str, ...]) -> None:
+    if state.url:
+        if "path" in data:
+            r.problem("state", "set state.path (SQLite) or state.url (PostgreSQL), not both")
+    else:
+        if state.password_file:
+            r.problem("state.password_file", "is for state.url (PostgreSQL)")
+        if roles != ROLES:
+            r.problem(
+                "roles",
+                f"{', '.join(roles)}: a process on a local SQLite state (state.path) has every role, since a "
+                "local file cannot be shared; set state.url to a PostgreSQL database to split the roles",
+            )
 
 
-def _source(r: _Reader, data: Any, index: int, extra_labels: tuple[str, ...]) -> SourceConfig | None:
+def _source(r: Reader, data: Any, index: int, extra_labels: tuple[str, ...]) -> SourceConfig | None:
     p = f"sources[{index}]"
     if not isinstance(data, dict):
         r.problem(p, "must be a mapping")
         return None
-    kind: Literal["file", "udp"] | None = r.choice(data, "type", p, None, ("file", "udp"))
-    if kind is None:
+    kind = data.get("type")
+    if kind not in SOURCE_TYPES:
+        r.problem(f"{p}.type", f"must be one of {', '.join(SOURCE_TYPES)}, got {kind!r}")
         return None
-    other_only = _UDP_ONLY if kind == "file" else _FILE_ONLY
-    r.unknown_keys(data, _SOURCE_KEYS - other_only, p)
-    d = SourceConfig(type=kind, name=kind)
-    fmt: Format = r.choice(data, "format", p, "json" if kind == "file" else "plain", ("json", "regex", "plain"))
-    pattern = r.string(data, "pattern", p, "")
-    if fmt == "regex":
-        if not pattern:
-            r.problem(f"{p}.pattern", "is required when format is regex")
-        else:
-            try:
-                if "id" not in re.compile(pattern).groupindex:
-                    r.problem(f"{p}.pattern", "must have a named group (?P<id>...)")
-            except re.error as err:
-                r.problem(f"{p}.pattern", f"is not a valid regular expression: {err}")
-    labels_raw = data.get("labels", {}) or {}
+    cls = SOURCE_TYPES[kind]
+    own = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in own:
+            other = [k for k, c in SOURCE_TYPES.items() if k != kind and key in {f.name for f in dataclasses.fields(c)}]
+            only = f", only a {other[0]} source has it" if other else ""
+            r.problem(f"{p}.{key}", f"unknown key for a {kind} source{only} (known: {', '.join(sorted(own))})")
+    source: SourceConfig = r.read(data, p, cls, check_unknown=False, labels={})
+    labels = _labels(r, data.get("labels", {}) or {}, p, extra_labels, source.format)
+    if source.format == "regex":
+        _check_pattern(r, source.pattern, labels, p)
+    return dataclasses.replace(source, labels=labels)
+
+
+def _labels(r: Reader, raw: Any, p: str, extra_labels: tuple[str, ...], fmt: Format) -> dict[str, str]:
     labels: dict[str, str] = {}
-    if not isinstance(labels_raw, dict):
+    if not isinstance(raw, dict):
         r.problem(f"{p}.labels", "must be a mapping of label name to field (json) or group (regex)")
-    else:
-        for name, origin in labels_raw.items():
-            where = f"{p}.labels.{name}"
-            if not isinstance(name, str) or not LABEL_NAME.match(name):
-                r.problem(where, "is not a valid Prometheus label name")
-            elif name not in extra_labels:
-                r.problem(where, "must also be listed in metrics.extra_labels")
-            elif not isinstance(origin, str) or not origin:
-                r.problem(where, "must name a field (json) or a named group (regex)")
-            else:
-                labels[name] = origin
-        if labels and fmt == "plain":
-            r.problem(f"{p}.labels", "plain lines carry no fields; use json or regex to extract labels")
-    source = SourceConfig(
-        type=kind,
-        name=r.string(data, "name", p, kind),
-        format=fmt,
-        id_field=r.string(data, "id_field", p, d.id_field),
-        pattern=pattern,
-        labels=labels,
-        path=r.string(data, "path", p, ""),
-        start_at=r.choice(data, "start_at", p, d.start_at, ("end", "beginning")),
-        poll_interval_seconds=r.number(
-            data, "poll_interval_seconds", p, d.poll_interval_seconds, exclusive_minimum=True
-        ),
-        max_line_bytes=r.integer(data, "max_line_bytes", p, d.max_line_bytes, minimum=256),
-        rotated_glob=r.string(data, "rotated_glob", p, d.rotated_glob),
-        listen=r.string(data, "listen", p, d.listen),
-        receive_buffer_bytes=r.integer(data, "receive_buffer_bytes", p, d.receive_buffer_bytes, minimum=4096),
-        max_datagram_bytes=r.integer(
-            data, "max_datagram_bytes", p, d.max_datagram_bytes, minimum=64, maximum=65535
-        ),
-        max_buffered_ids=r.integer(data, "max_buffered_ids", p, d.max_buffered_ids),
-    )
-    if kind == "file" and not source.path:
-        r.problem(f"{p}.path", "is required for a file source")
-    if kind == "udp":
-        r.host_port(source.listen, f"{p}.listen")
-    if fmt == "regex" and pattern and labels:
-        try:
-            groups = re.compile(pattern).groupindex
-        except re.error:
-            groups = {}
-        for name, group in labels.items():
-            if groups and group not in groups:
-                r.problem(f"{p}.labels.{name}", f"names group {group!r}, which the pattern does not have")
-    return source
+        return labels
+    for name, origin in raw.items():
+        where = f"{p}.labels.{name}"
+        if not isinstance(name, str) or not LABEL_NAME.match(name):
+            r.problem(where, "is not a valid Prometheus label name")
+        elif name not in extra_labels:
+            r.problem(where, "must also be listed in metrics.extra_labels")
+        elif not isinstance(origin, str) or not origin:
+            r.problem(where, "must name a field (json) or a named group (regex)")
+        else:
+            labels[name] = origin
+    if labels and fmt == "plain":
+        r.problem(f"{p}.labels", "plain lines carry no fields; use json or regex to extract labels")
+    return labels
 
 
-def _sources(r: _Reader, data: Any, extra_labels: tuple[str, ...], *, needed: bool) -> tuple[SourceConfig, ...]:
+def _check_pattern(r: Reader, pattern: str, labels: Mapping[str, str], p: str) -> None:
+    if not pattern:
+        r.problem(f"{p}.pattern", "is required when format is regex")
+        return
+    try:
+        groups = re.compile(pattern).groupindex
+    except re.error as err:
+        r.problem(f"{p}.pattern", f"is not a valid regular expression: {err}")
+        return
+    if "id" not in groups:
+        r.problem(f"{p}.pattern", "must have a named group (?P<id>...)")
+        return
+    for name, group in labels.items():
+        if group not in groups:
+            r.problem(f"{p}.labels.{name}", f"names group {group!r}, which the pattern does not have")
+
+
+def _sources(r: Reader, data: Any, extra_labels: tuple[str, ...], *, needed: bool) -> tuple[SourceConfig, ...]:
     if data is None:
         data = []
     if not isinstance(data, list):
@@ -466,35 +504,7 @@ def _sources(r: _Reader, data: Any, extra_labels: tuple[str, ...], *, needed: bo
     return tuple(s for _, s in indexed)
 
 
-def _simple(r: _Reader, data: dict[str, Any], path: str, cls: type[T], **checks: Callable[[Any], str]) -> T:
-    """Reads a flat section whose fields are numbers, strings or choices, using the dataclass defaults."""
-    r.unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, path)  # type: ignore[arg-type]
-    default = cls()
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        current = getattr(default, f.name)
-        if f.name not in data or isinstance(current, bool):
-            values[f.name] = current
-        elif isinstance(current, int):
-            values[f.name] = r.integer(data, f.name, path, current)
-        elif isinstance(current, float):
-            values[f.name] = r.number(data, f.name, path, current)
-        elif f.name in checks:
-            values[f.name] = data[f.name]
-            message = checks[f.name](data[f.name])
-            if message:
-                r.problem(f"{path}.{f.name}", message)
-                values[f.name] = current
-        else:
-            values[f.name] = r.string(data, f.name, path, current)
-    return cls(**values)
-
-
-def _one_of(*choices: str) -> Callable[[Any], str]:
-    return lambda v: "" if v in choices else f"must be one of {', '.join(choices)}, got {v!r}"
-
-
-def _extra_labels(r: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
+def _extra_labels(r: Reader, data: dict[str, Any]) -> tuple[str, ...]:
     raw = data.get("extra_labels", []) or []
     if not isinstance(raw, list):
         r.problem("metrics.extra_labels", "must be a list of label names")
@@ -513,7 +523,7 @@ def _extra_labels(r: _Reader, data: dict[str, Any]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _roles(r: _Reader, data: Any) -> tuple[str, ...]:
+def _roles(r: Reader, data: Any) -> tuple[str, ...]:
     if data is None:
         return ROLES
     if not isinstance(data, list) or not data:
@@ -530,25 +540,8 @@ def _roles(r: _Reader, data: Any) -> tuple[str, ...]:
     return tuple(role for role in ROLES if role in roles)
 
 
-def _state(r: _Reader, data: dict[str, Any], roles: tuple[str, ...]) -> StateConfig:
-    state = _simple(r, data, "state", StateConfig)
-    if state.url:
-        if not re.fullmatch(r"postgres(ql)?://\S+", state.url):
-            r.problem("state.url", "must be a postgresql:// URL")  # never quoted: it may hold a password
-        if "path" in data:
-            r.problem("state", "set state.path (SQLite) or state.url (PostgreSQL), not both")
-    else:
-        if state.password_file:
-            r.problem("state.password_file", "is for state.url (PostgreSQL)")
-        if roles != ROLES:
-            r.problem(
-                "roles",
-                f"{', '.join(roles)}: a process on a local SQLite state (state.path) has every role, since a "
-                "local file cannot be shared; set state.url to a PostgreSQL database to split the roles",
-            )
-    if state.lease_seconds < 1:
-        r.problem("state.lease_seconds", f"must be >= 1, got {state.lease_seconds!r}")
-    return state
+# The mappings of Config (sources and roles are lists).
+SECTIONS = ("metrics", "zenmux", "resolve", "state", "tracing", "shutdown", "log", "reconcile")
 
 
 def parse_config(
@@ -558,47 +551,32 @@ def parse_config(
 
     With `check_system`, also what depends on the machine: the API key file is read and checked, listen
     hosts must resolve."""
-    r = _Reader(os.environ if environ is None else environ, check_system=check_system)
+    r = Reader(os.environ if environ is None else environ, check_system=check_system)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, ["(top level): must be a mapping"])
-    known = {f.name for f in dataclasses.fields(Config)}
-    r.unknown_keys(data, known, "")
-    metrics_data = r.section(data, "metrics", "metrics")
-    extra = _extra_labels(r, metrics_data)
-    metrics = _simple(r, {k: v for k, v in metrics_data.items() if k != "extra_labels"}, "metrics", MetricsConfig)
-    r.host_port(metrics.listen, "metrics.listen")
-    if metrics.probe_listen:
-        r.host_port(metrics.probe_listen, "metrics.probe_listen")
+    r.unknown_keys(data, {f.name for f in dataclasses.fields(Config)}, "")
+    sections = {name: r.section(data, name) for name in SECTIONS}
+    metrics = sections["metrics"]
+    extra = _extra_labels(r, metrics)
     roles = _roles(r, data.get("roles"))
     config = Config(
-        zenmux=_zenmux(r, r.section(data, "zenmux", "zenmux"), needs_key="resolve" in roles),
-        resolve=_resolve(r, r.section(data, "resolve", "resolve")),
+        metrics=r.read(metrics, "metrics", MetricsConfig, extra_labels=extra),
+        zenmux=r.read(sections["zenmux"], "zenmux", ZenMuxConfig),
+        resolve=r.read(sections["resolve"], "resolve", ResolveConfig),
         sources=_sources(r, data.get("sources"), extra, needed="ingest" in roles),
-        state=_state(r, r.section(data, "state", "state"), roles),
+        state=r.read(sections["state"], "state", StateConfig),
+        tracing=r.read(sections["tracing"], "tracing", TracingConfig),
+        shutdown=r.read(sections["shutdown"], "shutdown", ShutdownConfig),
+        log=r.read(sections["log"], "log", LogConfig),
+        reconcile=r.read(sections["reconcile"], "reconcile", ReconcileConfig),
         roles=roles,
-        metrics=dataclasses.replace(metrics, extra_labels=extra),
-        tracing=_simple(
-            r,
-            r.section(data, "tracing", "tracing"),
-            "tracing",
-            TracingConfig,
-            exporter=_one_of("none", "console", "otlp"),
-        ),
-        shutdown=_simple(r, r.section(data, "shutdown", "shutdown"), "shutdown", ShutdownConfig),
-        log=_simple(
-            r,
-            r.section(data, "log", "log"),
-            "log",
-            LogConfig,
-            level=_one_of("debug", "info", "warning", "error"),
-            format=_one_of("text", "json"),
-        ),
-        reconcile=_reconcile(r, r.section(data, "reconcile", "reconcile")),
     )
-    if not 0.0 <= config.tracing.sample_ratio <= 1.0:
-        r.problem("tracing.sample_ratio", f"must be between 0 and 1, got {config.tracing.sample_ratio!r}")
+    _check_zenmux(r, sections["zenmux"], config.zenmux, needs_key="resolve" in roles)
+    _check_resolve(r, config.resolve)
+    _check_state(r, sections["state"], config.state, roles)
+    _check_reconcile(r, config.reconcile)
     if r.problems:
         raise ConfigError(source, r.problems)
     return config
@@ -748,7 +726,10 @@ def redacted(config: Config) -> dict[str, Any]:
     data["state"]["url"] = redacted_url(config.state.url)
     data["roles"] = list(config.roles)
     data["metrics"]["extra_labels"] = list(config.metrics.extra_labels)
-    data["sources"] = [dict(s, labels=dict(s["labels"])) for s in data["sources"]]
+    # Each source with only its own type's keys, its type first.
+    data["sources"] = [
+        {"type": s.type, **dataclasses.asdict(s), "labels": dict(s.labels)} for s in config.sources
+    ]
     return data
 
 

@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from exporter.config import SourceConfig
+from exporter.config import FileSourceConfig, SourceConfig
 
 # What ZenMux ids look like (see the API reference); zenmux_emit.emit.ID_PATTERN, the app-side copy, must equal it.
 ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"
@@ -273,7 +273,7 @@ def flat_json_lines(id_field: str, labels: dict[str, str], line_by_line: LinesPa
     return parse_lines
 
 
-def lines_parser_for(source: SourceConfig) -> LinesParser:
+def lines_parser_for(source: FileSourceConfig) -> LinesParser:
     """How a file source parses what it reads: flat JSON in bulk where it can, any format line by line."""
     line_by_line = lines_parser(parser_for(source), source.max_line_bytes)
     flat = source.format == "json" and "." not in source.id_field and not any("." in o for o in source.labels.values())

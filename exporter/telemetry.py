@@ -18,7 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.config import Config, LogConfig, TracingConfig
+from exporter.config import Config, FileSourceConfig, LogConfig, TracingConfig
 from exporter.ids import FILE_REJECT_REASONS, UDP_REJECT_REASONS
 from exporter.records import Outcome
 from exporter.redact import Redactor
@@ -129,10 +129,10 @@ class SelfMetrics:
         for source in config.sources:
             self.ids_received.labels(source.name)
             self.ids_duplicate.labels(source.name)
-            reasons = FILE_REJECT_REASONS if source.type == "file" else UDP_REJECT_REASONS
+            reasons = FILE_REJECT_REASONS if isinstance(source, FileSourceConfig) else UDP_REJECT_REASONS
             for reason in reasons:
                 self.ids_rejected.labels(source.name, reason)
-            if source.type == "file":
+            if isinstance(source, FileSourceConfig):
                 for kind in ROTATION_KINDS:
                     self.file_rotations.labels(source.name, kind)
                 self.file_recovered_lines.labels(source.name)

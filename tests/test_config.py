@@ -6,13 +6,24 @@ import dataclasses
 import re
 import socket
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter.__main__ import main
 from exporter.clock import ManualClock
-from exporter.config import ConfigError, SourceConfig, load_config, parse_config, read_api_key
+from exporter.config import (
+    ConfigError,
+    FileSourceConfig,
+    Reader,
+    UdpSourceConfig,
+    load_config,
+    parse_config,
+    read_api_key,
+    redacted,
+    setting,
+)
 from exporter.ids import parser_for
 from exporter.ingest import Ingest
 from exporter.sources.udp import UdpSource
@@ -36,8 +47,9 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         if dataclasses.is_dataclass(getattr(config, section.name)):  # not sources, roles (lists)
             for key in dataclasses.fields(getattr(config, section.name)):
                 assert key.name in documented, f"{section.name}.{key.name} is not in config.example.yaml"
-    for key in dataclasses.fields(SourceConfig):
-        assert key.name in documented, f"sources[].{key.name} is not in config.example.yaml"
+    for kind in (FileSourceConfig, UdpSourceConfig):
+        for key in dataclasses.fields(kind):
+            assert key.name in documented, f"sources[].{key.name} is not in config.example.yaml"
 
 
 def test_every_problem_is_listed_with_key_path_and_file(tmp_path: Path) -> None:
@@ -159,6 +171,78 @@ def test_check_config_prints_the_effective_config_without_the_key(
     assert "sources[0].path: is required" in err and str(bad) in err
 
 
+FILE_ONLY = {"path", "start_at", "poll_interval_seconds", "max_line_bytes", "rotated_glob"}
+UDP_ONLY = {"listen", "receive_buffer_bytes", "max_datagram_bytes", "max_buffered_ids"}
+
+
+def test_file_and_udp_sources_are_distinct_types_with_only_their_own_keys() -> None:
+    config = load_config(ROOT / "config.example.yaml", {"ZENMUX_API_KEY": SECRET})
+    file, udp = config.sources
+    assert isinstance(file, FileSourceConfig) and isinstance(udp, UdpSourceConfig)
+    printed_file, printed_udp = redacted(config)["sources"]
+    assert printed_file["type"] == "file" and printed_file.keys() >= FILE_ONLY and not UDP_ONLY & printed_file.keys()
+    assert printed_udp["type"] == "udp" and printed_udp.keys() >= UDP_ONLY and not FILE_ONLY & printed_udp.keys()
+
+
+@pytest.mark.parametrize(
+    ("kind", "key"), [("file", k) for k in sorted(UDP_ONLY)] + [("udp", k) for k in sorted(FILE_ONLY)]
+)
+def test_a_key_of_the_other_source_type_is_an_error_naming_it(kind: str, key: str) -> None:
+    other = "udp" if kind == "file" else "file"
+    source = {"type": kind, "path": "/x"} if kind == "file" else {"type": kind}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"zenmux": {"api_key": "k"}, "sources": [{**source, key: 1}]}, "inline.yaml", {})
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"sources[0].{key}: unknown key for a {kind} source, only a {other} source has it")
+
+
+def test_check_config_prints_each_source_with_its_own_keys(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZENMUX_API_KEY", SECRET)
+    assert main(["check-config", "--config", str(ROOT / "config.example.yaml")]) == 0
+    out = capsys.readouterr().out
+    sources = out[out.index("sources:") :].split("\n- ")
+    file_part = next(part for part in sources if "type: file" in part)
+    assert "rotated_glob:" in file_part and "listen:" not in file_part and "receive_buffer_bytes" not in file_part
+
+
+@dataclasses.dataclass(frozen=True)
+class Knobs:
+    enabled: bool = False
+    ratio: float = setting(0.5, maximum=1.0)
+    mode: Literal["a", "b"] = "a"
+    listen: str = setting("", host_port=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected", "problems"),
+    [
+        ({}, Knobs(), []),
+        ({"enabled": True, "ratio": 1, "mode": "b", "listen": ":1"}, Knobs(True, 1.0, "b", ":1"), []),
+        # A bool is checked like any other key, not silently left at its default.
+        ({"enabled": "yes"}, Knobs(), ["knobs.enabled: must be true or false, got 'yes'"]),
+        ({"enabled": 1}, Knobs(), ["knobs.enabled: must be true or false, got 1"]),
+        (
+            {"ratio": 2, "mode": "c", "listen": "x", "other": 1},
+            Knobs(),
+            [
+                "knobs.other: unknown key (known: enabled, listen, mode, ratio)",
+                "knobs.ratio: must be >= 0.0 and <= 1, got 2",
+                "knobs.mode: must be one of a, b, got 'c'",
+                "knobs.listen: must be host:port, got 'x'",
+            ],
+        ),
+    ],
+)
+def test_the_reader_applies_each_fields_declared_rule(
+    data: dict[str, object], expected: Knobs, problems: list[str]
+) -> None:
+    reader = Reader({})
+    assert reader.read(data, "knobs", Knobs) == expected
+    assert reader.problems == problems
+
+
 def test_unreadable_and_unparsable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.yaml")
@@ -192,7 +276,7 @@ def with_key(**sections: object) -> dict[str, object]:
         (with_key(shutdown={"drain_seconds": float("inf")}), "shutdown.drain_seconds: must be a finite"),
         (with_key(state={"dedupe_window_seconds": float("nan")}), "state.dedupe_window_seconds: must be a finite"),
         (with_key(tracing={"sample_ratio": float("nan")}), "tracing.sample_ratio: must be a finite"),
-        (with_key(tracing={"sample_ratio": 1.5}), "tracing.sample_ratio: must be between 0 and 1, got 1.5"),
+        (with_key(tracing={"sample_ratio": 1.5}), "tracing.sample_ratio: must be >= 0.0 and <= 1, got 1.5"),
         (with_key(resolve={"billing_delay_seconds": 1e300}), "resolve.billing_delay_seconds: must be >= 0.0 and <="),
         (
             {"zenmux": {"api_key": "k"}, "sources": [{"type": "file", "path": "/x", "poll_interval_seconds": 1e999}]},
@@ -274,7 +358,7 @@ def test_listen_addresses_that_resolve_pass(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     config = load_config(path, {})
-    assert [s.listen for s in config.sources] == ["localhost:0", "[::1]:0"]
+    assert [s.listen for s in config.sources if isinstance(s, UdpSourceConfig)] == ["localhost:0", "[::1]:0"]
 
 
 def test_a_config_file_that_is_not_utf8_is_reported_not_a_traceback(
@@ -323,7 +407,7 @@ async def test_udp_bind_error_names_the_source_and_the_address(tmp_path: Path) -
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))
         listen = f"127.0.0.1:{taken.getsockname()[1]}"
-        config = SourceConfig(type="udp", name="edge", format="plain", listen=listen)
+        config = UdpSourceConfig(name="edge", format="plain", listen=listen)
         state = StateStore(tmp_path / "state.db", max_pending=10)
         metrics = SelfMetrics(CollectorRegistry())
         source = UdpSource(config, parser_for(config), Ingest(state, metrics, ManualClock(), 0), metrics)

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from exporter.clock import ManualClock
-from exporter.config import SourceConfig
+from exporter.config import FileSourceConfig
 from exporter.ids import LinesParser, lines_parser_for
 from exporter.ingest import Ingest
 from exporter.sources import file as file_source
@@ -41,8 +41,8 @@ class Tail:
         self.log = tmp_path / "app.log"
         self.registry = CollectorRegistry()
         self.state = StateStore(tmp_path / "state.db", max_pending=max_pending)
-        self.config = SourceConfig(
-            type="file", name="app", path=str(self.log), start_at="beginning", max_line_bytes=max_line_bytes
+        self.config = FileSourceConfig(
+            name="app", path=str(self.log), start_at="beginning", max_line_bytes=max_line_bytes
         )
         metrics = SelfMetrics(self.registry)
         self.ingest = Ingest(self.state, metrics, ManualClock(), billing_delay_seconds=0)
@@ -185,7 +185,7 @@ async def test_lines_appended_to_the_renamed_file_after_rotation_are_read(tmp_pa
 async def test_start_at_end_begins_after_the_last_complete_line(tmp_path: Path) -> None:
     log = tmp_path / "app.log"
     log.write_text(json_line("history") + "\n" + json_line("being-written")[:25])
-    config = SourceConfig(type="file", name="app", path=str(log), start_at="end")
+    config = FileSourceConfig(name="app", path=str(log), start_at="end")
     state = StateStore(tmp_path / "state.db", max_pending=100)
     registry = CollectorRegistry()
     metrics = SelfMetrics(registry)

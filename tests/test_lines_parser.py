@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.config import SourceConfig
+from exporter.config import FileSourceConfig
 from exporter.ids import (
     LINE_TOO_LONG,
     NO_ID,
@@ -101,9 +101,9 @@ def test_rejections_keep_their_reasons() -> None:
 
 def test_dotted_paths_and_other_formats_go_line_by_line() -> None:
     data = b'{"response": {"id": "r1"}}\n'
-    config = SourceConfig(type="file", name="app", id_field="response.id")
+    config = FileSourceConfig(name="app", path="app.log", id_field="response.id")
     assert lines_parser_for(config)(data) == [Sighting("r1")]
-    plain = SourceConfig(type="file", name="app", format="plain")
+    plain = FileSourceConfig(name="app", path="app.log", format="plain")
     assert lines_parser_for(plain)(b"abc\n\n def \n") == [Sighting("abc"), Sighting("def")]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from exporter.config import SourceConfig, parse_config
+from exporter.config import UdpSourceConfig, parse_config
 from tests.support import (
     PAYG_KEY,
     api_process,
@@ -122,9 +122,10 @@ async def test_the_api_key_appears_in_no_output(tmp_path: Path) -> None:
 
 
 def test_udp_listens_on_loopback_by_default() -> None:
-    assert SourceConfig(type="udp", name="udp").listen.startswith("127.0.0.1:")
+    assert UdpSourceConfig().listen.startswith("127.0.0.1:")
     config = parse_config({"zenmux": {"api_key": "k"}, "sources": [{"type": "udp"}]}, "test", environ={})
-    assert config.sources[0].listen.startswith("127.0.0.1:")
+    (source,) = config.sources
+    assert isinstance(source, UdpSourceConfig) and source.listen.startswith("127.0.0.1:")
 
 
 def test_json_logs_redact_too(capsys: Any) -> None:

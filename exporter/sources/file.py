@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from exporter.config import SourceConfig
+from exporter.config import FileSourceConfig
 from exporter.ids import LINE_TOO_LONG, LinesParser
 from exporter.ingest import Ingest
 from exporter.sources.rotated import (
@@ -65,7 +65,7 @@ class FileSource:
     """
 
     def __init__(
-        self, config: SourceConfig, parse: LinesParser, ingest: Ingest, state: Store, metrics: SelfMetrics
+        self, config: FileSourceConfig, parse: LinesParser, ingest: Ingest, state: Store, metrics: SelfMetrics
     ) -> None:
         self.name = config.name
         self._path = Path(config.path)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import socket
 
-from exporter.config import SourceConfig, split_host_port
+from exporter.config import UdpSourceConfig, split_host_port
 from exporter.ids import LineParser, Sighting, parse_datagram
 from exporter.ingest import Ingest
 from exporter.store import StateError
@@ -33,7 +33,7 @@ class UdpSource:
 
     READS_PER_WAKEUP = 256
 
-    def __init__(self, config: SourceConfig, parse: LineParser, ingest: Ingest, metrics: SelfMetrics) -> None:
+    def __init__(self, config: UdpSourceConfig, parse: LineParser, ingest: Ingest, metrics: SelfMetrics) -> None:
         self.name = config.name
         self._config = config
         self._parse = parse
