@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.app import INGEST_COUNT_SECONDS, Exporter
 from exporter.clock import ManualClock
-from exporter.config import SourceConfig, parse_config
+from exporter.config import FileSourceConfig, parse_config
 from exporter.ids import Sighting, lines_parser_for
 from exporter.ingest import Ingest
 from exporter.pgstate import PostgresStore
@@ -178,7 +178,7 @@ async def test_a_log_renamed_while_the_database_is_away_is_finished_from_its_sav
     the path for a new one (offset 0), or the renamed file's unread tail would be skipped."""
     state = await PostgresStore.open(pg_url, password=None, instance="pod-a", max_pending=1000, lease_seconds=60)
     log_path = tmp_path / "app.log"
-    config = SourceConfig(type="file", name="app", path=str(log_path), start_at="beginning")
+    config = FileSourceConfig(name="app", path=str(log_path), start_at="beginning")
     metrics = SelfMetrics(CollectorRegistry())
     ingest = Ingest(state, metrics, ManualClock(), billing_delay_seconds=0)
     source = FileSource(config, lines_parser_for(config), ingest, state, metrics)
