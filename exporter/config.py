@@ -366,10 +366,17 @@ class Reader:
             except (OSError, UnicodeError) as err:
                 self.problem(path, f"host {host!r} does not resolve ({err}); use an IP address or a resolvable name")
 
-    def key_file(self, key_file: str, path: str) -> None:
-        """The API key file's problems, listed with the others (the running exporter reads it again)."""
+    def key_file(self, key_file: str, path: str, prefix: str = "") -> None:
+        """A key file's problems, listed with the others (the running exporter reads it again)."""
         try:
-            read_key_file(key_file)
+            read_key_file(key_file, prefix)
+        except ConfigError as err:
+            self.problems.extend(f"{path}: {problem}" for problem in err.problems)
+
+    def secret_file(self, secret_file: str, path: str) -> None:
+        """A password file's problems, listed with the others (never its content)."""
+        try:
+            _read_secret(secret_file)
         except ConfigError as err:
             self.problems.extend(f"{path}: {problem}" for problem in err.problems)
 
@@ -402,6 +409,8 @@ def _check_reconcile(r: Reader, reconcile: ReconcileConfig) -> None:
             r.problem(f"{p}.management_api_key", problem)
     if key and key_file:
         r.problem(p, "set management_api_key or management_api_key_file, not both")
+    elif key_file and r.check_system:
+        r.key_file(key_file, f"{p}.management_api_key_file", MANAGEMENT_KEY_PREFIX)
 
 
 def _check_resolve(r: Reader, resolve: ResolveConfig) -> None:
@@ -413,6 +422,8 @@ def _check_state(r: Reader, data: Mapping[str, Any], state: StateConfig, roles: 
     if state.url:
         if "path" in data:
             r.problem("state", "set state.path (SQLite) or state.url (PostgreSQL), not both")
+        if state.password_file and r.check_system:
+            r.secret_file(state.password_file, "state.password_file")
     else:
         if state.password_file:
             r.problem("state.password_file", "is for state.url (PostgreSQL)")
@@ -756,13 +767,20 @@ def read_state_password(config: StateConfig) -> str | None:
     """The PostgreSQL password from state.password_file (stripped), or None (then the URL's, or none)."""
     if not config.password_file:
         return None
-    where = "state.password_file"
     try:
-        return Path(config.password_file).read_text(encoding="utf-8").strip()
+        return _read_secret(config.password_file)
+    except ConfigError as err:
+        raise ConfigError(err.source, [f"state.password_file: {p}" for p in err.problems]) from None
+
+
+def _read_secret(path: str) -> str:
+    """A secret file's (stripped) text; ConfigError naming the file otherwise (never its content)."""
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
     except OSError as err:
-        raise ConfigError(where, [f"{where}: cannot read: {err.strerror}"]) from None
+        raise ConfigError(path, [f"{path}: cannot read: {err.strerror}"]) from None
     except UnicodeDecodeError:
-        raise ConfigError(where, [f"{where}: is not UTF-8 text"]) from None
+        raise ConfigError(path, [f"{path}: is not UTF-8 text"]) from None
 
 
 def instance_name(config: StateConfig) -> str:

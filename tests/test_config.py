@@ -403,6 +403,30 @@ def test_api_key_file_problems_name_both_files_and_come_with_the_others(
     assert "sk-ai" not in str(caught.value)  # the key itself is never quoted
 
 
+def test_every_secret_file_problem_is_listed_at_once_naming_its_key_and_file(tmp_path: Path) -> None:
+    api_key = tmp_path / "api-key"  # missing
+    management_key = tmp_path / "mg-key"
+    management_key.write_text("sk-ai-v1-not-a-management-key\n")
+    password = tmp_path / "pg-password"
+    password.write_bytes(b"\xff\xfe")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"zenmux: {{api_key_file: '{api_key}'}}\nsources: [{{type: udp}}]\n"
+        f"reconcile: {{management_api_key_file: '{management_key}'}}\n"
+        f"state: {{url: 'postgresql://zenmux@db/zenmux', password_file: '{password}'}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config, {})
+    problems = caught.value.problems
+    assert any(p.startswith(f"zenmux.api_key_file: {api_key}: cannot read") for p in problems), problems
+    assert any(p.startswith(f"reconcile.management_api_key_file: {management_key}: the key does not start with")
+               for p in problems), problems
+    assert f"state.password_file: {password}: is not UTF-8 text" in problems, problems
+    assert str(config) in str(caught.value)
+    assert "not-a-management-key" not in str(caught.value)
+
+
 async def test_udp_bind_error_names_the_source_and_the_address(tmp_path: Path) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
         taken.bind(("127.0.0.1", 0))

@@ -323,4 +323,4 @@ def test_the_password_file_is_read_stripped_and_kept_out_of_logs(tmp_path: Path)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         assert main(["check-config", "--config", str(path)]) == 2
-    assert "state.password_file: cannot read" in err.getvalue()
+    assert f"state.password_file: {secret}: cannot read" in err.getvalue() and str(path) in err.getvalue()
