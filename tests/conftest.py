@@ -12,7 +12,10 @@ from exporter.config import Config
 from exporter.simulate.api import SimConfig, SimulatedZenMux, serve
 from tests.support import FakeApi, StartExporter
 
-pytest_plugins = ["tests.pg"]  # the `postgres` server and `pg_url` database fixtures
+pytest_plugins = [
+    "tests.pg",  # the `postgres` server and `pg_url` database fixtures
+    "tests.prometheus_server",  # the `start_prometheus` fixture
+]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,3 +48,7 @@ async def start_exporter() -> AsyncIterator[StartExporter]:
             await exporter.stop(drain_seconds=0)
 
 
+@pytest.fixture
+def soak(request: pytest.FixtureRequest) -> bool:
+    """--soak: the long crash loops."""
+    return bool(request.config.getoption("--soak", default=False))

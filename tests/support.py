@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.app import Exporter
 from exporter.config import Config, parse_config
+from exporter.contribution import Contribution, Increment
 from exporter.simulate.api import SimulatedZenMux
 from exporter.simulate.server import ThreadedServer
 
@@ -283,3 +284,43 @@ SMUGGLING = {
     "bad_version": b"GET / BANANA\r\nHost: x\r\n\r\n",
     "header_too_large": b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20_000 + b"\r\n\r\n",
 }
+
+
+class FakeTime:
+    """A monotonic clock that moves only when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def one_generation(cost: float) -> Contribution:
+    labels = ("m", "chat.completions")
+    return Contribution(
+        (Increment("zenmux_generations", (*labels, "true", "stop"), 1.0), Increment("zenmux_cost_usd", labels, cost)),
+        {},
+    )
+
+
+def fleet_data(tmp_path: Path, api_url: str, pg_url: str, roles: list[str], **overrides: Any) -> dict[str, Any]:
+    """The test config of one fleet process: the shared state instead of a file, the given roles."""
+    data = config_data(tmp_path, api_url, roles=roles, **overrides)
+    data["state"] = {"url": pg_url, "instance": f"{'-'.join(roles)}-{len(str(tmp_path))}", "lease_seconds": 5,
+                     **overrides.get("state", {})}
+    if "resolve" not in roles:
+        del data["zenmux"]["api_key"]  # only resolvers hold the key
+    if "ingest" not in roles:
+        data["sources"] = []
+    return data
+
+
+def send_udp(port: int, ids: list[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto("\n".join(ids).encode(), ("127.0.0.1", port))

@@ -9,270 +9,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import hashlib
 import json
 import os
 import random
-import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
 from exporter.simulate.api import totals
-from tests.support import PAYG_KEY, samples, value, wait_until
-
-# These helpers live in tests/support.py; their names stay importable from here for tests written against them.
-from tests.support import PYTHON as PYTHON
-from tests.support import ApiProcess as ApiProcess
-from tests.support import api_process as api_process
-from tests.support import free_port as free_port
-from tests.support import metrics_text as metrics_text
-from tests.support import spawn_exporter as spawn_exporter
-from tests.support import wait_ready as wait_ready
-from tests.support import write_config as write_config
+from tests.crash_support import (
+    UDP_EDGE_SECONDS,
+    Run,
+    Writer,
+    listening_times,
+    read_position,
+    read_state,
+    recovered_lines,
+)
+from tests.support import (
+    PAYG_KEY,
+    api_process,
+    free_port,
+    metrics_text,
+    samples,
+    spawn_exporter,
+    value,
+    wait_ready,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow  # a minute of kill -9 against real processes
-
-# A UDP id sent this long before a kill, or later, may be lost with the process (socket and 50 ms buffer).
-UDP_EDGE_SECONDS = 1.0
-
-
-def read_state(path: Path) -> tuple[dict[str, int], tuple[int, int] | None]:
-    """(id -> status, (inode, offset) of the file source) read from the exporter's database, read-only."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:
-        ids = {row[0]: int(row[1]) for row in db.execute("SELECT id, status FROM generations")}
-        row = db.execute("SELECT inode, offset FROM positions WHERE source = 'app-log'").fetchone()
-        return ids, None if row is None else (int(row[0]), int(row[1]))
-    finally:
-        db.close()
-
-
-def read_position(path: Path) -> tuple[int, int] | None:
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-        try:
-            row = db.execute("SELECT inode, offset FROM positions WHERE source = 'app-log'").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    return None if row is None else (int(row[0]), int(row[1]))
-
-
-def read_saved(state: Path) -> tuple[int, int, bytes] | None:
-    """(inode, offset, fingerprint) the exporter has saved for the log in its SQLite state, None before."""
-    try:
-        db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=1)
-        try:
-            row = db.execute("SELECT inode, offset, fingerprint FROM positions WHERE source = 'app-log'").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
-
-
-def exporter_in_current_file(saved: tuple[int, int, bytes] | None, log: Path, *, at_start: bool) -> bool:
-    """Whether the exporter's saved position is in the log as it is now: same inode and the same first bytes
-    (not a generation since copied and truncated). `at_start`: whether byte 0 counts (it says nothing of
-    which generation it was read in)."""
-    if saved is None or saved[0] != log.stat().st_ino:
-        return False
-    if saved[1] == 0:
-        return at_start
-    fingerprint = saved[2]
-    length = int.from_bytes(fingerprint[:2], "big")
-    with log.open("rb") as handle:
-        head = handle.read(length)
-    return len(head) == length and hashlib.sha256(head).digest()[:16] == fingerprint[2:18]
-
-
-def gzip_file(path: Path) -> Path:
-    """logrotate's `compress`, as gzip does it: write path.gz, then remove path."""
-    target = path.with_name(path.name + ".gz")
-    with path.open("rb") as plain, gzip.open(target, "wb") as packed:
-        shutil.copyfileobj(plain, packed)
-    path.unlink()
-    return target
-
-
-def recovered_lines(log: Path) -> int:
-    """Lines the exporter's lives read from rotated copies (their log lines)."""
-    total = 0
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        if ": read " in line and " lines from " in line:
-            total += int(line.split(": read ", 1)[1].split()[0])
-    return total
-
-
-def listening_times(log: Path) -> list[float]:
-    """When each life's UDP socket was bound (its log line follows the bind), as epoch seconds."""
-    times = []
-    for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-        if "listening for ids on udp" in line:
-            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-            times.append(stamp.timestamp())
-    return times
-
-
-@dataclass
-class Run:
-    """What happened: the phases of the exporter process and what the writer sent through which channel."""
-
-    windows: list[tuple[float, float]] = field(default_factory=list)  # (ready, killed) per life
-    dead_windows: list[tuple[float, float]] = field(default_factory=list)  # (reaped, respawned)
-    file_ids: set[str] = field(default_factory=set)
-    udp_sent: list[tuple[str, float]] = field(default_factory=list)
-    duplicates_sent: int = 0
-    rotations: dict[str, int] = field(
-        default_factory=lambda: {
-            "rename": 0, "copytruncate": 0, "compressed": 0, "while_down": 0, "forced_while_down": 0
-        }
-    )
-    kills: dict[str, int] = field(default_factory=lambda: {"random": 0, "lookups_inflight": 0, "burst_ingest": 0})
-    rotated: int = 0
-
-
-class Writer:
-    """The application: creates generations at the API, logs their ids (rotating the log), sends some by UDP."""
-
-    def __init__(self, run: Run, logs: Path, state: Path, api_url: str, udp_port: int, rng: random.Random) -> None:
-        self.run = run
-        self.log = logs / "app.log"
-        self.logs = logs
-        self.state = state
-        self.api_url = api_url
-        self.udp_port = udp_port
-        self.rng = rng
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.all_ids: list[str] = []
-        # Held while a copytruncate copies and truncates: nothing is appended in between (such lines are lost
-        # by copytruncate itself, exporter or not: logrotate's own race, see README).
-        self.rotating = asyncio.Lock()
-        self.uncompressed: list[Path] = []  # rotated files `delaycompress` compresses at the next rotation
-        self.exporter_down = True
-
-    def saved(self) -> tuple[int, int, bytes] | None:
-        """(inode, offset, fingerprint) the exporter has saved for the log, None before its first save."""
-        return read_saved(self.state)
-
-    async def create(self, client: httpx.AsyncClient, n: int) -> list[str]:
-        async def one() -> str:
-            response = await client.post(f"{self.api_url}/api/v1/generations", json={})
-            response.raise_for_status()
-            return str(response.json()["id"])
-
-        return list(await asyncio.gather(*(one() for _ in range(n))))
-
-    def append(self, ids: list[str]) -> None:
-        with self.log.open("a", encoding="utf-8") as handle:
-            for generation_id in ids:
-                feature = self.rng.choice(("chat", "search", "agent"))
-                handle.write(json.dumps({"level": "info", "generation_id": generation_id, "feature": feature}) + "\n")
-        self.run.file_ids.update(ids)
-
-    def send_udp(self, ids: list[str]) -> None:
-        now = time.time()
-        for start in range(0, len(ids), 5):
-            chunk = ids[start : start + 5]
-            with contextlib.suppress(OSError):  # ECONNREFUSED from an earlier datagram while nobody listened
-                self.sock.sendto("\n".join(chunk).encode(), ("127.0.0.1", self.udp_port))
-            self.run.udp_sent.extend((i, now) for i in chunk)
-
-    async def maybe_rotate(self) -> None:
-        """Rotates as logrotate does, at any moment, the exporter alive or not: rename, or copytruncate (the
-        exporter reads the unread tail from the copy), each with no compression, `compress` (the rotated file
-        becomes .gz at once) or `delaycompress` (the previous one does). Only once the exporter has read into
-        the current file: two rotations in one downtime would hide a whole file from it, and so would a
-        copytruncate of a file it has read nothing of (README)."""
-        copy = self.rng.random() < 0.5
-        if not exporter_in_current_file(self.saved(), self.log, at_start=not copy):
-            return
-        target = self.next_rotated()
-        if copy:
-            await self.copytruncate(target)
-        else:
-            os.rename(self.log, target)
-            self.log.touch()
-            self.run.rotations["rename"] += 1
-        compress = self.rng.choice(("none", "compress", "delaycompress"))
-        if compress == "compress":
-            self.compress(target)
-            return
-        if compress == "delaycompress":
-            while self.uncompressed:
-                self.compress(self.uncompressed.pop())
-        self.uncompressed.append(target)
-
-    def next_rotated(self) -> Path:
-        self.run.rotated += 1
-        if self.exporter_down:
-            self.run.rotations["while_down"] += 1
-        return self.logs / f"app.log.{self.run.rotated}"
-
-    async def copytruncate(self, target: Path) -> None:
-        async with self.rotating:
-            shutil.copyfile(self.log, target)
-            with self.log.open("r+b") as handle:
-                handle.truncate(0)
-        self.run.rotations["copytruncate"] += 1
-
-    def compress(self, path: Path) -> None:
-        gzip_file(path)
-        self.run.rotations["compressed"] += 1
-
-    async def rotate_while_down(self, client: httpx.AsyncClient) -> bool:
-        """The exporter is dead: lines it has not read are logged, then the log is copied, truncated and the
-        copy compressed. Their ids must be read from the .gz at the next start."""
-        await self.burst(client, self.rng.randint(5, 25))
-        if not exporter_in_current_file(self.saved(), self.log, at_start=False):
-            return False
-        target = self.next_rotated()
-        await self.copytruncate(target)
-        self.compress(target)
-        self.run.rotations["forced_while_down"] += 1
-        return True
-
-    async def burst(self, client: httpx.AsyncClient, n: int) -> None:
-        ids = await self.create(client, n)
-        self.all_ids.extend(ids)
-        async with self.rotating:
-            self.append(ids)
-
-    async def loop(self, stop: asyncio.Event) -> None:
-        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {PAYG_KEY}"}, timeout=10) as client:
-            while not stop.is_set():
-                ids = await self.create(client, self.rng.randint(5, 25))
-                self.all_ids.extend(ids)
-                if self.rng.random() < 0.1 and len(self.all_ids) > 50:
-                    ids.append(self.rng.choice(self.all_ids[:-30]))  # a duplicate sighting, maybe across channels
-                    self.run.duplicates_sent += 1
-                if self.rng.random() < 0.7:
-                    self.append(ids)
-                else:
-                    self.send_udp(ids)
-                if self.rng.random() < 0.06:
-                    await self.maybe_rotate()
-                await asyncio.sleep(self.rng.uniform(0.01, 0.08))  # pacing, like an application's traffic
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def soak(request: pytest.FixtureRequest) -> bool:
-    return bool(request.config.getoption("--soak", default=False))
 
 
 @contextlib.asynccontextmanager

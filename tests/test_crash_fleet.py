@@ -30,16 +30,16 @@ import psycopg
 import pytest
 
 from exporter.simulate.api import totals
-from tests.support import PAYG_KEY, value, wait_until
-from tests.test_crash import (
-    Run,
-    Writer,
+from tests.crash_support import Run, Writer
+from tests.support import (
+    PAYG_KEY,
     api_process,
     free_port,
     metrics_text,
-    soak,  # noqa: F401 (the --soak fixture)
     spawn_exporter,
+    value,
     wait_ready,
+    wait_until,
     write_config,
 )
 
@@ -133,7 +133,7 @@ def read_fleet(url: str) -> tuple[dict[str, int], dict[str, tuple[int, int]], in
 
 
 async def test_a_fleet_counts_exactly_once_through_kill_9_of_any_member(
-    tmp_path: Path, pg_url: str, soak: bool  # noqa: F811
+    tmp_path: Path, pg_url: str, soak: bool
 ) -> None:
     kills_wanted = 40 if soak else 12
     seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))

@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,37 +22,22 @@ from exporter.fleet import SharedRateLimit
 from exporter.simulate.api import totals
 from exporter.store import Grant, Store
 from tests.pg import Cluster
+from tests.prometheus_server import StartPrometheus
 from tests.support import (
     FakeApi,
+    FakeTime,
     StartExporter,
     append_lines,
     config_data,
+    fleet_data,
     json_line,
     make_config,
     samples,
     scrape,
+    send_udp,
     value,
     wait_until,
 )
-from tests.test_pacing import FakeTime
-from tests.test_prometheus_live import StartPrometheus, start_prometheus  # noqa: F401 (a fixture)
-
-
-def fleet_data(tmp_path: Path, api_url: str, pg_url: str, roles: list[str], **overrides: Any) -> dict[str, Any]:
-    """The test config of one fleet process: the shared state instead of a file, the given roles."""
-    data = config_data(tmp_path, api_url, roles=roles, **overrides)
-    data["state"] = {"url": pg_url, "instance": f"{'-'.join(roles)}-{len(str(tmp_path))}", "lease_seconds": 5,
-                     **overrides.get("state", {})}
-    if "resolve" not in roles:
-        del data["zenmux"]["api_key"]  # only resolvers hold the key
-    if "ingest" not in roles:
-        data["sources"] = []
-    return data
-
-
-def send_udp(port: int, ids: list[str]) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.sendto("\n".join(ids).encode(), ("127.0.0.1", port))
 
 
 async def test_a_fleet_counts_each_generation_once_and_one_exposer_serves_it(
@@ -256,7 +240,7 @@ async def test_prometheus_sees_the_same_totals_from_a_sidecar_and_from_two_expos
     fake_api: FakeApi,
     start_exporter: StartExporter,
     pg_url: str,
-    start_prometheus: StartPrometheus,  # noqa: F811 (the fixture)
+    start_prometheus: StartPrometheus,
 ) -> None:
     sidecar_dir, fleet_dir = tmp_path / "sidecar", tmp_path / "fleet"
     sidecar_dir.mkdir()

@@ -23,8 +23,18 @@ from exporter.sources.file import FileSource
 from exporter.store import StateError
 from exporter.telemetry import SelfMetrics
 from tests.pg import Cluster
-from tests.support import FakeApi, StartExporter, append_lines, json_line, samples, scrape, value, wait_until
-from tests.test_fleet import fleet_data, send_udp
+from tests.support import (
+    FakeApi,
+    StartExporter,
+    append_lines,
+    fleet_data,
+    json_line,
+    samples,
+    scrape,
+    send_udp,
+    value,
+    wait_until,
+)
 
 # Only resolvers and exposers report the queue and the lookups; an ingest process exposes what it reads.
 RESOLVER_ONLY = (

@@ -9,21 +9,7 @@ import pytest
 
 from exporter.policy import backoff
 from exporter.resolver import TokenBucket
-
-
-class FakeTime:
-    """A monotonic clock that moves only when the code under test sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.sleeps: list[float] = []
-
-    def monotonic(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.support import FakeTime
 
 
 async def test_the_bucket_lets_a_burst_through_then_paces_at_the_rate() -> None:

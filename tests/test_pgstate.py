@@ -15,8 +15,7 @@ from exporter.ledger import Ledger
 from exporter.pgstate import SCHEMA_VERSION, PostgresStore
 from exporter.store import Resolved, Retry, StateError
 from tests.pg import Cluster
-from tests.support import wait_until
-from tests.test_state import one_generation
+from tests.support import one_generation, wait_until
 
 OpenStore = Callable[..., Awaitable[PostgresStore]]
 

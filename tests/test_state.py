@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from exporter.contribution import Contribution, Increment, LabelLimiter, LedgerShape
+from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
 from exporter.store import ABANDONED, DONE, PENDING, Abandon, FilePosition, Resolved, Retry, Store
 from tests.pg import OpenState
+from tests.support import one_generation
 
 
 def ledger() -> Ledger:
@@ -21,14 +22,6 @@ async def persisted(state: Store) -> Ledger:
     book = ledger()
     book.load(await state.ledger_rows())
     return book
-
-
-def one_generation(cost: float) -> Contribution:
-    labels = ("m", "chat.completions")
-    return Contribution(
-        (Increment("zenmux_generations", (*labels, "true", "stop"), 1.0), Increment("zenmux_cost_usd", labels, cost)),
-        {},
-    )
 
 
 async def test_enqueue_deduplicates_within_and_across_batches(open_state: OpenState) -> None:
