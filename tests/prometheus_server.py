@@ -36,6 +36,14 @@ class Prometheus:
             raise AssertionError(f"{path} {params}: HTTP {response.status_code}: {body}")
         return body["data"]
 
+    async def ready(self, client: httpx.AsyncClient) -> bool:
+        """Whether it answers /-/ready (it takes a moment to start); fails at once if it died."""
+        assert self.process.poll() is None, f"prometheus exited: {self.output()}"
+        try:
+            return (await client.get(f"{self.url}/-/ready")).status_code == 200
+        except httpx.TransportError:
+            return False
+
     async def query(self, client: httpx.AsyncClient, expr: str) -> list[dict[str, Any]]:
         """Instant query; scalars come back as one label-less sample."""
         data = await self.api(client, "query", query=expr)

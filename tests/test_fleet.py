@@ -4,6 +4,7 @@ exposer (and a takeover), import of a sidecar's state, the config rules of roles
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -264,6 +265,9 @@ async def test_prometheus_sees_the_same_totals_from_a_sidecar_and_from_two_expos
     for exporter in (sidecar, exposers[0]):
         await wait_until(lambda e=exporter: _has(e.metrics_port, 60), timeout=30, what="60 generations")
     assert worker.resolver is not None
+    async with httpx.AsyncClient() as client:
+        for prometheus in (alone, fleet):
+            await wait_until(functools.partial(prometheus.ready, client), timeout=30, what="prometheus ready")
 
     mismatch: list[Any] = []
 
