@@ -37,18 +37,6 @@ def read_state(path: Path) -> tuple[dict[str, int], tuple[int, int] | None]:
         db.close()
 
 
-def read_position(path: Path) -> tuple[int, int] | None:
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
-        try:
-            row = db.execute("SELECT inode, offset FROM positions WHERE source = 'app-log'").fetchone()
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return None
-    return None if row is None else (int(row[0]), int(row[1]))
-
-
 def read_saved(state: Path) -> tuple[int, int, bytes] | None:
     """(inode, offset, fingerprint) the exporter has saved for the log in its SQLite state, None before."""
     try:
@@ -60,6 +48,12 @@ def read_saved(state: Path) -> tuple[int, int, bytes] | None:
     except sqlite3.Error:
         return None
     return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
+
+
+def read_position(state: Path) -> tuple[int, int] | None:
+    """(inode, offset) the exporter has saved for the log, None before its first save."""
+    saved = read_saved(state)
+    return None if saved is None else saved[:2]
 
 
 def exporter_in_current_file(saved: tuple[int, int, bytes] | None, log: Path, *, at_start: bool) -> bool:

@@ -104,7 +104,7 @@ class Protocols:
 
     # -- shared ---------------------------------------------------------------------------------------
 
-    def _start(self, request: Request, api: str) -> dict[str, Any] | Response:
+    def _start(self, request: Request) -> dict[str, Any] | Response:
         """Checks method, key and body; returns the parsed body or the error to answer with."""
         if request.method != "POST":
             return _error(405, "use POST")
@@ -123,6 +123,16 @@ class Protocols:
             return _error(400, "body must be a JSON object")
         return body
 
+    def _begin(self, request: Request, api: str) -> tuple[dict[str, Any], bool] | Response:
+        """For the protocols that name the model and ask to stream in the body: the created generation's record
+        and whether to stream, or the error to answer with."""
+        body = self._start(request)
+        if isinstance(body, Response):
+            return body
+        stream = body.get("stream") is True
+        record = self._create(body.get("model"), api, stream)
+        return record if isinstance(record, Response) else (record, stream)
+
     def _create(self, model: object, api: str, streamed: bool) -> dict[str, Any] | Response:
         if not isinstance(model, str):
             return _error(400, "model is required")
@@ -140,13 +150,10 @@ class Protocols:
     # -- OpenAI Chat Completions ------------------------------------------------------------------------
 
     async def _chat(self, request: Request) -> Response:
-        body = self._start(request, "chat.completions")
-        if isinstance(body, Response):
-            return body
-        stream = body.get("stream") is True
-        record = self._create(body.get("model"), "chat.completions", stream)
-        if isinstance(record, Response):
-            return record
+        begun = self._begin(request, "chat.completions")
+        if isinstance(begun, Response):
+            return begun
+        record, stream = begun
         gid, model, created = record["generationId"], record["model"], int(time.time())
         finish = "stop"  # the simulated answer is always whole (the SDKs' helpers raise on "length")
         usage = inline_usage(record)
@@ -180,13 +187,10 @@ class Protocols:
     # -- OpenAI Responses -------------------------------------------------------------------------------
 
     async def _responses(self, request: Request) -> Response:
-        body = self._start(request, "responses")
-        if isinstance(body, Response):
-            return body
-        stream = body.get("stream") is True
-        record = self._create(body.get("model"), "responses", stream)
-        if isinstance(record, Response):
-            return record
+        begun = self._begin(request, "responses")
+        if isinstance(begun, Response):
+            return begun
+        record, stream = begun
         gid = record["generationId"]
         message_id = "msg_" + gid.removeprefix("resp_")[:32]
         text_part = {"type": "output_text", "text": ANSWER, "annotations": []}
@@ -246,13 +250,10 @@ class Protocols:
     # -- Anthropic Messages -----------------------------------------------------------------------------
 
     async def _messages(self, request: Request) -> Response:
-        body = self._start(request, "messages")
-        if isinstance(body, Response):
-            return body
-        stream = body.get("stream") is True
-        record = self._create(body.get("model"), "messages", stream)
-        if isinstance(record, Response):
-            return record
+        begun = self._begin(request, "messages")
+        if isinstance(begun, Response):
+            return begun
+        record, stream = begun
         usage = inline_usage(record)
         stop = "end_turn"
         message = {
@@ -303,7 +304,7 @@ class Protocols:
     # -- Vertex AI --------------------------------------------------------------------------------------
 
     async def _vertex(self, request: Request) -> Response:
-        body = self._start(request, "generateContent")
+        body = self._start(request)
         if isinstance(body, Response):
             return body
         matched = VERTEX_PATH.fullmatch(request.path)
