@@ -178,20 +178,15 @@ class Exporter:
         else:
             self.metrics.expose_leader.set(1 if exposition is not None else 0)
         exposer = self.exposer
-        local = not self.state.shared
         if "resolve" in roles or "expose" in roles:  # an ingest-only process's count is an estimate
-            self.registry.register(QueueCollector(
-                lambda: self.state.pending,
-                lambda: self._oldest_age,
-                (lambda: exposer.leading) if exposer is not None else (lambda: local),
-            ))
+            self.registry.register(QueueCollector(lambda: self.state.pending, lambda: self._oldest_age, self._leading))
         host, port = split_host_port(config.metrics.listen)
         endpoints = Endpoints(
             self.registry,
             healthy=lambda: self.failure,
             ready=self._not_ready_reason,
             ledger=exposition,
-            leading=(lambda: exposer.leading) if exposer is not None else (lambda: True),
+            leading=self._leading,  # asked only where the expose role serves the ledger
         )
         self.http = HttpServer(web.protect(endpoints.handle), host, port, ssl_context=web.server_tls(),
                                headers=web.headers)
@@ -237,7 +232,7 @@ class Exporter:
         self._tasks.append(self._watch(self._housekeeping(), "housekeeping"))
         if self._management_key:
             if "expose" in roles:
-                self._start_reconciler(exposer)
+                self._start_reconciler()
             else:
                 log.warning("reconcile: the management key is not used here: only a process with the expose role "
                             "reconciles (in a fleet, the leading exposer)")
@@ -288,7 +283,12 @@ class Exporter:
             opened = await self._open_source(tail)
         await tail.run(self._stop_sources)
 
-    def _start_reconciler(self, exposer: Exposer | None) -> None:
+    def _leading(self) -> bool:
+        """Whether this process serves what must exist once (business series, queue gauges, reconciliation):
+        the only process of a local state always; in a fleet, the leading exposer."""
+        return self.exposer.leading if self.exposer is not None else not self.state.shared
+
+    def _start_reconciler(self) -> None:
         config = self.config
         self.account = AccountClient(
             config.zenmux.base_url,
@@ -298,15 +298,13 @@ class Exporter:
             clock=self.clock,
         )
         reconciler = Reconciler(config.reconcile, self.account, self.ledger, self.metrics, clock=self.clock)
-
         # In a fleet only the leading exposer polls (the account's rate limit is shared) and shows the
         # comparison (its ledger is the whole fleet's; a follower's figures would be counted twice).
-        def leading() -> bool:
-            return exposer is None or exposer.leading
-
-        self.registry.register(ReconcileCollector(lambda: reconciler.snapshot if leading() else EMPTY_SNAPSHOT))
+        self.registry.register(
+            ReconcileCollector(lambda: reconciler.snapshot if self._leading() else EMPTY_SNAPSHOT)
+        )
         self.reconciler = reconciler
-        self._tasks.append(self._watch(reconciler.run(self._stop_resolver, leading), "reconcile"))
+        self._tasks.append(self._watch(reconciler.run(self._stop_resolver, self._leading), "reconcile"))
 
     def _watch(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         """A background task whose death by an exception is logged and fails /healthz (so a liveness probe
