@@ -25,6 +25,7 @@ from exporter.store import Grant, Store
 from tests.pg import Cluster
 from tests.prometheus_server import StartPrometheus
 from tests.support import (
+    MANAGEMENT_KEY,
     FakeApi,
     FakeTime,
     StartExporter,
@@ -47,6 +48,8 @@ async def test_a_fleet_counts_each_generation_once_and_one_exposer_serves_it(
     def start(roles: list[str], name: str) -> Any:
         data = fleet_data(tmp_path, fake_api.url, pg_url, roles)
         data["state"]["instance"] = name
+        if roles == ["expose"]:  # reconciliation: only the leading exposer polls and shows it
+            data["reconcile"] = {"management_api_key": MANAGEMENT_KEY}
         return start_exporter(parse_config(data, name), api_key=data["zenmux"].get("api_key", ""))
 
     ingest = await start(["ingest"], "ingest-0")
@@ -69,7 +72,8 @@ async def test_a_fleet_counts_each_generation_once_and_one_exposer_serves_it(
     assert value(text, "zenmux_cost_usd_total") == pytest.approx(truth["billAmount"], rel=1e-9)
     assert value(text, "zenmux_exporter_expose_leader") == 1
     assert "zenmux_exporter_pending_ids" in text  # the fleet's queue, reported once too
-    # The follower serves its own metrics only: the business series exist once.
+    await wait_until(lambda: _balance_shown(leader.metrics_port), what="the leader reconciling")
+    # The follower serves its own metrics only: the business series (and the reconciliation) exist once.
     followed = await scrape(follower.metrics_port)
     assert value(followed, "zenmux_exporter_expose_leader") == 0
     assert not [name for name, _, _ in samples(followed) if not name.startswith("zenmux_exporter_")]
@@ -84,6 +88,10 @@ async def test_a_fleet_counts_each_generation_once_and_one_exposer_serves_it(
     # The leader goes: the follower takes over with the same values.
     await leader.stop(drain_seconds=0)
     await wait_until(lambda: exposed(follower.metrics_port, 40), timeout=15, what="the follower taking over")
+
+
+async def _balance_shown(port: int) -> bool:
+    return "zenmux_payg_balance_usd " in await scrape(port)
 
 
 async def test_import_state_continues_a_sidecars_counters(
