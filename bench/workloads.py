@@ -146,12 +146,12 @@ def _read_to(state: Path, offset: int) -> bool:
     try:
         db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5)
         try:
-            row = db.execute("SELECT offset FROM positions WHERE source = 'bench-log'").fetchone()
+            row = db.execute("SELECT max(offset) FROM checkpoints WHERE source = 'bench-log'").fetchone()
         finally:
             db.close()
     except sqlite3.OperationalError:
         return False
-    return row is not None and int(row[0]) >= offset
+    return row is not None and row[0] is not None and int(row[0]) >= offset
 
 
 def _mtail_run(ctx: Context, data: bytes, count: int) -> dict[str, float]:

@@ -250,7 +250,8 @@ def cmd_import_state(args: argparse.Namespace) -> int:
             await target.close()
         return (
             f"imported {len(dump.queue)} pending ids, {len(dump.finished)} finished ids, {len(dump.ledger)} ledger "
-            f"series and {len(dump.positions)} file positions (as instance {instance!r}) into {target.description}"
+            f"series and the checkpoints of {len(dump.files)} file sources (as instance {instance!r}) into "
+            f"{target.description}"
         )
 
     try:

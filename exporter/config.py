@@ -124,6 +124,14 @@ class FileSourceConfig(_SourceCommon):
     # Where rotated copies are looked for (a glob; relative to the log's directory). "": the log's name
     # followed by anything (app.log.1, app.log.1.gz, app.log-20261203).
     rotated_glob: str = ""
+    # A generation of the log (one life of its content) is known by a digest of its first bytes, as Filebeat's
+    # and the OpenTelemetry filelog receiver's fingerprints are (1024 bytes there too); raise it if every file
+    # begins with a longer fixed header.
+    fingerprint_bytes: int = setting(1024, minimum=64, maximum=32768)
+    # Checkpoints of generations no file on disk holds any more: at most this many, none older than the age
+    # (what a file still on disk holds keeps its checkpoint).
+    checkpoints_kept: int = setting(256, minimum=1, maximum=100_000)
+    checkpoints_max_age_seconds: float = setting(7 * 24 * 3600.0, exclusive_minimum=True, maximum=10 * 365 * 86400.0)
 
 
 @dataclass(frozen=True, kw_only=True)

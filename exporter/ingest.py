@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 
 from exporter.clock import Clock
 from exporter.ids import QUEUE_FULL, Sighting
-from exporter.store import Enqueued, FilePosition, StateError, Store
+from exporter.store import Checkpoint, Enqueued, StateError, Store
 from exporter.telemetry import SelfMetrics
 
 
@@ -36,14 +36,14 @@ class Ingest:
         self,
         source: str,
         parsed: Iterable[Sighting | str],
-        position: FilePosition | None = None,
+        checkpoint: Checkpoint | None = None,
         *,
         bounded: bool = True,
     ) -> Enqueued:
-        """Queues the sightings and counts the rejections; the position is saved in the same transaction.
+        """Queues the sightings and counts the rejections; the checkpoint is saved in the same transaction.
 
         Raises StateError when the database cannot be written (disk full, read-only): then nothing of the
-        batch was recorded or counted, and the source must keep it (or its position) to submit again.
+        batch was recorded or counted, and the source must keep it (or its checkpoint) to submit again.
         """
         sightings: list[Sighting] = []
         rejected: Counter[str] = Counter()
@@ -54,7 +54,7 @@ class Ingest:
                 rejected[item] += 1
         now = self._clock.time()
         try:
-            result = await self._state.enqueue(source, sightings, now, now + self._delay, position, bounded=bounded)
+            result = await self._state.enqueue(source, sightings, now, now + self._delay, checkpoint, bounded=bounded)
         except StateError as err:
             self._metrics.state_errors.labels("enqueue").inc()
             raise StateError(f"cannot record ids from {source}: {err}", "enqueue") from None

@@ -1,4 +1,4 @@
-"""The PostgreSQL state backend (fleet mode): queue, dedupe memory, positions and ledger shared by many processes."""
+"""The PostgreSQL state backend (fleet mode): queue, dedupe memory, file checkpoints, ledger; shared by processes."""
 
 from __future__ import annotations
 
@@ -23,8 +23,9 @@ from exporter.store import (
     DONE,
     PENDING,
     Abandon,
+    Checkpoint,
     Enqueued,
-    FilePosition,
+    FileHistory,
     Grant,
     LedgerRow,
     PendingId,
@@ -33,13 +34,14 @@ from exporter.store import (
     Settlement,
     StateDump,
     StateError,
+    checkpoint_from_row,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Taken (in the migrating transaction) by whoever migrates, so replicas starting together migrate once.
 MIGRATE_LOCK = 0x7A6D7801
 # Held for the whole session by the leading exposer.
@@ -113,14 +115,46 @@ SELECT u.id, %(source)s, u.labels, %(now)s, %(due)s FROM unnest(%(ids)s::text[],
 WHERE NOT EXISTS (SELECT 1 FROM finished f WHERE f.id = u.id)
 ON CONFLICT (id) DO NOTHING
 """
-SAVE_POSITION = """
-INSERT INTO positions (instance, source, device, inode, "offset", fingerprint)
-VALUES (%(instance)s, %(source)s, %(device)s, %(inode)s, %(offset)s, %(fingerprint)s)
-ON CONFLICT (instance, source) DO UPDATE SET device = excluded.device, inode = excluded.inode,
-    "offset" = excluded."offset", fingerprint = excluded.fingerprint
+# Version 2: one checkpoint per generation of a file source's log (and the source's horizon) instead of one
+# position per source; a position becomes the source's first checkpoint, unfinished, with no horizon yet.
+MIGRATIONS = {
+    2: """
+CREATE TABLE checkpoints (
+    instance text NOT NULL,
+    source text NOT NULL,
+    generation bigint NOT NULL,
+    head bytea NOT NULL,
+    tail bytea NOT NULL,
+    "offset" bigint NOT NULL,
+    finished boolean NOT NULL,
+    device bigint NOT NULL,
+    inode bigint NOT NULL,
+    mtime_ns bigint NOT NULL,
+    PRIMARY KEY (instance, source, generation)
+);
+CREATE TABLE file_horizons (
+    instance text NOT NULL,
+    source text NOT NULL,
+    horizon_ns bigint NOT NULL,
+    PRIMARY KEY (instance, source)
+);
+INSERT INTO checkpoints
+    SELECT instance, source, 1, substring(fingerprint FROM 1 FOR 18), substring(fingerprint FROM 19 FOR 18),
+           "offset", false, device, inode, 0
+    FROM positions;
+DROP TABLE positions;
+""",
+}
+SAVE_CHECKPOINT = """
+INSERT INTO checkpoints (instance, source, generation, head, tail, "offset", finished, device, inode, mtime_ns)
+VALUES (%(instance)s, %(source)s, %(generation)s, %(head)s, %(tail)s, %(offset)s, %(finished)s, %(device)s,
+        %(inode)s, %(mtime_ns)s)
+ON CONFLICT (instance, source, generation) DO UPDATE SET head = excluded.head, tail = excluded.tail,
+    "offset" = excluded."offset", finished = excluded.finished, device = excluded.device, inode = excluded.inode,
+    mtime_ns = excluded.mtime_ns
 """
-# Ids and position in one statement: one round trip, one transaction.
-ENQUEUE_WITH_POSITION = f"WITH saved AS ({SAVE_POSITION}) {ENQUEUE}"
+# Ids and checkpoint in one statement: one round trip, one transaction.
+ENQUEUE_WITH_CHECKPOINT = f"WITH saved AS ({SAVE_CHECKPOINT}) {ENQUEUE}"
 CLAIM = """
 UPDATE queue q SET claimed_by = %(me)s, lease_until = %(until)s
 FROM (SELECT id FROM queue WHERE due <= %(now)s AND (lease_until <= %(now)s OR claimed_by = %(me)s)
@@ -336,10 +370,17 @@ class PostgresStore:
             version = None if row is None else row[0]
             if version is None:
                 await db.execute(SCHEMA)
+                for step in sorted(MIGRATIONS):
+                    await db.execute(MIGRATIONS[step])
                 await db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
                 log.info("%s: created the state schema (version %d)", self._where, SCHEMA_VERSION)
-            # A later schema version adds its migration here: `elif version < SCHEMA_VERSION:` runs the steps
-            # from `version` on and records the new version, in this same transaction (DDL is transactional).
+            elif version < SCHEMA_VERSION:
+                # The steps from `version` on, in this same transaction (DDL is transactional).
+                for step in range(version + 1, SCHEMA_VERSION + 1):
+                    await db.execute(MIGRATIONS[step])
+                await db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
+                log.info("%s: migrated the state schema from version %d to %d", self._where, version,
+                         SCHEMA_VERSION)
             elif version > SCHEMA_VERSION:
                 raise StateError(
                     f"{self._where}: schema version {version}, this exporter reads {SCHEMA_VERSION}: "
@@ -355,7 +396,7 @@ class PostgresStore:
         sightings: Sequence[Sighting],
         now: float,
         due: float,
-        position: FilePosition | None = None,
+        checkpoint: Checkpoint | None = None,
         *,
         bounded: bool = True,
     ) -> Enqueued:
@@ -371,45 +412,75 @@ class PostgresStore:
             "ids": list(fresh),
             "labels": [_labels_text(labels) for labels in fresh.values()],
         }
-        if position is not None:
-            params.update(self._position_params(source, position))
+        if checkpoint is not None:
+            params.update(self._checkpoint_params(source, checkpoint))
 
         async def work(db: psycopg.AsyncConnection[Any]) -> int:
-            if not fresh and position is None:
+            if not fresh and checkpoint is None:
                 return 0
-            cursor = await db.execute(ENQUEUE if position is None else ENQUEUE_WITH_POSITION, params)
+            cursor = await db.execute(ENQUEUE if checkpoint is None else ENQUEUE_WITH_CHECKPOINT, params)
             return max(cursor.rowcount, 0)
 
         accepted = await self._call("enqueue", work)
         self._counted += accepted
         return Enqueued(accepted, len(admitted) - accepted, len(sightings) - len(admitted))
 
-    def _position_params(self, source: str, position: FilePosition) -> dict[str, Any]:
+    def _checkpoint_params(self, source: str, checkpoint: Checkpoint) -> dict[str, Any]:
         return {
             "instance": self.instance,
             "source": source,
-            "device": position.device,
-            "inode": position.inode,
-            "offset": position.offset,
-            "fingerprint": position.fingerprint,
+            "generation": checkpoint.generation,
+            "head": checkpoint.head,
+            "tail": checkpoint.tail,
+            "offset": checkpoint.offset,
+            "finished": checkpoint.finished,
+            "device": checkpoint.device,
+            "inode": checkpoint.inode,
+            "mtime_ns": checkpoint.mtime_ns,
         }
 
-    async def position(self, source: str) -> FilePosition | None:
-        async def work(db: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
-            cursor = await db.execute(
-                'SELECT device, inode, "offset", fingerprint FROM positions WHERE instance = %s AND source = %s',
-                (self.instance, source),
-            )
-            return await cursor.fetchone()
+    async def file_history(self, source: str) -> FileHistory:
+        async def work(db: psycopg.AsyncConnection[Any]) -> tuple[list[tuple[Any, ...]], tuple[Any, ...] | None]:
+            async with db.transaction():
+                rows = await (await db.execute(
+                    'SELECT generation, head, tail, "offset", finished, device, inode, mtime_ns FROM checkpoints '
+                    "WHERE instance = %s AND source = %s ORDER BY generation",
+                    (self.instance, source),
+                )).fetchall()
+                horizon = await (await db.execute(
+                    "SELECT horizon_ns FROM file_horizons WHERE instance = %s AND source = %s", (self.instance, source)
+                )).fetchone()
+            return rows, horizon
 
-        row = await self._call("position", work)
-        return None if row is None else FilePosition(int(row[0]), int(row[1]), int(row[2]), bytes(row[3]))
+        rows, horizon = await self._call("position", work)
+        return FileHistory(None if horizon is None else int(horizon[0]), tuple(map(checkpoint_from_row, rows)))
 
-    async def save_position(self, source: str, position: FilePosition) -> None:
+    async def save_checkpoint(self, source: str, checkpoint: Checkpoint) -> None:
         async def work(db: psycopg.AsyncConnection[Any]) -> None:
-            await db.execute(SAVE_POSITION, self._position_params(source, position))
+            await db.execute(SAVE_CHECKPOINT, self._checkpoint_params(source, checkpoint))
 
         await self._call("position", work)
+
+    async def forget_checkpoints(self, source: str, generations: Sequence[int], horizon_ns: int) -> None:
+        async def work(db: psycopg.AsyncConnection[Any]) -> None:
+            async with db.transaction():
+                await self._forget_checkpoints(db, self.instance, source, generations, horizon_ns)
+
+        await self._call("position", work)
+
+    @staticmethod
+    async def _forget_checkpoints(
+        db: psycopg.AsyncConnection[Any], instance: str, source: str, generations: Sequence[int], horizon_ns: int
+    ) -> None:
+        await db.execute(
+            "DELETE FROM checkpoints WHERE instance = %s AND source = %s AND generation = ANY(%s::bigint[])",
+            (instance, source, list(generations)),
+        )
+        await db.execute(
+            "INSERT INTO file_horizons VALUES (%s, %s, %s) ON CONFLICT (instance, source) "
+            "DO UPDATE SET horizon_ns = greatest(file_horizons.horizon_ns, excluded.horizon_ns)",
+            (instance, source, horizon_ns),
+        )
 
     # --- resolving ----------------------------------------------------------------------------------------
 
@@ -517,7 +588,7 @@ class PostgresStore:
 
     async def load(self, dump: StateDump, *, force: bool) -> None:
         """Imports a sidecar's state in one transaction: its queue and finished ids (those already known are
-        kept as they are), its file positions (as this instance's) and its ledger. Into a database whose ledger
+        kept as they are), its file checkpoints (as this instance's) and its ledger. Into a database whose ledger
         is not empty only with `force`: the values are then ADDED (several sidecars' states merge into one)."""
 
         async def work(db: psycopg.AsyncConnection[Any]) -> None:
@@ -547,8 +618,13 @@ class PostgresStore:
                     )
                     await db.execute("DELETE FROM queue WHERE id IN (SELECT id FROM finished WHERE id = ANY(%s))",
                                      (list(columns[0]),))
-                for source, position in dump.positions.items():
-                    await db.execute(SAVE_POSITION, self._position_params(source, position))
+                for source, history in dump.files.items():
+                    await db.execute("DELETE FROM checkpoints WHERE instance = %s AND source = %s",
+                                     (self.instance, source))
+                    for checkpoint in history.checkpoints:
+                        await db.execute(SAVE_CHECKPOINT, self._checkpoint_params(source, checkpoint))
+                    if history.horizon_ns is not None:
+                        await self._forget_checkpoints(db, self.instance, source, (), history.horizon_ns)
                 rows: list[dict[str, Any]] = []
                 for metric, labels, value_json in dump.ledger:
                     value = json.loads(value_json)

@@ -1,4 +1,4 @@
-"""The SQLite state backend (WAL), the default: pending ids, dedupe memory, file positions, the ledger's rows."""
+"""The SQLite state backend (WAL), the default: pending ids, dedupe memory, file checkpoints, the ledger's rows."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from exporter.store import (
     DONE,
     PENDING,
     Abandon,
+    Checkpoint,
     Enqueued,
-    FilePosition,
+    FileHistory,
     Grant,
     LedgerRow,
     PendingId,
@@ -29,14 +30,15 @@ from exporter.store import (
     Settlement,
     StateDump,
     StateError,
+    checkpoint_from_row,
 )
 
 __all__ = [  # the records are the interface's (exporter.store); re-exported for the tests that import them here
-    "ABANDONED", "DONE", "PENDING", "Abandon", "Enqueued", "FilePosition", "PendingId", "Resolved", "Retry",
-    "Settlement", "StateError", "StateStore",
+    "ABANDONED", "DONE", "PENDING", "Abandon", "Checkpoint", "Enqueued", "FileHistory", "PendingId", "Resolved",
+    "Retry", "Settlement", "StateError", "StateStore",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Pending ids live in an append-only log (rowid = arrival order). New ids are due `billing delay` after they
 # arrive, so the due index is appended to as well: ingest never inserts into a B-tree at a random
@@ -60,12 +62,21 @@ CREATE TABLE IF NOT EXISTS finished (
     finished REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS finished_by_age ON finished (finished);
-CREATE TABLE IF NOT EXISTS positions (
-    source TEXT PRIMARY KEY,
+CREATE TABLE IF NOT EXISTS checkpoints (
+    source TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    tail BLOB NOT NULL,
+    offset INTEGER NOT NULL,
+    finished INTEGER NOT NULL,
     device INTEGER NOT NULL,
     inode INTEGER NOT NULL,
-    offset INTEGER NOT NULL,
-    fingerprint BLOB NOT NULL
+    mtime_ns INTEGER NOT NULL,
+    PRIMARY KEY (source, generation)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS file_horizons (
+    source TEXT PRIMARY KEY,
+    horizon_ns INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS ledger (
     metric TEXT NOT NULL,
@@ -86,6 +97,16 @@ INSERT INTO queue (id, source, labels, first_seen, due, attempts)
 INSERT INTO finished (id, status, attempts, finished)
     SELECT id, status, attempts, coalesce(finished, first_seen) FROM generations WHERE status != 0;
 DROP TABLE generations;
+"""
+
+# Versions 1 and 2 kept one position per file source: it becomes the source's first checkpoint, unfinished, with
+# no horizon yet (the file source sets it at its first scan: what was rotated before that position's file was
+# read by the older exporter). Its fingerprint was the head's digest, then (from version 2) the tail's.
+MIGRATE_POSITIONS = """
+INSERT INTO checkpoints (source, generation, head, tail, offset, finished, device, inode, mtime_ns)
+    SELECT source, 1, substr(fingerprint, 1, 18), substr(fingerprint, 19, 18), offset, 0, device, inode, 0
+    FROM positions;
+DROP TABLE positions;
 """
 
 
@@ -149,10 +170,12 @@ class StateStore:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = None if row is None else int(row[0])
-            if version not in (None, 1, SCHEMA_VERSION):
+            if version not in (None, 1, 2, SCHEMA_VERSION):
                 raise StateError(f"{self.path}: schema version {version}, this exporter reads {SCHEMA_VERSION}")
             if version != SCHEMA_VERSION:
-                script = SCHEMA if version is None else SCHEMA.replace("CREATE VIEW", MIGRATE_FROM_1 + "CREATE VIEW")
+                script = SCHEMA.replace("CREATE VIEW", MIGRATE_FROM_1 + "CREATE VIEW") if version == 1 else SCHEMA
+                if version is not None:
+                    script += MIGRATE_POSITIONS
                 db.executescript("BEGIN IMMEDIATE;" + script + SET_VERSION + "COMMIT;")
             return db
         except sqlite3.OperationalError as err:
@@ -185,13 +208,13 @@ class StateStore:
         sightings: Sequence[Sighting],
         now: float,
         due: float,
-        position: FilePosition | None = None,
+        checkpoint: Checkpoint | None = None,
         *,
         bounded: bool = True,
     ) -> Enqueued:
-        """Adds ids (deduplicated) and, in the same transaction, the source's new position."""
+        """Adds ids (deduplicated) and, in the same transaction, the source's checkpoint."""
         try:
-            result = self._enqueue(source, sightings, now, due, position, bounded)
+            result = self._enqueue(source, sightings, now, due, checkpoint, bounded)
         except sqlite3.Error as err:
             raise self._error("enqueue", err) from None
         self.problem = None
@@ -203,7 +226,7 @@ class StateStore:
         sightings: Sequence[Sighting],
         now: float,
         due: float,
-        position: FilePosition | None,
+        checkpoint: Checkpoint | None,
         bounded: bool,
     ) -> Enqueued:
         # A file source waits instead (it checks `full` before each chunk), so it may pass one chunk beyond
@@ -229,8 +252,8 @@ class StateStore:
                         "SELECT id FROM finished WHERE id IN (SELECT value FROM json_each(?))", (ids_json,)
                     ):
                         del fresh[fingerprint(finished_id)]
-            if position is not None:
-                self._save_position(source, position)
+            if checkpoint is not None:
+                self._save_checkpoint(source, checkpoint)
         self._pending_ids.update(fresh)
         accepted = len(fresh)
         self.pending += accepted
@@ -249,27 +272,45 @@ class StateStore:
                 fresh[key] = sighting
         return fresh
 
-    async def position(self, source: str) -> FilePosition | None:
+    async def file_history(self, source: str) -> FileHistory:
         try:
-            row = self._db.execute(
-                "SELECT device, inode, offset, fingerprint FROM positions WHERE source = ?", (source,)
-            ).fetchone()
+            rows = self._db.execute(
+                "SELECT generation, head, tail, offset, finished, device, inode, mtime_ns FROM checkpoints "
+                "WHERE source = ? ORDER BY generation",
+                (source,),
+            ).fetchall()
+            horizon = self._db.execute("SELECT horizon_ns FROM file_horizons WHERE source = ?", (source,)).fetchone()
         except sqlite3.Error as err:
             raise self._error("position", err) from None
-        return None if row is None else FilePosition(int(row[0]), int(row[1]), int(row[2]), bytes(row[3]))
+        return FileHistory(None if horizon is None else int(horizon[0]), tuple(map(checkpoint_from_row, rows)))
 
-    async def save_position(self, source: str, position: FilePosition) -> None:
+    async def save_checkpoint(self, source: str, checkpoint: Checkpoint) -> None:
         try:
             with self._transaction():
-                self._save_position(source, position)
+                self._save_checkpoint(source, checkpoint)
         except sqlite3.Error as err:
             raise self._error("position", err) from None
 
-    def _save_position(self, source: str, position: FilePosition) -> None:
+    def _save_checkpoint(self, source: str, c: Checkpoint) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO positions VALUES (?, ?, ?, ?, ?)",
-            (source, position.device, position.inode, position.offset, position.fingerprint),
+            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (source, c.generation, c.head, c.tail, c.offset, int(c.finished), c.device, c.inode, c.mtime_ns),
         )
+
+    async def forget_checkpoints(self, source: str, generations: Sequence[int], horizon_ns: int) -> None:
+        try:
+            with self._transaction():
+                self._db.execute(
+                    "DELETE FROM checkpoints WHERE source = ? AND generation IN (SELECT value FROM json_each(?))",
+                    (source, json.dumps(list(generations))),
+                )
+                self._db.execute(
+                    "INSERT INTO file_horizons VALUES (?, ?) ON CONFLICT (source) "
+                    "DO UPDATE SET horizon_ns = max(horizon_ns, excluded.horizon_ns)",
+                    (source, horizon_ns),
+                )
+        except sqlite3.Error as err:
+            raise self._error("position", err) from None
 
     # --- resolving ----------------------------------------------------------------------------------------
 
@@ -401,14 +442,13 @@ class StateStore:
                     "SELECT id, source, labels, first_seen, due, attempts FROM queue ORDER BY seq"
                 ).fetchall()
                 finished = self._db.execute("SELECT id, status, attempts, finished FROM finished").fetchall()
-                positions = {
-                    row[0]: FilePosition(int(row[1]), int(row[2]), int(row[3]), bytes(row[4]))
-                    for row in self._db.execute("SELECT source, device, inode, offset, fingerprint FROM positions")
-                }
+                sources = {row[0] for row in self._db.execute("SELECT source FROM checkpoints")}
+                sources |= {row[0] for row in self._db.execute("SELECT source FROM file_horizons")}
                 ledger = self._db.execute("SELECT metric, labels, value FROM ledger").fetchall()
+            files = {source: await self.file_history(source) for source in sorted(sources)}
         except sqlite3.Error as err:
             raise self._error("dump", err) from None
-        return StateDump(queue, finished, positions, ledger)
+        return StateDump(queue, finished, files, ledger)
 
     async def ledger_changes(self) -> list[LedgerRow]:
         return []  # only this process writes the ledger, and settle has updated it already

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from exporter.contribution import Contribution
 from exporter.ids import Labels, Sighting
@@ -28,13 +28,44 @@ class StateError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class FilePosition:
-    """Where a file source stands: which file (device, inode, first bytes) and how far it has been read."""
+class Checkpoint:
+    """How far a file source has read one generation of its log (one life of the file's content, whatever its
+    name or compression is now), and whether it has read all of it.
 
+    A generation is known by its content: `head` digests its first min(offset, fingerprint bytes) bytes and
+    `tail` the bytes just before `offset` (b"": not known, a position saved by an older exporter). Where it
+    was last read (device, inode) and its mtime then are hints: the first spares decompressing a known copy
+    again, the second orders files and bounds the history kept.
+    """
+
+    generation: int  # the source's serial number of this generation: the checkpoint's key
+    head: bytes
+    tail: bytes
+    offset: int
+    finished: bool
     device: int
     inode: int
-    offset: int
-    fingerprint: bytes
+    mtime_ns: int
+
+
+def checkpoint_from_row(row: Sequence[Any]) -> Checkpoint:
+    """A checkpoint from a row (generation, head, tail, offset, finished, device, inode, mtime_ns) of either
+    backend."""
+    generation, head, tail, offset, finished, device, inode, mtime_ns = row
+    return Checkpoint(
+        int(generation), bytes(head), bytes(tail), int(offset), bool(finished), int(device), int(inode), int(mtime_ns)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FileHistory:
+    """A file source's checkpoints, and its horizon: a rotated file of no known generation last written at or
+    before `horizon_ns` is history (read before its checkpoint expired, or there before the source's first
+    start with start_at: end) and is never read. None: not set yet (a first start, or a state written by an
+    exporter that kept one position per source)."""
+
+    horizon_ns: int | None
+    checkpoints: tuple[Checkpoint, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +125,13 @@ class StateDump:
     queue: list[tuple[str, str, str, float, float, int]]
     # (id, status, attempts, finished)
     finished: list[tuple[str, int, int, float]]
-    # source -> position
-    positions: dict[str, FilePosition]
+    # source -> its checkpoints and horizon
+    files: dict[str, FileHistory]
     ledger: list[LedgerRow]
 
 
 class Store(Protocol):
-    """The durable state: the queue of pending ids, the dedupe memory, file positions and the ledger.
+    """The durable state: the queue of pending ids, the dedupe memory, file checkpoints and the ledger.
 
     Every method that touches the database is a coroutine (PostgreSQL round trips must not block the event
     loop; SQLite answers at once) and raises only StateError. Each call is one transaction.
@@ -131,16 +162,20 @@ class Store(Protocol):
         sightings: Sequence[Sighting],
         now: float,
         due: float,
-        position: FilePosition | None = None,
+        checkpoint: Checkpoint | None = None,
         *,
         bounded: bool = True,
     ) -> Enqueued:
-        """Adds ids not pending nor finished and, in the same transaction, the source's new position."""
+        """Adds ids not pending nor finished and, in the same transaction, the source's checkpoint."""
         ...
 
-    async def position(self, source: str) -> FilePosition | None: ...
+    async def file_history(self, source: str) -> FileHistory: ...
 
-    async def save_position(self, source: str, position: FilePosition) -> None: ...
+    async def save_checkpoint(self, source: str, checkpoint: Checkpoint) -> None: ...
+
+    async def forget_checkpoints(self, source: str, generations: Sequence[int], horizon_ns: int) -> None:
+        """Drops those checkpoints and raises the source's horizon to at least `horizon_ns` (one transaction)."""
+        ...
 
     async def due(self, now: float, limit: int, exclude: set[str]) -> list[PendingId]:
         """Up to `limit` ids due by `now`, oldest due first, not in `exclude` (this process's ids in flight).

@@ -66,7 +66,33 @@ class SelfMetrics:
         )
         self.file_recovered_lines = Counter(
             p + "file_recovered_lines",
-            "Lines read from rotated copies: a truncated log's copy, a file rotated away while stopped.",
+            "Lines read from rotated files: a truncated log's copy, the log renamed away, generations rotated while "
+            "stopped.",
+            ["source"],
+            registry=registry,
+        )
+        self.file_checkpoints = Gauge(
+            p + "file_checkpoints",
+            "Generations of the log a file source keeps a checkpoint of (sources[].checkpoints_kept bounds those "
+            "no file holds any more).",
+            ["source"],
+            registry=registry,
+        )
+        self.file_checkpoints_expired = Counter(
+            p + "file_checkpoints_expired",
+            "Checkpoints dropped by count or age (sources[].checkpoints_kept, checkpoints_max_age_seconds).",
+            ["source"],
+            registry=registry,
+        )
+        self.file_history_skipped = Counter(
+            p + "file_history_skipped",
+            "Rotated files of no known generation not read: written before what the source has read (its horizon).",
+            ["source"],
+            registry=registry,
+        )
+        self.file_identity_conflicts = Counter(
+            p + "file_identity_conflicts",
+            "Files that begin as a known generation does but hold other bytes at its checkpoint: read as new ones.",
             ["source"],
             registry=registry,
         )
@@ -136,6 +162,10 @@ class SelfMetrics:
                 for kind in ROTATION_KINDS:
                     self.file_rotations.labels(source.name, kind)
                 self.file_recovered_lines.labels(source.name)
+                self.file_checkpoints.labels(source.name)
+                self.file_checkpoints_expired.labels(source.name)
+                self.file_history_skipped.labels(source.name)
+                self.file_identity_conflicts.labels(source.name)
                 self.file_read_bytes.labels(source.name)
                 self.file_size_bytes.labels(source.name)
             else:

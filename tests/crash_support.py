@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
-import hashlib
 import json
 import os
 import random
@@ -26,28 +25,36 @@ from tests.support import PAYG_KEY
 UDP_EDGE_SECONDS = 1.0
 
 
+def _reading(db: sqlite3.Connection) -> tuple[int, int, bytes] | None:
+    """(inode, offset, head digest) of the generation the file source reads now: its newest unfinished one."""
+    row = db.execute(
+        "SELECT inode, offset, head FROM checkpoints WHERE source = 'app-log' AND NOT finished "
+        "ORDER BY generation DESC LIMIT 1"
+    ).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
+
+
 def read_state(path: Path) -> tuple[dict[str, int], tuple[int, int] | None]:
     """(id -> status, (inode, offset) of the file source) read from the exporter's database, read-only."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:
         ids = {row[0]: int(row[1]) for row in db.execute("SELECT id, status FROM generations")}
-        row = db.execute("SELECT inode, offset FROM positions WHERE source = 'app-log'").fetchone()
-        return ids, None if row is None else (int(row[0]), int(row[1]))
+        saved = _reading(db)
+        return ids, None if saved is None else saved[:2]
     finally:
         db.close()
 
 
 def read_saved(state: Path) -> tuple[int, int, bytes] | None:
-    """(inode, offset, fingerprint) the exporter has saved for the log in its SQLite state, None before."""
+    """(inode, offset, head digest) the exporter has saved for the log it reads in its SQLite state."""
     try:
         db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=1)
         try:
-            row = db.execute("SELECT inode, offset, fingerprint FROM positions WHERE source = 'app-log'").fetchone()
+            return _reading(db)
         finally:
             db.close()
     except sqlite3.Error:
         return None
-    return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
 
 
 def read_position(state: Path) -> tuple[int, int] | None:
@@ -56,26 +63,28 @@ def read_position(state: Path) -> tuple[int, int] | None:
     return None if saved is None else saved[:2]
 
 
-def exporter_in_current_file(saved: tuple[int, int, bytes] | None, log: Path, *, at_start: bool) -> bool:
-    """Whether the exporter's saved position is in the log as it is now: same inode and the same first bytes
-    (not a generation since copied and truncated). `at_start`: whether byte 0 counts (it says nothing of
-    which generation it was read in)."""
-    if saved is None or saved[0] != log.stat().st_ino:
-        return False
-    if saved[1] == 0:
-        return at_start
-    fingerprint = saved[2]
-    length = int.from_bytes(fingerprint[:2], "big")
-    with log.open("rb") as handle:
-        head = handle.read(length)
-    return len(head) == length and hashlib.sha256(head).digest()[:16] == fingerprint[2:18]
+def checkpoints(state: Path) -> list[tuple[int, int, int]]:
+    """Every checkpoint of the log as (generation, offset, finished): what the exporter has read, by generation."""
+    try:
+        db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=1)
+        try:
+            rows = db.execute(
+                "SELECT generation, offset, finished FROM checkpoints WHERE source = 'app-log' ORDER BY generation"
+            ).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return []
+    return [(int(g), int(o), int(f)) for g, o, f in rows]
 
 
 def gzip_file(path: Path) -> Path:
-    """logrotate's `compress`, as gzip does it: write path.gz, then remove path."""
+    """logrotate's `compress`, as gzip(1) does it: write path.gz (with the file's times), then remove path."""
     target = path.with_name(path.name + ".gz")
+    stat = path.stat()
     with path.open("rb") as plain, gzip.open(target, "wb") as packed:
         shutil.copyfileobj(plain, packed)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     path.unlink()
     return target
 
@@ -109,10 +118,11 @@ class Run:
     udp_sent: list[tuple[str, float]] = field(default_factory=list)
     duplicates_sent: int = 0
     rotations: dict[str, int] = field(
-        default_factory=lambda: {
-            "rename": 0, "copytruncate": 0, "compressed": 0, "while_down": 0, "forced_while_down": 0
-        }
+        default_factory=lambda: {"rename": 0, "copytruncate": 0, "compressed": 0, "while_down": 0}
     )
+    # Downtimes with several rotations, and how many rotations the most crowded one saw.
+    crowded_downtimes: int = 0
+    most_rotations_in_one_downtime: int = 0
     kills: dict[str, int] = field(default_factory=lambda: {"random": 0, "lookups_inflight": 0, "burst_ingest": 0})
     rotated: int = 0
 
@@ -135,6 +145,10 @@ class Writer:
         self.rotating = asyncio.Lock()
         self.uncompressed: list[Path] = []  # rotated files `delaycompress` compresses at the next rotation
         self.exporter_down = True
+        self.rotations_this_downtime = 0
+        # While an exporter life may be killed before it listens, ids go to the log, not UDP (whose loss in such
+        # a life could not be told from a loss in a listening one).
+        self.udp_paused = False
 
     def saved(self) -> tuple[int, int, bytes] | None:
         """(inode, offset, fingerprint) the exporter has saved for the log, None before its first save."""
@@ -164,16 +178,11 @@ class Writer:
             self.run.udp_sent.extend((i, now) for i in chunk)
 
     async def maybe_rotate(self) -> None:
-        """Rotates as logrotate does, at any moment, the exporter alive or not: rename, or copytruncate (the
-        exporter reads the unread tail from the copy), each with no compression, `compress` (the rotated file
-        becomes .gz at once) or `delaycompress` (the previous one does). Only once the exporter has read into
-        the current file: two rotations in one downtime would hide a whole file from it, and so would a
-        copytruncate of a file it has read nothing of (README)."""
-        copy = self.rng.random() < 0.5
-        if not exporter_in_current_file(self.saved(), self.log, at_start=not copy):
-            return
+        """Rotates as logrotate does, at any moment, the exporter alive, dead or still starting: rename, or
+        copytruncate, each with no compression, `compress` (the rotated file becomes .gz at once) or
+        `delaycompress` (the previous one does)."""
         target = self.next_rotated()
-        if copy:
+        if self.rng.random() < 0.5:
             await self.copytruncate(target)
         else:
             os.rename(self.log, target)
@@ -192,7 +201,20 @@ class Writer:
         self.run.rotated += 1
         if self.exporter_down:
             self.run.rotations["while_down"] += 1
+            self.rotations_this_downtime += 1
+            self.run.most_rotations_in_one_downtime = max(
+                self.run.most_rotations_in_one_downtime, self.rotations_this_downtime
+            )
+            if self.rotations_this_downtime == 2:
+                self.run.crowded_downtimes += 1
         return self.logs / f"app.log.{self.run.rotated}"
+
+    def went_down(self) -> None:
+        self.exporter_down = True
+        self.rotations_this_downtime = 0
+
+    def came_up(self) -> None:
+        self.exporter_down = False
 
     async def copytruncate(self, target: Path) -> None:
         async with self.rotating:
@@ -205,17 +227,14 @@ class Writer:
         gzip_file(path)
         self.run.rotations["compressed"] += 1
 
-    async def rotate_while_down(self, client: httpx.AsyncClient) -> bool:
-        """The exporter is dead: lines it has not read are logged, then the log is copied, truncated and the
-        copy compressed. Their ids must be read from the .gz at the next start."""
-        await self.burst(client, self.rng.randint(5, 25))
-        if not exporter_in_current_file(self.saved(), self.log, at_start=False):
-            return False
-        target = self.next_rotated()
-        await self.copytruncate(target)
-        self.compress(target)
-        self.run.rotations["forced_while_down"] += 1
-        return True
+    async def rotate_while_down(self, client: httpx.AsyncClient, rotations: int) -> None:
+        """The exporter is dead (or started and killed before it read anything): lines are logged, then the
+        log rotated, `rotations` times, each way at random. Every generation must be read at the next start."""
+        for _ in range(rotations):
+            await self.burst(client, self.rng.randint(5, 25))
+            async with self.rotating:
+                pass  # a copytruncate of the writer's own loop is done
+            await self.maybe_rotate()
 
     async def burst(self, client: httpx.AsyncClient, n: int) -> None:
         ids = await self.create(client, n)
@@ -231,7 +250,7 @@ class Writer:
                 if self.rng.random() < 0.1 and len(self.all_ids) > 50:
                     ids.append(self.rng.choice(self.all_ids[:-30]))  # a duplicate sighting, maybe across channels
                     self.run.duplicates_sent += 1
-                if self.rng.random() < 0.7:
+                if self.rng.random() < 0.7 or self.udp_paused:
                     self.append(ids)
                 else:
                     self.send_udp(ids)

@@ -33,6 +33,7 @@ from exporter.config import Config, parse_config
 from exporter.contribution import Contribution, Increment
 from exporter.simulate.api import SimulatedZenMux
 from exporter.simulate.server import ThreadedServer
+from exporter.store import Checkpoint, Store
 
 PAYG_KEY = "sk-ai-v1-demo"
 SUBSCRIPTION_KEY = "sk-ss-v1-demo"
@@ -149,6 +150,13 @@ def value(text: str, name: str, **labels: str) -> float:
 def append_lines(path: Path, lines: list[str]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write("".join(line + "\n" for line in lines))
+
+
+async def reading(state: Store, source: str) -> Checkpoint | None:
+    """The checkpoint of the generation a file source reads now (the newest not finished), None before any."""
+    history = await state.file_history(source)
+    unfinished = [c for c in history.checkpoints if not c.finished]
+    return max(unfinished, key=lambda c: c.generation, default=None)
 
 
 def json_line(generation_id: str, feature: str = "chat") -> str:

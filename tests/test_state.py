@@ -1,14 +1,15 @@
 """The durable state, one suite for both backends (SQLite file, PostgreSQL database): dedupe, exactly-once
-settlement with the ledger, the bounded dedupe memory, positions."""
+settlement with the ledger, the bounded dedupe memory, file checkpoints."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
-from exporter.store import ABANDONED, DONE, PENDING, Abandon, FilePosition, Resolved, Retry, Store
+from exporter.store import ABANDONED, DONE, PENDING, Abandon, Checkpoint, FileHistory, Resolved, Retry, Store
 from tests.pg import OpenState
 from tests.support import one_generation
 
@@ -113,14 +114,20 @@ async def test_forget_finished_deletes_at_most_one_batch(open_state: OpenState) 
     assert [await state.forget_finished(before=11, limit=3) for _ in range(4)] == [3, 3, 1, 0]
 
 
-async def test_labels_and_positions_round_trip(open_state: OpenState, tmp_path: Path) -> None:
+async def test_labels_and_checkpoints_round_trip(open_state: OpenState, tmp_path: Path) -> None:
     state = await open_state()
-    position = FilePosition(device=1, inode=2, offset=300, fingerprint=b"\x01\x02")
-    await state.enqueue("src", [Sighting("a", (("feature", "chat"),))], now=0, due=0, position=position)
-    assert await state.position("src") == position
-    moved = FilePosition(device=1, inode=3, offset=0, fingerprint=b"")
-    await state.save_position("src", moved)
-    assert await state.position("src") == moved and await state.position("other") is None
+    first = Checkpoint(1, b"\x01" * 18, b"\x02" * 18, 300, False, device=1, inode=2, mtime_ns=10**18)
+    await state.enqueue("src", [Sighting("a", (("feature", "chat"),))], now=0, due=0, checkpoint=first)
+    assert await state.file_history("src") == FileHistory(None, (first,))
+    finished = dataclasses.replace(first, offset=400, finished=True, inode=3)
+    second = Checkpoint(2, b"\x03" * 18, b"", 0, False, device=1, inode=4, mtime_ns=10**18 + 1)
+    await state.save_checkpoint("src", finished)
+    await state.save_checkpoint("src", second)
+    assert await state.file_history("src") == FileHistory(None, (finished, second))
+    assert await state.file_history("other") == FileHistory(None, ())
+    await state.forget_checkpoints("src", [1], horizon_ns=5)
+    await state.forget_checkpoints("src", [], horizon_ns=3)  # the horizon only rises
+    assert await state.file_history("src") == FileHistory(5, (second,))
     assert (await state.due(now=0, limit=1, exclude=set()))[0].labels == (("feature", "chat"),)
     if not state.shared:
         assert (tmp_path / "s.db").stat().st_mode & 0o777 == 0o600

@@ -1,5 +1,5 @@
-"""Tails a log file: follows rename+create and copytruncate rotation (a truncated file's unread tail is read from
-its rotated copy), resumes from its persisted position."""
+"""Tails a log file across any number of rotations: each generation of the log (one life of its content,
+whatever its name or compression is now) is read once, from its checkpoint, oldest first, then the log itself."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -16,18 +17,17 @@ from exporter.ids import LINE_TOO_LONG, LinesParser
 from exporter.ingest import Ingest
 from exporter.sources.rotated import (
     DECOMPRESS_ERRORS,
-    EMPTY_FINGERPRINT,
-    FINGERPRINT_BYTES,
+    OPENERS,
     TAIL_BYTES,
-    candidates,
-    find_copy,
-    fingerprint,
-    holds,
+    Scan,
+    Target,
+    digest,
     read_head,
     read_tail,
+    scan,
     stat_or_none,
 )
-from exporter.store import FilePosition, StateError, Store
+from exporter.store import Checkpoint, FileHistory, StateError, Store
 from exporter.telemetry import SelfMetrics
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,12 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 CHUNKS_PER_POLL = 8
 ROTATION_GRACE_POLLS = 4
+# A rotated plain file last written this long ago takes no more lines: writers reopen their log at once.
+SETTLED_NS = 2_000_000_000
 STATE_RETRY_SECONDS = 1.0
+# Files a scan could not take yet (a copy gzip is still writing, the twin of a file being read) are looked at
+# again after this long, doubling up to the maximum: never a scan per poll.
+RESCAN_SECONDS, RESCAN_MAX_SECONDS = 1.0, 60.0
 # A file with nothing new is polled less and less often, down to this many times less than the configured
 # interval: every wakeup of an idle sidecar costs CPU (~0.7 ms each on a small VM), while ids wait out a
 # billing delay of minutes anyway. The first line written resets the interval.
@@ -44,24 +49,34 @@ QUIET_BACKOFF = 4
 
 @dataclass
 class _Open:
+    """The generation being read: in the log itself (`live`), or in a rotated file read to its end."""
+
+    path: Path
     handle: BinaryIO
     device: int
     inode: int
+    generation: int
     offset: int  # end of the last complete line consumed
-    fingerprint: bytes = EMPTY_FINGERPRINT  # as last saved
-    head: bytes = b""  # the file's first bytes, up to FINGERPRINT_BYTES, as far as known
-    tail: bytes = b""  # the TAIL_BYTES before `offset`
-    # Set while a rotated copy (or a file rotated away while we were stopped) is read to its end: its path,
-    # and how many lines came from it.
-    rotated: Path | None = None
-    lines: int = 0
+    head: bytes  # the file's first bytes, up to the fingerprint's length, as far as known
+    tail: bytes  # the TAIL_BYTES before `offset`
+    live: bool
+    mtime_ns: int
+    # A copy of a generation read elsewhere (a copytruncate's copy, compressed or not): nobody writes to it.
+    copy: bool = False
+    lines: int = 0  # read while rotated
+
+    @property
+    def compressed(self) -> bool:
+        return self.path.suffix in OPENERS
 
 
 class FileSource:
-    """Reads new lines from one file path, in chunks, and hands them to the ingest with the new position.
+    """Reads new lines from one file path, in chunks, and hands them to the ingest with the generation's new
+    checkpoint.
 
-    The position is saved in the same transaction as the ids it covers, so after a crash the file is read
-    again from exactly the first line whose ids are not in the queue.
+    The checkpoint is saved in the same transaction as the ids it covers, so after a crash each generation is
+    read again from exactly the first line whose ids are not in the queue. At start-up and whenever a rotation
+    is seen, a scan (rotated.scan) finds every generation not read to its end, under whatever name.
     """
 
     def __init__(
@@ -70,17 +85,27 @@ class FileSource:
         self.name = config.name
         self._path = Path(config.path)
         self._config = config
+        self._fingerprint = config.fingerprint_bytes
         self._parse = parse
         self._ingest = ingest
         self._state = state
         self._metrics = metrics
         self._current: _Open | None = None
+        self._targets: list[Target] = []
+        self._checkpoints: dict[int, Checkpoint] = {}
+        self._horizon: int | None = None
+        self._next_generation = 1
+        self._loaded = False
+        # start_at: end holds until the first scan's horizon is saved (then the history it skipped stays skipped).
+        self._start_at_end = config.start_at == "end"
         self._skipping = False  # inside an overlong line, discarding until its newline
-        self._rotated_size, self._rotated_quiet_polls = -1, 0  # the renamed-away file, while it settles
+        self._rotated_size, self._rotated_quiet_polls = -1, 0  # a rotated plain file, while it settles
         # (size, mtime, ctime) of the file at the path when it was last read as far as it goes.
         self._read_up_to: tuple[int, int, int] | None = None
-        # A failed write left the source closed: it must continue from the saved position once the database
-        # answers again, not take the file at the path for a new one (that would skip a rotated file's tail).
+        self._rescan_at: float | None = None
+        self._rescan_delay = RESCAN_SECONDS
+        # A failed write left the source closed: it continues from the saved checkpoints once the database
+        # answers again, never from byte 0 of the file now at the path.
         self._resume_pending = False
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -106,12 +131,12 @@ class FileSource:
         self.close()
 
     async def _recover(self, stop: asyncio.Event, err: StateError) -> None:
-        """A state write failed (disk full, read-only): none of it was saved, so after a pause the file is
-        read again from the last saved position (ids already queued are deduplicated)."""
+        """A state write failed (disk full, read-only): none of it was saved, so after a pause every generation
+        is read again from its last saved checkpoint (ids already queued are deduplicated)."""
         if err.operation == "position":  # the ingest counted its own (enqueue)
             self._metrics.state_errors.labels("position").inc()
-        log.error("%s: cannot save to the state database (%s); re-reading from the last saved position", self.name,
-                  err)
+        log.error("%s: cannot save its read position to the state database (%s); reading again from the last "
+                  "saved one", self.name, err)
         self.close()
         self._skipping = False
         with contextlib.suppress(TimeoutError):
@@ -123,154 +148,178 @@ class FileSource:
             self.close()  # poll() resumes once the database answers, never from byte 0 of the file now there
 
     async def _resume(self) -> None:
-        """Continues from the last saved position (finishing a file rotated away meanwhile); with nothing saved
-        yet, the file appeared after start-up and poll() reads it from the beginning."""
-        if await self._state.position(self.name) is not None:
-            await self.open_initial()
+        await self.open_initial()
         self._resume_pending = False
 
     def _progress(self) -> tuple[int, int] | None:
-        """Which file is read and how far: a poll that changes neither found nothing new."""
-        return None if self._current is None else (self._current.inode, self._current.offset)
+        """Which generation is read and how far: a poll that changes neither found nothing new."""
+        return None if self._current is None else (self._current.generation, self._current.offset)
 
     def close(self) -> None:
         self._read_up_to = None
         if self._current is not None:
             self._current.handle.close()
             self._current = None
+        for target in self._targets:
+            target.file.handle.close()
+        self._targets = []
 
     async def open_initial(self) -> None:
-        """Resumes from the saved position. A file truncated or rotated away while we were not running is
-        finished first, from its rotated copy; then the file at the path is read from its start."""
-        saved = await self._state.position(self.name)
+        """Loads the checkpoints and scans: every generation of the log not read to its end is read from its
+        checkpoint (or its start), oldest first, then the log itself. A first start with start_at: end takes
+        what is there as history and reads the log from its end."""
+        history = await self._state.file_history(self.name)
+        self._checkpoints = {c.generation: c for c in history.checkpoints}
+        self._horizon = history.horizon_ns
+        self._next_generation = max(self._checkpoints, default=0) + 1
+        if history.checkpoints or history.horizon_ns is not None:
+            self._start_at_end = False  # not a first start
+        self._loaded = True
+        # The generation last read in the log itself: if the log no longer holds it, it was truncated meanwhile.
         stat = stat_or_none(self._path)
-        if saved is None:
-            if stat is not None:
-                start = _end_of_last_line(self._path, stat.st_size) if self._config.start_at == "end" else 0
-                await self._switch_to(start)
-            return
-        if stat is not None and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
-            handle = self._path.open("rb")
-            window = holds(handle, saved) if stat.st_size >= saved.offset else None
-            if window is not None:
-                head, tail = window
-                self._current = _Open(handle, saved.device, saved.inode, saved.offset, saved.fingerprint, head, tail)
+        last = [
+            c.generation for c in history.checkpoints
+            if not c.finished and stat is not None and (c.device, c.inode) == (stat.st_dev, stat.st_ino)
+        ]
+        await self._scan(truncated=max(last, default=None), maybe=True)
+
+    async def _scan(self, truncated: int | None = None, *, maybe: bool = False) -> None:
+        """Finds what to read (rotated.scan, off the event loop: it may decompress), saves what it learnt (known
+        copies' new places, expired checkpoints, the horizon), then opens the first file to read. `truncated`:
+        the generation of a truncated log (`maybe`: unless the log still holds it), reported as recovered when
+        a copy holds it."""
+        self.close()
+        history = FileHistory(self._horizon, tuple(self._checkpoints.values()))
+        found = await asyncio.to_thread(
+            scan, self._path, self._config.rotated_glob, history, self._fingerprint, start_at_end=self._start_at_end
+        )
+        at_end = self._start_at_end  # _learn saves the first horizon, and with it ends the first start
+        try:
+            await self._learn(found, truncated, maybe)
+        except BaseException:
+            for target in found.targets:
+                target.file.handle.close()
+            raise
+        self._targets = found.targets
+        if found.deferred:
+            self._rescan_at = time.monotonic() + self._rescan_delay
+            self._rescan_delay = min(self._rescan_delay * 2, RESCAN_MAX_SECONDS)
+        else:
+            self._rescan_at, self._rescan_delay = None, RESCAN_SECONDS
+        await self._next_target(at_end=at_end)
+
+    async def _learn(self, found: Scan, truncated: int | None, maybe: bool) -> None:
+        if found.more_candidates:
+            log.warning("%s: %d more rotated files match; only the newest are looked at", self.name,
+                        found.more_candidates)
+        for path, generation in found.conflicts:
+            self._metrics.file_identity_conflicts.labels(self.name).inc()
+            log.warning(
+                "%s: %s begins as the generation read up to byte %d does, but holds other bytes there: read as "
+                "another generation (if every file begins with a fixed header, raise sources[].fingerprint_bytes)",
+                self.name, path, self._checkpoints[generation].offset,
+            )
+        if found.history:
+            self._metrics.file_history_skipped.labels(self.name).inc(len(found.history))
+            log.info("%s: not reading %d rotated files written before what this source has read (%s)", self.name,
+                     len(found.history), ", ".join(p.name for p in found.history[:5]))
+        for checkpoint in found.moved:
+            await self._state.save_checkpoint(self.name, checkpoint)
+            self._checkpoints[checkpoint.generation] = checkpoint
+        await self._retain(found)
+        if truncated is not None:
+            self._report_truncation(truncated, found, maybe)
+
+    def _report_truncation(self, generation: int, found: Scan, maybe: bool) -> None:
+        continued = [t for t in found.targets if t.checkpoint is not None and t.checkpoint.generation == generation]
+        if maybe:
+            if any(t.file.live for t in continued):
                 return
-            handle.close()
             log.info("%s: %s was truncated while the exporter was stopped", self.name, self._path)
             self._metrics.file_rotations.labels(self.name, "truncate").inc()
-            if not await self._open_copy(saved, truncated=True):
-                await self._switch_to(0)
-            return
-        # Renamed away (perhaps compressed since), or the rotated copy we were reading when we stopped.
-        if not await self._open_copy(saved, truncated=False):
-            log.warning(
-                "%s: the file last read up to byte %d (inode %d) is not among the rotated files beside %s "
-                "(deleted, or where sources[].rotated_glob does not look): what it held after that byte was not read",
-                self.name,
-                saved.offset,
-                saved.inode,
-                self._path,
-            )
-            if stat is not None:
-                await self._switch_to(0)
-
-    async def _open_copy(self, saved: FilePosition, *, truncated: bool) -> bool:
-        """Makes the one rotated file that holds the bytes up to the saved position (rotated.find_copy) the
-        file being read, from that offset; poll() reads it to its end, then the file at the path from its
-        start. Several different files that hold them are refused, and logged."""
-        paths, found = candidates(self._path, self._config.rotated_glob)
-        if found > len(paths):
-            log.warning("%s: %d rotated files match, only the newest %d are looked at", self.name, found, len(paths))
-        # Matching may decompress copies up to the saved offset: off the event loop (scrapes, probes, UDP).
-        chosen, matched = await asyncio.to_thread(find_copy, paths, saved, stat_or_none(self._path))
-        if chosen is None:
-            if truncated:
-                self._metrics.file_rotations.labels(self.name, "copytruncate_unrecovered").inc()
-            if matched:
-                log.error(
-                    "%s: several rotated files hold %s up to byte %d (%s): what follows that byte is read from "
-                    "none of them, as the wrong one would count lines this log never had (narrow "
-                    "sources[].rotated_glob to one rotation scheme)",
-                    self.name,
-                    self._path,
-                    saved.offset,
-                    ", ".join(map(str, matched)),
-                )
-            elif truncated:
-                log.warning(
-                    "%s: %s was truncated and no rotated copy holds it up to byte %d: lines written after that "
-                    "byte and before the truncation, if any, were not read",
-                    self.name,
-                    self._path,
-                    saved.offset,
-                )
-            return False
-        if truncated:
+        if continued:
             self._metrics.file_rotations.labels(self.name, "copytruncate_recovered").inc()
-        self.close()
-        device, inode = chosen.stat.st_dev, chosen.stat.st_ino
-        self._current = _Open(
-            chosen.handle, device, inode, saved.offset, saved.fingerprint, chosen.head, chosen.tail, chosen.path
-        )
-        self._skipping = False
-        await self._state.save_position(self.name, self._position())  # a crash from here on resumes in the copy
-        log.info(
-            "%s: reading %s from byte %d to its end (%s)",
-            self.name,
-            chosen.path,
-            saved.offset,
-            f"a copy of {self._path}, since truncated" if truncated else f"{self._path}, rotated while stopped",
-        )
-        return True
-
-    async def _finish_copy(self) -> bool:
-        """Reads the rotated copy on (nobody writes to it); at its end, the file at the path from its start."""
-        current = self._current
-        assert current is not None and current.rotated is not None
-        busy = await self._read_available(final=False)
-        if busy or self._ingest.full:
-            return busy
-        await self._read_available(final=True)  # a last line without newline
-        self._metrics.file_recovered_lines.labels(self.name).inc(current.lines)
-        log.info(
-            "%s: read %d lines from %s (to byte %d); continuing with %s from its start",
-            self.name,
-            current.lines,
-            current.rotated,
-            current.offset,
-            self._path,
-        )
-        await self._switch_to(0)
-        return self._current is not None
-
-    async def _switch_to(self, offset: int) -> None:
-        """Opens the file now at the path, at `offset`, and records the position (even with no ids yet)."""
-        self.close()  # forgets what was read, too
-        try:
-            handle = self._path.open("rb")
-        except OSError:
             return
-        stat = os.fstat(handle.fileno())
-        offset = min(offset, stat.st_size)
-        head = read_head(handle)
-        tail = read_tail(handle, head, offset)
-        self._current = _Open(handle, stat.st_dev, stat.st_ino, offset, head=head, tail=tail)
-        self._skipping = False
-        self._rotated_size, self._rotated_quiet_polls = -1, 0
-        await self._state.save_position(self.name, self._position())
+        self._metrics.file_rotations.labels(self.name, "copytruncate_unrecovered").inc()
+        log.warning(
+            "%s: %s was truncated and no rotated file holds what it held past byte %d: lines written after that "
+            "byte and before the truncation, if any, were not read",
+            self.name, self._path, self._checkpoints[generation].offset if generation in self._checkpoints else 0,
+        )
 
-    def _position(self) -> FilePosition:
-        assert self._current is not None
+    async def _retain(self, found: Scan) -> None:
+        """Checkpoints of generations no file on disk holds any more expire by count and age; the horizon
+        rises past what they covered, so such a file found again later is history, not new."""
+        gone = sorted(
+            (c for c in self._checkpoints.values() if c.generation not in found.seen),
+            key=lambda c: c.mtime_ns,
+            reverse=True,
+        )
+        oldest = time.time_ns() - int(self._config.checkpoints_max_age_seconds * 1e9)
+        expired = [c for i, c in enumerate(gone) if i >= self._config.checkpoints_kept or c.mtime_ns < oldest]
+        horizon = max([found.horizon_ns, *(c.mtime_ns for c in expired)])
+        if expired or horizon != self._horizon:
+            await self._state.forget_checkpoints(self.name, [c.generation for c in expired], horizon)
+            self._horizon = horizon
+            self._start_at_end = False
+            for checkpoint in expired:
+                del self._checkpoints[checkpoint.generation]
+            self._metrics.file_checkpoints_expired.labels(self.name).inc(len(expired))
+        self._metrics.file_checkpoints.labels(self.name).set(len(self._checkpoints))
+
+    async def _next_target(self, *, at_end: bool = False) -> None:
+        """Opens the next file the scan found; the log itself, last, stays open (a generation never seen from
+        its start, or `at_end` from its end)."""
+        while self._targets:
+            target = self._targets.pop(0)
+            file = target.file
+            checkpoint = target.checkpoint
+            head = file.head[: self._fingerprint]
+            if checkpoint is not None:
+                generation, offset, tail = checkpoint.generation, checkpoint.offset, target.tail
+            else:
+                generation, offset, tail = self._next_generation, 0, b""
+                self._next_generation += 1
+                if file.live and at_end:
+                    offset = _end_of_last_line(file.handle, file.stat.st_size)
+                    tail = read_tail(file.handle, file.head, offset)
+            # Not where the generation was read before: a copy (nobody writes to it).
+            moved = checkpoint is not None and file.place != (checkpoint.device, checkpoint.inode)
+            self._current = _Open(
+                file.path, file.handle, file.stat.st_dev, file.stat.st_ino, generation, offset, head, tail,
+                file.live, file.stat.st_mtime_ns, copy=file.compressed or moved,
+            )
+            self._skipping = False
+            self._rotated_size, self._rotated_quiet_polls = -1, 0
+            if file.live:
+                if checkpoint is None and offset:
+                    await self._state.save_checkpoint(self.name, self._checkpoint())
+                return
+            log.info(
+                "%s: reading %s from byte %d to its end (%s)", self.name, file.path, offset,
+                "a generation of the log not read to its end" if checkpoint else "a generation of the log never read",
+            )
+            return
+
+    def _checkpoint(self, *, finished: bool = False) -> Checkpoint:
         current = self._current
-        if len(current.head) < min(current.offset, FINGERPRINT_BYTES):  # a file grown past the head we knew
-            current.head = read_head(current.handle)
-        current.fingerprint = self._identity(current)
-        return FilePosition(current.device, current.inode, current.offset, current.fingerprint)
+        assert current is not None
+        length = min(current.offset, self._fingerprint)
+        if len(current.head) < length:  # a file grown past the head we knew (compressed ones were read whole)
+            current.head = read_head(current.handle, self._fingerprint)
+            current.handle.seek(current.offset)
+        tail = digest(current.tail) if current.offset else b""
+        if not current.compressed:  # orders generations and ages their checkpoints
+            current.mtime_ns = os.fstat(current.handle.fileno()).st_mtime_ns
+        checkpoint = Checkpoint(
+            current.generation, digest(current.head[:length]), tail, current.offset, finished, current.device,
+            current.inode, current.mtime_ns,
+        )
+        self._checkpoints[current.generation] = checkpoint
+        return checkpoint
 
-    @staticmethod
-    def _identity(current: _Open) -> bytes:
-        return fingerprint(current.head[: min(current.offset, FINGERPRINT_BYTES)], current.tail)
+    def _rescan_due(self) -> bool:
+        return self._rescan_at is None or time.monotonic() >= self._rescan_at
 
     async def poll(self) -> bool:
         """Follows rotation, then reads what is new; True when it stopped early with more to read."""
@@ -279,37 +328,33 @@ class FileSource:
         if self._current is None and self._resume_pending:
             await self._resume()  # a StateError here: the database is still away, run() waits and retries
         if self._current is None:
-            if stat_or_none(self._path) is None:
+            # The log appeared after start-up, or a scan left files to look at again: scan (not every poll).
+            if not self._loaded or stat_or_none(self._path) is None or not self._rescan_due():
                 return False
-            await self._switch_to(0)  # the file appeared after we started: all of it is new
+            await self._scan()
             if self._current is None:
+                if self._rescan_at is None:
+                    self._rescan_at = time.monotonic() + self._rescan_delay
                 return False
         current = self._current
-        if current.rotated is not None:
-            return await self._finish_copy()
+        if not current.live:
+            return await self._read_rotated()
         stat = stat_or_none(self._path)
         seen = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if stat is not None and (stat.st_dev, stat.st_ino) != (current.device, current.inode):
-            # Renamed away and a new file created. The writer may append to the old file until it reopens
-            # its log, so the old file is read on until it has stayed unchanged for a few polls.
-            busy = await self._read_available(final=False)
-            if busy or not self._rotated_file_settled(current):
-                return busy
-            await self._read_available(final=True)  # only a last line without newline can be left
+            # Renamed away and a new file created: the old one is read to its end (the writer may append to it
+            # until it reopens its log), then the scan finds the new one and any rotated meanwhile.
             self._metrics.file_rotations.labels(self.name, "rename").inc()
-            await self._switch_to(0)
-        else:
-            if seen is not None and seen == self._read_up_to:
-                return False  # unchanged since it was read to the end: no read, no fingerprint (idle polls)
-            if self._truncated(current):
-                # Copied and truncated, perhaps already refilled past our offset: what we had not read yet is
-                # in the copy (read first), then the file is read from its start.
-                self._metrics.file_rotations.labels(self.name, "truncate").inc()
-                # What we read, as we read it (the file now holds other bytes).
-                read = FilePosition(current.device, current.inode, current.offset, self._identity(current))
-                if await self._open_copy(read, truncated=True):
-                    return await self._finish_copy()
-                await self._switch_to(0)
+            current.live = False
+            return await self._read_rotated()
+        if seen is not None and seen == self._read_up_to:
+            return False  # unchanged since it was read to the end: no read, no fingerprint (idle polls)
+        if self._truncated(current):
+            # Copied and truncated, perhaps already refilled past our offset: what we had not read yet is in the
+            # copy, found by the scan (its checkpoint), then the log is read from its start.
+            self._metrics.file_rotations.labels(self.name, "truncate").inc()
+            await self._scan(truncated=current.generation)
+            return self._current is not None
         busy = await self._read_available(final=False, verify=True)
         if self._current is not None:
             size = os.fstat(self._current.handle.fileno()).st_size
@@ -319,11 +364,36 @@ class FileSource:
                 self._read_up_to = seen
         return busy
 
-    def _rotated_file_settled(self, current: _Open) -> bool:
-        size = os.fstat(current.handle.fileno()).st_size
-        if size != self._rotated_size:
-            self._rotated_size, self._rotated_quiet_polls = size, 0
-            return False
+    async def _read_rotated(self) -> bool:
+        """Reads a rotated file on (a copy, or the log renamed away); once at its end and settled, its
+        generation is finished and the next file is opened."""
+        current = self._current
+        assert current is not None
+        busy = await self._read_available(final=False)
+        if busy or self._ingest.full or not self._settled(current):
+            return busy
+        await self._read_available(final=True)  # a last line without newline
+        if current.offset:  # an empty file: no generation to remember
+            await self._state.save_checkpoint(self.name, self._checkpoint(finished=True))
+        self._metrics.file_recovered_lines.labels(self.name).inc(current.lines)
+        log.info("%s: read %d lines from %s (to byte %d)", self.name, current.lines, current.path, current.offset)
+        current.handle.close()
+        self._current = None
+        if self._targets:
+            await self._next_target()
+        else:
+            await self._scan()  # the log itself now, and whatever was rotated meanwhile
+        return self._current is not None
+
+    def _settled(self, current: _Open) -> bool:
+        """Whether a rotated file takes no more lines: a copy, or the log renamed away and unchanged for a few
+        polls (or for a while already): its writer may append until it reopens its log."""
+        if current.copy:
+            return True
+        stat = os.fstat(current.handle.fileno())
+        if stat.st_size != self._rotated_size:
+            self._rotated_size, self._rotated_quiet_polls = stat.st_size, 0
+            return stat.st_mtime_ns < time.time_ns() - SETTLED_NS
         self._rotated_quiet_polls += 1
         return self._rotated_quiet_polls >= ROTATION_GRACE_POLLS
 
@@ -332,7 +402,7 @@ class FileSource:
         before the offset (truncated and refilled past it between two polls)."""
         if os.fstat(current.handle.fileno()).st_size < current.offset:
             return True
-        length = min(current.offset, FINGERPRINT_BYTES)
+        length = min(current.offset, self._fingerprint, len(current.head))
         current.handle.seek(0)
         if current.handle.read(length) != current.head[:length]:
             return True
@@ -354,7 +424,7 @@ class FileSource:
             if not final and self._ingest.full:
                 return False  # backpressure: the ids stay in the file until the queue has room
             chunks += 1
-            chunk = self._read_chunk(current)
+            chunk = await self._read_chunk(current)
             if not chunk:
                 return False
             if verify and self._truncated(current):
@@ -371,15 +441,15 @@ class FileSource:
                 return False  # a partial line: wait for the rest
         return True
 
-    def _read_chunk(self, current: _Open) -> bytes:
-        current.handle.seek(current.offset)  # where it is already, for a compressed copy: no rewind
-        if current.rotated is None:
+    async def _read_chunk(self, current: _Open) -> bytes:
+        if not current.compressed:
+            current.handle.seek(current.offset)
             return current.handle.read(CHUNK_BYTES)
-        try:
-            return current.handle.read(CHUNK_BYTES)
+        try:  # decompressing a chunk takes milliseconds: off the event loop (scrapes, probes, UDP)
+            return await asyncio.to_thread(_read_at, current.handle, current.offset)
         except DECOMPRESS_ERRORS as err:
             log.error("%s: %s cannot be read past byte %d (%s); the rest of it is skipped", self.name,
-                      current.rotated, current.offset, err)
+                      current.path, current.offset, err)
             return b""
 
     async def _reject_overlong(self, chunk: bytes) -> None:
@@ -388,32 +458,37 @@ class FileSource:
             self._metrics.ids_rejected.labels(self.name, LINE_TOO_LONG).inc()
         self._skipping = True
         self._advance(chunk)
-        await self._state.save_position(self.name, self._position())
+        await self._state.save_checkpoint(self.name, self._checkpoint())
 
     def _advance(self, consumed: bytes) -> None:
-        """Moves the offset past `consumed`, keeping the bytes before it (the position's tail digest)."""
+        """Moves the offset past `consumed`, keeping the bytes before it (the checkpoint's tail digest)."""
         current = self._current
         assert current is not None
         current.offset += len(consumed)
         current.tail = (current.tail[-TAIL_BYTES:] + consumed[-TAIL_BYTES:])[-TAIL_BYTES:]
 
     async def _consume(self, data: bytes) -> None:
-        assert self._current is not None
+        current = self._current
+        assert current is not None
         self._advance(data)
-        if self._current.rotated is not None:  # whole lines (or the last one, without newline)
-            self._current.lines += data.count(b"\n") + (not data.endswith(b"\n"))
+        if not current.live:  # whole lines (or the last one, without newline)
+            current.lines += data.count(b"\n") + (not data.endswith(b"\n"))
         if self._skipping:
             self._skipping = False
             cut = data.find(b"\n")  # what precedes it is the tail of an overlong line, already counted
             data = data[cut + 1 :] if cut >= 0 else b""
         parsed = self._parse(data) if data else []
-        await self._ingest.submit(self.name, parsed, self._position(), bounded=False)
+        await self._ingest.submit(self.name, parsed, self._checkpoint(), bounded=False)
 
 
-def _end_of_last_line(path: Path, size: int) -> int:
+def _read_at(handle: BinaryIO, offset: int) -> bytes:
+    handle.seek(offset)  # where it is already, for a compressed copy: no rewind
+    return handle.read(CHUNK_BYTES)
+
+
+def _end_of_last_line(handle: BinaryIO, size: int) -> int:
     """Where "start at the end" starts: after the last complete line, so a line being written is read whole."""
-    with path.open("rb") as handle:
-        handle.seek(max(size - CHUNK_BYTES, 0))
-        tail = handle.read(min(size, CHUNK_BYTES))
+    handle.seek(max(size - CHUNK_BYTES, 0))
+    tail = handle.read(min(size, CHUNK_BYTES))
     cut = tail.rfind(b"\n")
     return size if cut < 0 else size - len(tail) + cut + 1

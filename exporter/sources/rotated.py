@@ -1,4 +1,5 @@
-"""Rotated copies of a log: the fingerprint of what a position has read, and the one copy that holds it."""
+"""Generations of a log on disk: content fingerprints, and the scan that says which files a source reads, from
+where, so that each generation is read once whatever its name or compression is now."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import lzma
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO, cast
 
-from exporter.state import FilePosition
+from exporter.store import Checkpoint, FileHistory
 
-# A position names its file by the hashes of the file's first bytes and of the bytes just before the offset:
-# rotated copies that share a header (a banner, a constant prefix) still differ just before the offset.
-FINGERPRINT_BYTES = 4096
+# A checkpoint holds the digest of the bytes just before its offset too: two generations that share their first
+# bytes (a fixed header longer than the fingerprint) still differ there.
 TAIL_BYTES = 4096
-# Rotated siblings examined for a copy holding the unread tail, newest first (a directory of old logs).
+# Every file's head is read this far at least: checkpoints written by earlier versions digest up to 4096 bytes.
+HEAD_BYTES = 4096
+# Rotated siblings examined, newest first (a directory of old logs).
 MAX_CANDIDATES = 64
 # Compressed copies are read through these; other compressed suffixes are not candidates.
 OPENERS: dict[str, Callable[..., object]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".lzma": lzma.open}
@@ -31,52 +33,36 @@ DECOMPRESS_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 DIGEST = 18  # 2 bytes of length, 16 of SHA-256
 
 
-def _digest(data: bytes) -> bytes:
+def digest(data: bytes) -> bytes:
     return len(data).to_bytes(2, "big") + hashlib.sha256(data).digest()[:16]
 
 
-def fingerprint(head: bytes, tail: bytes) -> bytes:
-    """A position's identity of its file: digests of its head and of the bytes just before the offset.
+def ends_with(data: bytes, saved: bytes) -> bool:
+    """Whether `data` ends with the bytes the tail digest `saved` digests (b"": none kept, by a position saved
+    before tails existed)."""
+    if not saved:
+        return True
+    length = int.from_bytes(saved[:2], "big")
+    return len(data) >= length and digest(data[len(data) - length :]) == saved[:DIGEST]
 
-    Positions saved before the tail digest existed hold the head digest only (18 bytes); both are read."""
-    return _digest(head) + _digest(tail)
 
-
-EMPTY_FINGERPRINT = fingerprint(b"", b"")
-
-
-def read_head(handle: BinaryIO) -> bytes:
+def read_head(handle: BinaryIO, size: int) -> bytes:
     handle.seek(0)
-    return handle.read(FINGERPRINT_BYTES)
+    return handle.read(size)
 
 
 def read_tail(handle: BinaryIO, head: bytes, offset: int) -> bytes:
-    """The TAIL_BYTES before `offset` (fewer if the file is shorter), `head` being already read: the handle
-    only moves forward, so a compressed stream is decompressed once."""
+    """The TAIL_BYTES before `offset` (fewer if the file is shorter), `head` being already read; the handle is
+    left at `offset` (or the file's end). A compressed stream only moves forward here: decompressed once."""
     start = max(offset - TAIL_BYTES, 0)
     if start < len(head):
-        return head[start:offset] + (handle.read(offset - len(head)) if offset > len(head) else b"")
+        if offset <= len(head):
+            handle.seek(offset)
+            return head[start:offset]
+        handle.seek(len(head))
+        return head[start:] + handle.read(offset - len(head))
     handle.seek(start)
     return handle.read(offset - start)
-
-
-def holds(handle: BinaryIO, position: FilePosition) -> tuple[bytes, bytes] | None:
-    """The (head, tail) of a file holding the very bytes the position was read up to, or None.
-
-    The head is compared first: a compressed file with another head is not decompressed any further."""
-    saved = position.fingerprint
-    head = read_head(handle)
-    head_length = int.from_bytes(saved[:2], "big")
-    if len(head) < head_length or _digest(head[:head_length]) != saved[:DIGEST]:
-        return None
-    tail = read_tail(handle, head, position.offset)
-    if len(tail) != min(position.offset, TAIL_BYTES):
-        return None  # shorter than the offset
-    if len(saved) >= 2 * DIGEST:
-        tail_length = int.from_bytes(saved[DIGEST : DIGEST + 2], "big")
-        if len(tail) < tail_length or _digest(tail[len(tail) - tail_length :]) != saved[DIGEST : 2 * DIGEST]:
-            return None
-    return head, tail
 
 
 def candidates(log: Path, pattern: str) -> tuple[list[Path], int]:
@@ -87,64 +73,232 @@ def candidates(log: Path, pattern: str) -> tuple[list[Path], int]:
     for name in glob.glob(os.path.join(glob.escape(str(log.parent)), pattern)):
         path = Path(name)
         stat = stat_or_none(path)
-        if path != log and stat is not None and S_ISREG(stat.st_mode):
+        if path != log and stat is not None and S_ISREG(stat.st_mode) and path.suffix not in UNREADABLE_SUFFIXES:
             found.append((stat.st_mtime_ns, name, path))
     found.sort(reverse=True)
     return [path for _, _, path in found[:MAX_CANDIDATES]], len(found)
 
 
 @dataclass
-class Copy:
-    """A rotated file that holds a position: open, positioned at the offset."""
+class Found:
+    """A file the scan looked at: open (decompressed if need be), its first bytes read."""
 
     path: Path
     handle: BinaryIO
     stat: os.stat_result
     head: bytes
-    tail: bytes
+    live: bool
+    _digests: dict[int, bytes] = field(default_factory=dict)
+
+    def starts_with(self, saved: bytes) -> bool:
+        """Whether the file begins with the bytes the head digest `saved` digests (one digest per length)."""
+        length = int.from_bytes(saved[:2], "big")
+        if len(self.head) < length:
+            return False
+        if length not in self._digests:
+            self._digests[length] = digest(self.head[:length])
+        return self._digests[length] == saved[:DIGEST]
+
+    @property
+    def compressed(self) -> bool:
+        return self.path.suffix in OPENERS
+
+    @property
+    def place(self) -> tuple[int, int]:
+        return self.stat.st_dev, self.stat.st_ino
 
 
-def find_copy(paths: list[Path], saved: FilePosition, live: os.stat_result | None) -> tuple[Copy | None, list[Path]]:
-    """The one file among `paths` (the live file `live` aside) that holds the saved position, and every file
-    that does; None when none or several different files do.
+@dataclass
+class Target:
+    """A file to read from `checkpoint.offset` (None: a generation never seen, from its start); `tail` holds the
+    bytes before that offset and the handle stands there."""
 
-    A plain file with the saved inode is the renamed file itself. Any other file is recognised by content.
-    The same copy under two names (app.log.1 and the app.log.1.gz gzip is writing, or one inode seen before
-    and after a rename) is one copy, read from the plain file. Different files are refused rather than guessed
-    between: the wrong one would count lines that were never in this log."""
-    matched: list[Copy] = []
+    file: Found
+    checkpoint: Checkpoint | None
+    tail: bytes = b""
+
+
+@dataclass
+class Scan:
+    """What a scan found: the files to read (rotated ones oldest first, the live file last), the generations
+    some file on disk holds, the horizon, and what it left alone and why."""
+
+    targets: list[Target] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+    horizon_ns: int = -1
+    # Files to look at again once the targets are read: twins of a file being read, copies being compressed.
+    deferred: list[Path] = field(default_factory=list)
+    # Rotated files of no known generation, last written at or before the horizon: history, not read.
+    history: list[Path] = field(default_factory=list)
+    # Files that begin as a known generation does but hold other bytes at its offset: read as new generations.
+    conflicts: list[tuple[Path, int]] = field(default_factory=list)
+    # Known copies found under a new name or compressed: their checkpoints' place hints, to save.
+    moved: list[Checkpoint] = field(default_factory=list)
+    more_candidates: int = 0
+
+
+def scan(
+    live: Path,
+    pattern: str,
+    history: FileHistory,
+    fingerprint_bytes: int,
+    *,
+    start_at_end: bool,
+) -> Scan:
+    """Which files of the log `live` (and of its rotated siblings matching `pattern`) the source must read, and
+    from where. Blocking (it may decompress): run it off the event loop.
+
+    A file belongs to the checkpoint whose head digest its first bytes match and whose tail digest the bytes
+    before that checkpoint's offset match (the longest such checkpoint). A generation read to its end is not
+    read again under any name; several files of one generation (app.log.1 and the app.log.1.gz gzip is
+    writing; a copy and the log not yet truncated) are read once: the one the checkpoint was read in, else a
+    plain one, the others looked at again after it (they then match its checkpoint). Rotated files of no known
+    generation are read from their start, oldest first, unless they are history (horizon)."""
+    result = Scan()
+    paths, found = candidates(live, pattern)
+    result.more_candidates = max(found - len(paths), 0)
+    files = _open_all([*reversed(paths), live], live, max(HEAD_BYTES, fingerprint_bytes), result)
+    usable = sorted((c for c in history.checkpoints if c.offset > 0), key=lambda c: -c.offset)
+    by_generation: dict[int, list[tuple[Found, bytes | None]]] = {}
+    unknown: list[Found] = []
+    for file in files:
+        matched, tail = _match(file, usable, result)
+        if matched is None:
+            unknown.append(file)
+        else:
+            by_generation.setdefault(matched.generation, []).append((file, tail))
+            result.seen.add(matched.generation)
+    result.horizon_ns = _horizon(history, files, by_generation, start_at_end)
+    checkpoints = {c.generation: c for c in usable}
+    for generation, members in by_generation.items():
+        _assign_known(checkpoints[generation], members, result)
+    _assign_unknown(unknown, fingerprint_bytes, result)
+    result.targets.sort(key=lambda t: (t.file.live, t.file.stat.st_mtime_ns, str(t.file.path)))
+    return result
+
+
+def _open_all(paths: list[Path], live: Path, head_bytes: int, result: Scan) -> list[Found]:
+    files: list[Found] = []
+    places: set[tuple[int, int]] = set()
     for path in paths:
         stat = stat_or_none(path)
-        if stat is None or (live is not None and (stat.st_dev, stat.st_ino) == (live.st_dev, live.st_ino)):
-            continue
+        if stat is None or not S_ISREG(stat.st_mode) or (stat.st_dev, stat.st_ino) in places:
+            continue  # gone meanwhile, or the live file (or a hard link) seen under another name
         handle = _open(path)
         if handle is None:
             continue
         try:
-            window = holds(handle, saved)
+            head = read_head(handle, head_bytes)
         except DECOMPRESS_ERRORS:  # being written by gzip, or damaged
-            window = None
-        if window is None:
             handle.close()
+            result.deferred.append(path)
             continue
-        matched.append(Copy(path, handle, stat, *window))
-        if path.suffix not in OPENERS and (stat.st_dev, stat.st_ino) == (saved.device, saved.inode):
-            for other in matched[:-1]:
-                other.handle.close()
-            return matched[-1], [path]
-    plain = {(m.stat.st_dev, m.stat.st_ino) for m in matched if m.path.suffix not in OPENERS}
-    one = len({_base_name(m.path) for m in matched}) == 1 or (
-        len(plain) == 1 and all(m.path.suffix not in OPENERS for m in matched)
+        places.add((stat.st_dev, stat.st_ino))
+        files.append(Found(path, handle, stat, head, path == live))
+    return files
+
+
+def _match(file: Found, usable: list[Checkpoint], result: Scan) -> tuple[Checkpoint | None, bytes | None]:
+    """The checkpoint `file` holds and the bytes before its offset (None: nothing to read in it: a known
+    compressed copy in its known place, or a partial copy); (None, None): a generation never seen."""
+    partial: Checkpoint | None = None
+    conflicts: list[int] = []
+    for checkpoint in usable:
+        if not file.starts_with(checkpoint.head):
+            continue
+        if checkpoint.finished and file.compressed and file.place == (checkpoint.device, checkpoint.inode):
+            return checkpoint, None  # read to its end, here, before: not decompressed again
+        try:
+            tail = read_tail(file.handle, file.head, checkpoint.offset)
+        except DECOMPRESS_ERRORS:
+            continue
+        if len(tail) < min(checkpoint.offset, TAIL_BYTES):
+            # Shorter than what was read of that generation, beginning as it does: a copy taken before the source
+            # read on (unless another generation that begins alike fits it better). Never the log itself: shorter
+            # than what was read of it, it was truncated and holds a new generation.
+            if not file.live and partial is None:
+                partial = checkpoint
+            continue
+        if ends_with(tail, checkpoint.tail):
+            if file.compressed and file.place != (checkpoint.device, checkpoint.inode):
+                result.moved.append(_moved(checkpoint, file))
+            return checkpoint, tail
+        conflicts.append(checkpoint.generation)
+    if partial is not None:
+        return partial, None
+    result.conflicts.extend((file.path, generation) for generation in conflicts)
+    return None, None
+
+
+def _moved(checkpoint: Checkpoint, file: Found) -> Checkpoint:
+    return Checkpoint(
+        checkpoint.generation, checkpoint.head, checkpoint.tail, checkpoint.offset, checkpoint.finished,
+        file.stat.st_dev, file.stat.st_ino, max(checkpoint.mtime_ns, file.stat.st_mtime_ns),
     )
-    chosen = min(matched, key=lambda m: m.path.suffix in OPENERS) if matched and one else None
-    for m in matched:
-        if m is not chosen:
-            m.handle.close()
-    return chosen, [m.path for m in matched]
+
+
+def _horizon(
+    history: FileHistory,
+    files: list[Found],
+    by_generation: dict[int, list[tuple[Found, bytes | None]]],
+    start_at_end: bool,
+) -> int:
+    """The history kept, or the one a first scan sets: after an upgrade from one position per source, what was
+    rotated before the file of that position was read by the older exporter; at a first start with start_at:
+    end, every rotated file there is; else none."""
+    if history.horizon_ns is not None:
+        return history.horizon_ns
+    rotated = [f.stat.st_mtime_ns for f in files if not f.live]
+    legacy = {c.generation for c in history.checkpoints if c.mtime_ns == 0}
+    if legacy:
+        held = [f.stat.st_mtime_ns for g in legacy for f, _ in by_generation.get(g, []) if not f.live]
+        if held:
+            return min(held) - 1
+        return max(rotated, default=-1)  # that file is gone: what was rotated before it cannot be told apart
+    return max(rotated, default=-1) if start_at_end else -1
+
+
+def _assign_known(checkpoint: Checkpoint, members: list[tuple[Found, bytes | None]], result: Scan) -> None:
+    """One file of a known generation is read on (if anything is left in it); its twins wait for a later scan."""
+    # The log itself first (what it holds past the offset is in no copy yet), then where it was read last.
+    members.sort(key=lambda m: (not m[0].live, m[0].place != (checkpoint.device, checkpoint.inode), m[0].compressed))
+    chosen, tail = members[0]
+    readable = tail is not None and (
+        chosen.live or not checkpoint.finished or (not chosen.compressed and chosen.stat.st_size > checkpoint.offset)
+    )
+    if readable:
+        assert tail is not None
+        result.targets.append(Target(chosen, checkpoint, tail))
+    else:
+        chosen.handle.close()
+    for file, other_tail in members[1:]:
+        file.handle.close()
+        if readable and other_tail is not None:
+            result.deferred.append(file.path)
+
+
+def _assign_unknown(unknown: list[Found], fingerprint_bytes: int, result: Scan) -> None:
+    """Generations never seen are read from their start, but history is not, and files that begin alike are
+    read one at a time: the rest are looked at again once the first is read (then it is a known generation)."""
+    groups: dict[bytes, list[Found]] = {}
+    for file in unknown:
+        if not file.live and file.stat.st_mtime_ns <= result.horizon_ns:
+            file.handle.close()
+            result.history.append(file.path)
+            continue
+        groups.setdefault(digest(file.head[:fingerprint_bytes]), []).append(file)
+    for group in groups.values():
+        group.sort(key=lambda f: (f.live, f.compressed, f.stat.st_mtime_ns))
+        chosen = group[0]
+        chosen.handle.seek(0)
+        result.targets.append(Target(chosen, None))
+        for file in group[1:]:
+            file.handle.close()
+            result.deferred.append(file.path)
 
 
 def _open(path: Path) -> BinaryIO | None:
-    """A rotated file, decompressed if need be (None: a format we do not read, or not openable)."""
+    """A log file, decompressed if need be (None: a format we do not read, or not openable)."""
     if path.suffix in UNREADABLE_SUFFIXES:
         return None
     opener = OPENERS.get(path.suffix)
@@ -154,13 +308,10 @@ def _open(path: Path) -> BinaryIO | None:
         return None
 
 
-def _base_name(path: Path) -> str:
-    return path.name[: -len(path.suffix)] if path.suffix in OPENERS else path.name
-
-
 def stat_or_none(path: Path) -> os.stat_result | None:
     """The path's stat, or None if it is gone (rotation races every look at a directory)."""
     try:
         return path.stat()
     except OSError:
         return None
+
