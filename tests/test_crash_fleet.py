@@ -57,7 +57,8 @@ class FleetWriter(Writer):
         try:
             with psycopg.connect(self.url, connect_timeout=2) as db:
                 row = db.execute(
-                    "SELECT inode, \"offset\", fingerprint FROM positions WHERE instance = %s AND source = 'app-log'",
+                    "SELECT inode, \"offset\", head FROM checkpoints WHERE instance = %s AND source = 'app-log' "
+                    "AND NOT finished ORDER BY generation DESC LIMIT 1",
                     (self.instance,),
                 ).fetchone()
         except psycopg.Error:
@@ -126,7 +127,10 @@ def read_fleet(url: str) -> tuple[dict[str, int], dict[str, tuple[int, int]], in
         ids = {row[0]: int(row[1]) for row in db.execute("SELECT id, status FROM generations")}
         positions = {
             row[0]: (int(row[1]), int(row[2]))
-            for row in db.execute("SELECT instance, inode, \"offset\" FROM positions WHERE source = 'app-log'")
+            for row in db.execute(
+                "SELECT DISTINCT ON (instance) instance, inode, \"offset\" FROM checkpoints "
+                "WHERE source = 'app-log' AND NOT finished ORDER BY instance, generation DESC"
+            )
         }
         queued = db.execute("SELECT count(*) FROM queue").fetchone()
     return ids, positions, 0 if queued is None else int(queued[0])

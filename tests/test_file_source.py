@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,50 +19,7 @@ from exporter.sources.file import FileSource
 from exporter.state import StateStore
 from exporter.telemetry import SelfMetrics
 from tests.support import append_lines, json_line, reading
-
-
-class Tail:
-    """A FileSource with its own state database and registry, polled by hand."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        *,
-        max_pending: int = 1000,
-        max_line_bytes: int = 65536,
-        parse: Callable[[LinesParser], LinesParser] = lambda parse: parse,
-    ) -> None:
-        self.log = tmp_path / "app.log"
-        self.registry = CollectorRegistry()
-        self.state = StateStore(tmp_path / "state.db", max_pending=max_pending)
-        self.config = FileSourceConfig(
-            name="app", path=str(self.log), start_at="beginning", max_line_bytes=max_line_bytes
-        )
-        metrics = SelfMetrics(self.registry)
-        self.ingest = Ingest(self.state, metrics, ManualClock(), billing_delay_seconds=0)
-        self.source = FileSource(self.config, parse(lines_parser_for(self.config)), self.ingest, self.state, metrics)
-
-    @classmethod
-    async def open(
-        cls,
-        tmp_path: Path,
-        *,
-        max_pending: int = 1000,
-        max_line_bytes: int = 65536,
-        parse: Callable[[LinesParser], LinesParser] = lambda parse: parse,
-    ) -> Tail:
-        tail = cls(tmp_path, max_pending=max_pending, max_line_bytes=max_line_bytes, parse=parse)
-        await tail.source.open_initial()
-        return tail
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, {"source": "app", **labels}) or 0.0
-
-    async def drain(self) -> None:
-        """Polls until nothing is left: a few polls more than a rotated file needs to settle."""
-        quiet = 0
-        while quiet <= file_source.ROTATION_GRACE_POLLS:
-            quiet = 0 if await self.source.poll() else quiet + 1
+from tests.tailing import Tail, compress, copytruncate, lines, reopen
 
 
 async def test_ids_and_position_are_saved_together(tmp_path: Path) -> None:
@@ -197,34 +150,6 @@ async def test_start_at_end_begins_after_the_last_complete_line(tmp_path: Path) 
     await source.poll()
     assert await state.status("history") is None
     assert await state.status("being-written") == 0
-
-
-def lines(prefix: str, count: int) -> list[str]:
-    return [json_line(f"{prefix}{i}") for i in range(count)]
-
-
-COMPRESSORS: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-
-
-def compress(path: Path, suffix: str = ".gz") -> Path:
-    """What logrotate's `compress` does: gzip (or bzip2, xz) writes `path.gz`, then removes `path`."""
-    target = path.with_name(path.name + suffix)
-    with path.open("rb") as plain, COMPRESSORS[suffix](target, "wb") as packed:
-        shutil.copyfileobj(plain, packed)
-    path.unlink()
-    return target
-
-
-def copytruncate(log: Path, copy: Path) -> None:
-    shutil.copyfile(log, copy)
-    with log.open("r+b") as handle:
-        handle.truncate(0)
-
-
-async def reopen(tail: Tail, tmp_path: Path) -> Tail:
-    """A new process on the same state (the old one is simply gone, as after kill -9)."""
-    await tail.state.close()
-    return await Tail.open(tmp_path)
 
 
 def recovered(tail: Tail) -> tuple[float, float]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from exporter.config import FileSourceConfig
-from exporter.ids import LINE_TOO_LONG, LinesParser
+from exporter.ids import LINE_TOO_LONG, LinesParser, Sighting
 from exporter.ingest import Ingest
 from exporter.sources.rotated import (
     DECOMPRESS_ERRORS,
@@ -22,6 +22,7 @@ from exporter.sources.rotated import (
     Scan,
     Target,
     digest,
+    last_bytes,
     read_head,
     read_tail,
     scan,
@@ -64,6 +65,7 @@ class _Open:
     # A copy of a generation read elsewhere (a copytruncate's copy, compressed or not): nobody writes to it.
     copy: bool = False
     lines: int = 0  # read while rotated
+    broken: bool = False  # a compressed file that ended early (gzip still writing it, or damaged)
 
     @property
     def compressed(self) -> bool:
@@ -93,6 +95,7 @@ class FileSource:
         self._current: _Open | None = None
         self._targets: list[Target] = []
         self._checkpoints: dict[int, Checkpoint] = {}
+        self._kept = metrics.file_checkpoints.labels(config.name)
         self._horizon: int | None = None
         self._next_generation = 1
         self._loaded = False
@@ -103,6 +106,7 @@ class FileSource:
         # (size, mtime, ctime) of the file at the path when it was last read as far as it goes.
         self._read_up_to: tuple[int, int, int] | None = None
         self._rescan_at: float | None = None
+        self._history_told: set[Path] = set()
         self._rescan_delay = RESCAN_SECONDS
         # A failed write left the source closed: it continues from the saved checkpoints once the database
         # answers again, never from byte 0 of the file now at the path.
@@ -219,16 +223,53 @@ class FileSource:
                 "another generation (if every file begins with a fixed header, raise sources[].fingerprint_bytes)",
                 self.name, path, self._checkpoints[generation].offset,
             )
-        if found.history:
-            self._metrics.file_history_skipped.labels(self.name).inc(len(found.history))
+        new_history = [p for p in found.history if p not in self._history_told]
+        if new_history:  # told once a file (per process: a set of paths bounded by the candidates' bound)
+            self._history_told = set(found.history)
+            self._metrics.file_history_skipped.labels(self.name).inc(len(new_history))
             log.info("%s: not reading %d rotated files written before what this source has read (%s)", self.name,
-                     len(found.history), ", ".join(p.name for p in found.history[:5]))
+                     len(new_history), ", ".join(p.name for p in new_history[:5]))
         for checkpoint in found.moved:
             await self._state.save_checkpoint(self.name, checkpoint)
             self._checkpoints[checkpoint.generation] = checkpoint
+        for target in found.partials:
+            await self._tell_partial(target, found)
+        found.targets.sort(key=lambda t: (t.file.live, t.file.stat.st_mtime_ns, str(t.file.path)))
         await self._retain(found)
         if truncated is not None:
             self._report_truncation(truncated, found, maybe)
+
+    async def _tell_partial(self, target: Target, found: Scan) -> None:
+        """A rotated file that begins as a known generation does but ends before what was read of it: a copy
+        of its start (copytruncate's copy, taken before the source read on) or another generation behind a
+        fixed header as long as the fingerprint. Its last ids tell: known to the state, a copy (not read);
+        none known, a new generation (read from its start, counted as an identity conflict). Either way it
+        gets a checkpoint of its own, so the question is asked once, while its ids are remembered."""
+        file, known = target.file, target.checkpoint
+        assert known is not None
+        length, end = await asyncio.to_thread(last_bytes, file.handle, TAIL_BYTES)
+        ids = [s.id for s in self._parse(end[end.find(b"\n") + 1 :]) if isinstance(s, Sighting)][-3:]
+        statuses = [await self._state.status(generation_id) for generation_id in ids]
+        if ids and all(status is None for status in statuses):
+            self._metrics.file_identity_conflicts.labels(self.name).inc()
+            log.warning(
+                "%s: %s begins as the generation read up to byte %d does but is shorter, and holds ids never seen: "
+                "read as another generation (if every file begins with a fixed header, raise "
+                "sources[].fingerprint_bytes)", self.name, file.path, known.offset,
+            )
+            file.handle.seek(0)
+            found.targets.append(Target(file, None))
+            return
+        file.handle.close()
+        own = Checkpoint(
+            self._next_generation, digest(file.head[: min(length, self._fingerprint)]), digest(end), length, True,
+            file.stat.st_dev, file.stat.st_ino, file.stat.st_mtime_ns,
+        )
+        self._next_generation += 1
+        await self._state.save_checkpoint(self.name, own)
+        self._checkpoints[own.generation] = own
+        self._kept.set(len(self._checkpoints))
+        found.seen.add(own.generation)
 
     def _report_truncation(self, generation: int, found: Scan, maybe: bool) -> None:
         continued = [t for t in found.targets if t.checkpoint is not None and t.checkpoint.generation == generation]
@@ -265,7 +306,7 @@ class FileSource:
             for checkpoint in expired:
                 del self._checkpoints[checkpoint.generation]
             self._metrics.file_checkpoints_expired.labels(self.name).inc(len(expired))
-        self._metrics.file_checkpoints.labels(self.name).set(len(self._checkpoints))
+        self._kept.set(len(self._checkpoints))
 
     async def _next_target(self, *, at_end: bool = False) -> None:
         """Opens the next file the scan found; the log itself, last, stays open (a generation never seen from
@@ -316,6 +357,7 @@ class FileSource:
             current.inode, current.mtime_ns,
         )
         self._checkpoints[current.generation] = checkpoint
+        self._kept.set(len(self._checkpoints))
         return checkpoint
 
     def _rescan_due(self) -> bool:
@@ -339,6 +381,9 @@ class FileSource:
         current = self._current
         if not current.live:
             return await self._read_rotated()
+        if self._rescan_at is not None and time.monotonic() >= self._rescan_at and not self._skipping:
+            await self._scan()  # files a scan left for later (a copy gzip was writing): the log's place is saved
+            return self._current is not None
         stat = stat_or_none(self._path)
         seen = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if stat is not None and (stat.st_dev, stat.st_ino) != (current.device, current.inode):
@@ -372,8 +417,11 @@ class FileSource:
         busy = await self._read_available(final=False)
         if busy or self._ingest.full or not self._settled(current):
             return busy
-        await self._read_available(final=True)  # a last line without newline
-        if current.offset:  # an empty file: no generation to remember
+        if not current.broken:
+            await self._read_available(final=True)  # a last line without newline
+        if current.broken:  # what was read is saved, unfinished: the rest once it decompresses (a later scan)
+            self._rescan_at = time.monotonic() + self._rescan_delay
+        elif current.offset:  # (an empty file: no generation to remember)
             await self._state.save_checkpoint(self.name, self._checkpoint(finished=True))
         self._metrics.file_recovered_lines.labels(self.name).inc(current.lines)
         log.info("%s: read %d lines from %s (to byte %d)", self.name, current.lines, current.path, current.offset)
@@ -448,8 +496,10 @@ class FileSource:
         try:  # decompressing a chunk takes milliseconds: off the event loop (scrapes, probes, UDP)
             return await asyncio.to_thread(_read_at, current.handle, current.offset)
         except DECOMPRESS_ERRORS as err:
-            log.error("%s: %s cannot be read past byte %d (%s); the rest of it is skipped", self.name,
-                      current.path, current.offset, err)
+            if not current.broken:
+                log.warning("%s: %s ends early after byte %d (%s): being compressed, or damaged; read on later",
+                            self.name, current.path, current.offset, err)
+            current.broken = True
             return b""
 
     async def _reject_overlong(self, chunk: bytes) -> None:

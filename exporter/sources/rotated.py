@@ -134,6 +134,9 @@ class Scan:
     conflicts: list[tuple[Path, int]] = field(default_factory=list)
     # Known copies found under a new name or compressed: their checkpoints' place hints, to save.
     moved: list[Checkpoint] = field(default_factory=list)
+    # Files shorter than what was read of the generation whose first bytes they share, and no other file of it:
+    # a copy taken before the source read on, or a generation with a fixed header (the source asks its ids).
+    partials: list[Target] = field(default_factory=list)
     more_candidates: int = 0
 
 
@@ -160,14 +163,22 @@ def scan(
     files = _open_all([*reversed(paths), live], live, max(HEAD_BYTES, fingerprint_bytes), result)
     usable = sorted((c for c in history.checkpoints if c.offset > 0), key=lambda c: -c.offset)
     by_generation: dict[int, list[tuple[Found, bytes | None]]] = {}
+    partials: list[Target] = []
     unknown: list[Found] = []
     for file in files:
-        matched, tail = _match(file, usable, result)
-        if matched is None:
+        matched, tail, how = _match(file, usable, result)
+        if how == "later":
+            file.handle.close()
+            result.deferred.append(file.path)
+        elif matched is None:
             unknown.append(file)
+        elif how == "partial":
+            partials.append(Target(file, matched))
+            result.seen.add(matched.generation)
         else:
             by_generation.setdefault(matched.generation, []).append((file, tail))
             result.seen.add(matched.generation)
+    result.partials = partials
     result.horizon_ns = _horizon(history, files, by_generation, start_at_end)
     checkpoints = {c.generation: c for c in usable}
     for generation, members in by_generation.items():
@@ -198,36 +209,61 @@ def _open_all(paths: list[Path], live: Path, head_bytes: int, result: Scan) -> l
     return files
 
 
-def _match(file: Found, usable: list[Checkpoint], result: Scan) -> tuple[Checkpoint | None, bytes | None]:
-    """The checkpoint `file` holds and the bytes before its offset (None: nothing to read in it: a known
-    compressed copy in its known place, or a partial copy); (None, None): a generation never seen."""
+def _match(file: Found, usable: list[Checkpoint], result: Scan) -> tuple[Checkpoint | None, bytes | None, str]:
+    """The checkpoint `file` holds and the bytes before its offset (None: nothing to read in it, a known
+    compressed copy in its known place), and how: "whole", "partial" (the file ends before that offset),
+    "new" (no checkpoint: a generation never seen) or "later" (a compressed file that ends early: being
+    written by gzip, or damaged)."""
     partial: Checkpoint | None = None
     conflicts: list[int] = []
     for checkpoint in usable:
         if not file.starts_with(checkpoint.head):
             continue
         if checkpoint.finished and file.compressed and file.place == (checkpoint.device, checkpoint.inode):
-            return checkpoint, None  # read to its end, here, before: not decompressed again
+            return checkpoint, None, "whole"  # read to its end, here, before: not decompressed again
         try:
             tail = read_tail(file.handle, file.head, checkpoint.offset)
         except DECOMPRESS_ERRORS:
-            continue
+            return None, None, "later"
         if len(tail) < min(checkpoint.offset, TAIL_BYTES):
-            # Shorter than what was read of that generation, beginning as it does: a copy taken before the source
-            # read on (unless another generation that begins alike fits it better). Never the log itself: shorter
-            # than what was read of it, it was truncated and holds a new generation.
+            # Shorter than what was read of that generation, beginning as it does (unless another generation
+            # that begins alike fits it better). Never the log itself: shorter than what was read of it, it was
+            # truncated and holds a new generation.
             if not file.live and partial is None:
                 partial = checkpoint
             continue
         if ends_with(tail, checkpoint.tail):
             if file.compressed and file.place != (checkpoint.device, checkpoint.inode):
                 result.moved.append(_moved(checkpoint, file))
-            return checkpoint, tail
+            return checkpoint, tail, "whole"
         conflicts.append(checkpoint.generation)
     if partial is not None:
-        return partial, None
+        if file.compressed and not _complete(file.handle):
+            return None, None, "later"
+        return partial, None, "partial"
     result.conflicts.extend((file.path, generation) for generation in conflicts)
-    return None, None
+    return None, None, "new"
+
+
+def _complete(handle: BinaryIO) -> bool:
+    """Whether a compressed file decompresses to its end (gzip is not still writing it)."""
+    try:
+        while handle.read(1024 * 1024):
+            pass
+    except DECOMPRESS_ERRORS:
+        return False
+    return True
+
+
+def last_bytes(handle: BinaryIO, size: int) -> tuple[int, bytes]:
+    """The file's length and its last `size` bytes (a compressed file is decompressed to its end: blocking)."""
+    handle.seek(0)
+    kept = b""
+    length = 0
+    while chunk := handle.read(1024 * 1024):
+        length += len(chunk)
+        kept = (kept + chunk)[-size:]
+    return length, kept
 
 
 def _moved(checkpoint: Checkpoint, file: Found) -> Checkpoint:
