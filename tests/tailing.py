@@ -94,3 +94,26 @@ async def reopen(tail: Tail, tmp_path: Path, **config: Any) -> Tail:
     return await Tail.open(tmp_path, **config)
 
 
+class Logrotate:
+    """logrotate on one log: numbered rotated files (app.log.1 the newest), each way, with its compressions."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.count = 0
+
+    def rotate(self, how: str, compression: str) -> None:
+        files = sorted(self.log.parent.glob("app.log.*"), key=lambda p: -int(p.name.split(".")[2]))
+        for path in files:  # app.log.N[.gz] -> app.log.N+1[.gz], oldest first
+            number = int(path.name.split(".")[2])
+            path.rename(path.with_name(path.name.replace(f".{number}", f".{number + 1}", 1)))
+        target = self.log.with_name("app.log.1")
+        if how == "rename":
+            self.log.rename(target)
+            self.log.touch()
+        else:
+            copytruncate(self.log, target)
+        if compression == "compress":
+            compress(target)
+        elif compression == "delaycompress" and self.log.with_name("app.log.2").exists():
+            compress(self.log.with_name("app.log.2"))
+        self.count += 1

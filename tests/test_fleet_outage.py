@@ -35,6 +35,7 @@ from tests.support import (
     value,
     wait_until,
 )
+from tests.tailing import Logrotate
 
 # Only resolvers and exposers report the queue and the lookups; an ingest process exposes what it reads.
 RESOLVER_ONLY = (
@@ -222,3 +223,41 @@ async def test_a_log_renamed_while_the_database_is_away_is_finished_from_its_sav
     await wait_until(settled, timeout=60, what="the renamed file's tail and the new file queued")
     source.close()
     await state.close()
+
+
+@pytest.mark.parametrize("started_without_it", [False, True])
+async def test_an_ingest_whose_database_is_away_across_several_rotations_reads_every_generation_once(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, pg_url: str, postgres: Cluster,
+    started_without_it: bool,
+) -> None:
+    """The database is down while the log rotates again and again, every way: the ingest reads nothing
+    meanwhile (it could not save where it is), and once the database is back, every generation exactly once."""
+    log = tmp_path / "app.log"
+    logrotate = Logrotate(log)
+    written = [fake_api.create() for _ in range(10)]
+    append_lines(log, [json_line(i) for i in written])
+    data = fleet_data(tmp_path, fake_api.url, pg_url, ["ingest"])
+    data["sources"][0]["poll_interval_seconds"] = 0.02
+    ingest = None
+    if not started_without_it:
+        ingest = await start_exporter(parse_config(data, "ingest"))
+        await wait_until(lambda: queued(pg_url) == set(written), timeout=30, what="the first ids queued")
+    postgres.stop("immediate")
+    try:
+        if ingest is None:
+            ingest = await start_exporter(parse_config(data, "ingest"))  # it has read nothing, and cannot yet
+        for how, compression in (("rename", "compress"), ("copytruncate", ""), ("rename", "delaycompress"),
+                                 ("copytruncate", "delaycompress"), ("rename", "")):
+            ids = [fake_api.create() for _ in range(7)]
+            append_lines(log, [json_line(i) for i in ids])
+            written += ids
+            logrotate.rotate(how, compression)
+        live = [fake_api.create() for _ in range(3)]
+        append_lines(log, [json_line(i) for i in live])
+        written += live
+    finally:
+        postgres.start()
+    await wait_until(lambda: queued(pg_url) == set(written), timeout=60, what="every generation queued")
+    text = await scrape(ingest.metrics_port)
+    assert value(text, "zenmux_exporter_ids_received_total", source="app-log") == len(written)
+    assert value(text, "zenmux_exporter_ids_duplicate_total", source="app-log") == 0  # none read twice

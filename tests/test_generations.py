@@ -16,7 +16,7 @@ import pytest
 from exporter.sources import file as file_source
 from exporter.sources.rotated import digest
 from tests.support import append_lines, json_line
-from tests.tailing import Tail, compress, copytruncate, lines, reopen
+from tests.tailing import Logrotate, Tail, compress, copytruncate, lines, reopen
 
 ROTATIONS = {
     "rename": ("rename", ""),
@@ -26,31 +26,6 @@ ROTATIONS = {
     "copytruncate+compress": ("copytruncate", "compress"),
     "copytruncate+delaycompress": ("copytruncate", "delaycompress"),
 }
-
-
-class Logrotate:
-    """logrotate on one log: numbered rotated files (app.log.1 the newest), each way, with its compressions."""
-
-    def __init__(self, log: Path) -> None:
-        self.log = log
-        self.count = 0
-
-    def rotate(self, how: str, compression: str) -> None:
-        files = sorted(self.log.parent.glob("app.log.*"), key=lambda p: -int(p.name.split(".")[2]))
-        for path in files:  # app.log.N[.gz] -> app.log.N+1[.gz], oldest first
-            number = int(path.name.split(".")[2])
-            path.rename(path.with_name(path.name.replace(f".{number}", f".{number + 1}", 1)))
-        target = self.log.with_name("app.log.1")
-        if how == "rename":
-            self.log.rename(target)
-            self.log.touch()
-        else:
-            copytruncate(self.log, target)
-        if compression == "compress":
-            compress(target)
-        elif compression == "delaycompress" and self.log.with_name("app.log.2").exists():
-            compress(self.log.with_name("app.log.2"))
-        self.count += 1
 
 
 async def statuses(tail: Tail, ids: list[str]) -> list[int | None]:

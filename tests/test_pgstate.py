@@ -12,8 +12,8 @@ import pytest
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
-from exporter.pgstate import SCHEMA_VERSION, PostgresStore
-from exporter.store import Resolved, Retry, StateError
+from exporter.pgstate import SCHEMA, SCHEMA_VERSION, PostgresStore
+from exporter.store import Checkpoint, FileHistory, Resolved, Retry, StateError
 from tests.pg import Cluster
 from tests.support import one_generation, wait_until
 
@@ -128,6 +128,27 @@ async def test_one_exposer_leads_and_another_takes_over_when_it_goes(open_store:
     await a.close()  # the server releases the lock when it has ended a's session, a moment later
     await wait_until(b.try_lead, timeout=5, what="b to lead")
     assert await b.try_lead() is True
+
+
+async def test_positions_of_the_first_schema_become_checkpoints(open_store: OpenStore, pg_url: str) -> None:
+    """A database the previous release created (schema 1: one position per instance and source) is migrated in
+    place: each position becomes its source's first checkpoint, unfinished, with no horizon yet."""
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute(SCHEMA)  # version 1's tables (MIGRATIONS[2] replaces positions)
+        db.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        db.execute("INSERT INTO schema_version VALUES (1)")
+        db.execute(
+            "INSERT INTO positions VALUES ('pod-a', 'app', 7, 8, 300, %s), ('pod-b', 'app', 7, 9, 50, %s)",
+            (b"H" * 18 + b"T" * 18, b"h" * 18),
+        )
+    store = await open_store("pod-a")
+    assert await store.file_history("app") == FileHistory(
+        None, (Checkpoint(1, b"H" * 18, b"T" * 18, 300, False, device=7, inode=8, mtime_ns=0),)
+    )
+    other = await open_store("pod-b")
+    assert (await other.file_history("app")).checkpoints[0].tail == b""  # a position saved before tails
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT max(version) FROM schema_version").fetchone() == (SCHEMA_VERSION,)
 
 
 async def test_a_newer_schema_is_refused(open_store: OpenStore, pg_url: str) -> None:
