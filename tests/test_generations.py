@@ -220,6 +220,26 @@ async def test_checkpoints_are_bounded_and_an_expired_generation_is_never_read_a
     assert tail.metric("zenmux_exporter_file_history_skipped_total") == 1
 
 
+async def test_a_generation_deleted_before_it_was_read_to_its_end_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    append_lines(tail.log, lines("lost", 5))
+    tail.log.rename(tmp_path / "app.log.1")
+    (tmp_path / "app.log.1").unlink()  # rotated away and deleted while the exporter was down
+    append_lines(tail.log, lines("new", 2))
+    tail = await reopen(tail, tmp_path)
+    await tail.drain()
+    assert tail.state.pending == 7
+    assert caplog.text.count("in no file matching") == 1
+    caplog.clear()
+    tail = await reopen(tail, tmp_path)
+    await tail.drain()
+    assert "in no file matching" not in caplog.text
+
+
 async def test_compressed_copies_are_read_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loop_thread = threading.get_ident()
     threads: list[int] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -234,10 +235,28 @@ class FileSource:
             self._checkpoints[checkpoint.generation] = checkpoint
         for target in found.partials:
             await self._tell_partial(target, found)
+        if not found.deferred:  # (a file left for later may hold an unfinished generation)
+            await self._tell_gone(found, truncated)
         found.targets.sort(key=lambda t: (t.file.live, t.file.stat.st_mtime_ns, str(t.file.path)))
         await self._retain(found)
         if truncated is not None:
             self._report_truncation(truncated, found, maybe)
+
+    async def _tell_gone(self, found: Scan, truncated: int | None) -> None:
+        """Generations not read to their end that no file holds any more (deleted, or moved where
+        rotated_glob does not look): said once, then marked finished."""
+        for checkpoint in list(self._checkpoints.values()):
+            if checkpoint.finished or checkpoint.generation in found.seen:
+                continue
+            if checkpoint.offset and checkpoint.generation != truncated:  # (a truncation is told as such)
+                log.warning(
+                    "%s: the generation of %s read up to byte %d is in no file matching %r any more (deleted or "
+                    "moved before it was read to its end): what it held after that byte was not read",
+                    self.name, self._path, checkpoint.offset, self._config.rotated_glob or self._path.name + "*",
+                )
+            gone = dataclasses.replace(checkpoint, finished=True)
+            await self._state.save_checkpoint(self.name, gone)
+            self._checkpoints[gone.generation] = gone
 
     async def _tell_partial(self, target: Target, found: Scan) -> None:
         """A rotated file that begins as a known generation does but ends before what was read of it: a copy
