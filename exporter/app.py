@@ -352,6 +352,11 @@ class Exporter:
         INGEST_COUNT_SECONDS (to hold state.max_pending; its own inserts are added in between) and never asks
         for its oldest id."""
         now = self.clock.time()
+        if self.state.shared:
+            try:
+                await self.state.keep_instance()
+            except StateError as err:
+                log.error("%s", err)
         reports = "resolve" in self.config.roles or "expose" in self.config.roles or not self.state.shared
         if reports or now >= self._next_count:
             try:

@@ -7,8 +7,12 @@ import contextlib
 import itertools
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, TypeVar
 
@@ -138,6 +142,15 @@ CREATE TABLE file_horizons (
     horizon_ns bigint NOT NULL,
     PRIMARY KEY (instance, source)
 );
+CREATE TABLE instances (
+    instance text PRIMARY KEY,
+    owner text NOT NULL,
+    host text NOT NULL,
+    pidns bigint NOT NULL,
+    pid integer NOT NULL,
+    started bigint NOT NULL,
+    seen timestamptz NOT NULL
+);
 INSERT INTO checkpoints
     SELECT instance, source, 1, substring(fingerprint FROM 1 FOR 18), substring(fingerprint FROM 19 FOR 18),
            "offset", false, device, inode, 0
@@ -145,6 +158,19 @@ INSERT INTO checkpoints
 DROP TABLE positions;
 """,
 }
+# An instance name is held by one live process: it renews its row every HOUSEKEEPING round; another process may
+# take the name over once the row is INSTANCE_TTL_SECONDS old (database clock), or at once when the holder is a
+# process of this host's PID namespace that is gone (a restart after kill -9).
+HOLD_INSTANCE = """
+INSERT INTO instances AS i (instance, owner, host, pidns, pid, started, seen)
+VALUES (%(instance)s, %(owner)s, %(host)s, %(pidns)s, %(pid)s, %(started)s, clock_timestamp())
+ON CONFLICT (instance) DO UPDATE SET owner = excluded.owner, host = excluded.host, pidns = excluded.pidns,
+    pid = excluded.pid, started = excluded.started, seen = excluded.seen
+WHERE i.owner = excluded.owner OR i.owner = %(gone)s
+    OR i.seen < clock_timestamp() - make_interval(secs => %(ttl)s)
+RETURNING owner
+"""
+INSTANCE_TTL_SECONDS = 30.0
 SAVE_CHECKPOINT = """
 INSERT INTO checkpoints (instance, source, generation, head, tail, "offset", finished, device, inode, mtime_ns)
 VALUES (%(instance)s, %(source)s, %(generation)s, %(head)s, %(tail)s, %(offset)s, %(finished)s, %(device)s,
@@ -265,6 +291,7 @@ class PostgresStore:
         self._counted = 0  # pending ids at the last count, plus what this process added and removed since
         self._cursor = "0"  # the ledger's change horizon (an xid8) for ledger_changes
         self._migrated = False  # the schema is checked (created, migrated) on the first connection
+        self._me = process_identity()
         info = conninfo_to_dict(url)
         self._where = (
             f"postgresql {info.get('user') or '(default user)'}@{info.get('host') or '(local socket)'}:"
@@ -325,10 +352,11 @@ class PostgresStore:
                         if not self._migrated:  # the first connection creates or checks the schema
                             await asyncio.wait_for(self._migrate(db), STATEMENT_TIMEOUT_SECONDS)
                             self._migrated = True
+                        await asyncio.wait_for(self._hold_instance(db), STATEMENT_TIMEOUT_SECONDS)
                     except BaseException as err:
                         self._reconnect_at = self._monotonic() + self._reconnect_wait
                         self._reconnect_wait = min(self._reconnect_wait * 2, RECONNECT_MAX_SECONDS)
-                        if isinstance(err, StateError):  # a schema newer than this exporter reads
+                        if isinstance(err, StateError):  # a newer schema, or the instance held by another
                             self.problem = str(err)
                         await self._drop()  # an unchecked schema is checked again on the next connection
                         raise
@@ -347,6 +375,47 @@ class PostgresStore:
                 raise
         self.problem = None
         return result
+
+    async def _hold_instance(self, db: psycopg.AsyncConnection[Any]) -> None:
+        """Takes this process's instance name, or raises StateError("instance") while another live process
+        holds it: two processes under one name would read each log twice and settle each other's claims."""
+        row = await (await db.execute(
+            "SELECT owner, host, pidns, pid, started, extract(epoch FROM clock_timestamp() - seen) FROM instances "
+            "WHERE instance = %s",
+            (self.instance,),
+        )).fetchone()
+        gone = ""
+        if row is not None and row[0] != self._me.owner and self._me.sees_gone(row[1], row[2], row[3], row[4]):
+            gone = row[0]
+        params = {"instance": self.instance, "gone": gone, "ttl": INSTANCE_TTL_SECONDS, **self._me.params()}
+        if await (await db.execute(HOLD_INSTANCE, params)).fetchone() is None:
+            assert row is not None
+            raise StateError(
+                f"{self._where}: state.instance {self.instance!r} is held by another live process (host {row[1]}, "
+                f"pid {row[3]}, seen {float(row[5]):.0f} s ago): two processes with one instance name would share "
+                "file checkpoints and claims. Give each process its own state.instance (the default, $HOSTNAME, "
+                f"is a pod's name); this one waits until that one has stopped for {INSTANCE_TTL_SECONDS:.0f} s.",
+                "instance",
+            )
+
+    async def keep_instance(self) -> None:
+        """Renews this process's hold on its instance name; raises StateError if another process took it over
+        (this one was frozen, or its database away, for longer than the hold lasts): then this process stops
+        writing under the name until it can take it back."""
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> None:
+            cursor = await db.execute(
+                "UPDATE instances SET seen = clock_timestamp() WHERE instance = %s AND owner = %s",
+                (self.instance, self._me.owner),
+            )
+            if cursor.rowcount != 1:
+                await self._drop()  # the next call takes the name again, or says who holds it
+                raise StateError(
+                    f"{self._where}: state.instance {self.instance!r} was taken over by another process while this "
+                    "one was not heard from; this one stops writing under it", "instance",
+                )
+
+        await self._call("instance", work)
 
     async def _drop(self) -> None:
         db, self._db = self._db, None
@@ -742,3 +811,42 @@ class PostgresStore:
             with contextlib.suppress(psycopg.Error, OSError):
                 await leader.close()
         return False
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """Who holds an instance name: a random owner token, and where the process runs (to tell, on this host,
+    that a former holder is gone without waiting for its hold to run out)."""
+
+    owner: str
+    host: str
+    pidns: int
+    pid: int
+    started: int
+
+    def params(self) -> dict[str, Any]:
+        return {"owner": self.owner, "host": self.host, "pidns": self.pidns, "pid": self.pid, "started": self.started}
+
+    def sees_gone(self, host: str, pidns: int, pid: int, started: int) -> bool:
+        """Whether the process (host, pidns, pid, started) is known to be gone: it ran in this PID namespace of
+        this host, and that pid is now free or another process's."""
+        if (host, pidns) != (self.host, self.pidns) or not pidns:
+            return False
+        return _start_time(pid) != started  # (our own pid, started before us: this container's former life)
+
+
+def process_identity() -> ProcessIdentity:
+    try:
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        pidns = 0  # no /proc: only the hold's age frees a name
+    return ProcessIdentity(uuid.uuid4().hex, socket.gethostname(), pidns, os.getpid(), _start_time(os.getpid()))
+
+
+def _start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), 0 if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return int(stat.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0

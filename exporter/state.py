@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -146,19 +147,41 @@ class StateStore:
         self.max_pending = max_pending
         self.problem: str | None = None
         self._paused_until = 0.0
-        self._db = self._open()
+        self._holder = self._hold()
+        try:
+            self._db = self._open()
+        except BaseException:
+            os.close(self._holder)
+            raise
         # Fingerprints of the pending ids (the in-memory half of the dedupe) and where the ids handed out by
         # `due` sit in the queue.
         self._pending_ids = {fingerprint(row[0]) for row in self._db.execute("SELECT id FROM queue")}
         self._seq: dict[str, int] = {}
         self.pending = len(self._pending_ids)
 
-    def _open(self) -> sqlite3.Connection:
+    def _hold(self) -> int:
+        """An exclusive lock on the state file for as long as this process has it open (the kernel drops it with
+        the process, kill -9 too): a second exporter on the same file would read each log twice."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            # Created owner-only: the ids and the ledger are the team's spend.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)  # owner-only: the team's spend
+        except OSError as err:
+            raise StateError(f"{self.path}: cannot open the state database: {err.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # SQLite's own locks are fcntl's: no interference
+        except OSError:
             os.close(fd)
+            raise StateError(
+                f"{self.path}: used by another running exporter: two processes on one state file would read each "
+                "log twice. Give each its own state.path (or stop the other one).", "instance",
+            ) from None
+        return fd
+
+    async def keep_instance(self) -> None:
+        return None  # the lock is held while the file is open
+
+    def _open(self) -> sqlite3.Connection:
+        try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash may lose the last commits.
@@ -199,6 +222,7 @@ class StateStore:
 
     async def close(self) -> None:
         self._db.close()
+        os.close(self._holder)
 
     # --- ingest -------------------------------------------------------------------------------------------
 

@@ -219,6 +219,11 @@ class Store(Protocol):
 
     async def status(self, generation_id: str) -> int | None: ...
 
+    async def keep_instance(self) -> None:
+        """Renews this process's hold on its state (SQLite: the file's lock, held while open; PostgreSQL: the
+        instance name's row); raises StateError("instance") if another process holds it now."""
+        ...
+
     async def refresh(self) -> None:
         """Housekeeping: re-counts what `pending` reports (a shared queue changes under us)."""
         ...

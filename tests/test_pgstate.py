@@ -4,6 +4,7 @@ replicas, the ledger followed incrementally, one rate limit, one leader, migrati
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
@@ -12,7 +13,7 @@ import pytest
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
-from exporter.pgstate import SCHEMA, SCHEMA_VERSION, PostgresStore
+from exporter.pgstate import SCHEMA, SCHEMA_VERSION, PostgresStore, process_identity
 from exporter.store import Checkpoint, FileHistory, Resolved, Retry, StateError
 from tests.pg import Cluster
 from tests.support import one_generation, wait_until
@@ -149,6 +150,47 @@ async def test_positions_of_the_first_schema_become_checkpoints(open_store: Open
     assert (await other.file_history("app")).checkpoints[0].tail == b""  # a position saved before tails
     with psycopg.connect(pg_url) as db:
         assert db.execute("SELECT max(version) FROM schema_version").fetchone() == (SCHEMA_VERSION,)
+
+
+async def test_one_instance_name_is_held_by_one_live_process(open_store: OpenStore, pg_url: str) -> None:
+    first = await open_store("pod-a")
+    # A second process given the same state.instance (constructed, not opened: opening would raise).
+    second = PostgresStore(pg_url, password=None, instance="pod-a", max_pending=1000, lease_seconds=60)
+    with pytest.raises(StateError, match=r"state\.instance 'pod-a' is held by another live process") as refused:
+        await second.refresh()
+    assert refused.value.operation == "instance" and "Give each process its own state.instance" in str(refused.value)
+    assert second.problem is not None and "pod-a" in second.problem  # what /readyz says
+    with pytest.raises(StateError):
+        await second.enqueue("app", [Sighting("x")], now=0, due=0)  # it writes nothing under that name
+    await first.keep_instance()
+    # The holder stops being heard from (frozen, or its database away) for longer than the hold lasts: the
+    # other takes the name over, and the former holder stops writing under it.
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        db.execute("UPDATE instances SET seen = seen - interval '1 hour' WHERE instance = 'pod-a'")
+    second._reconnect_at = 0.0  # (its backoff after the refusal)
+    await second.refresh()
+    with pytest.raises(StateError, match="taken over"):
+        await first.keep_instance()
+    await second.close()
+
+
+async def test_a_name_whose_holder_died_on_this_host_is_taken_at_once(open_store: OpenStore, pg_url: str) -> None:
+    done = subprocess.run(["true"], check=True)  # a process of this host and PID namespace, now gone
+    assert done.returncode == 0
+    me = process_identity()
+    with psycopg.connect(pg_url, autocommit=True) as db:
+        await open_store("pod-b")  # creates the schema
+        db.execute("DELETE FROM instances")
+        db.execute(
+            "INSERT INTO instances VALUES ('pod-a', 'killed', %s, %s, %s, 12345, clock_timestamp())",
+            (me.host, me.pidns, me.pid + 1_000_000),  # no such pid (pid_max is far lower)
+        )
+        db.execute(
+            "INSERT INTO instances VALUES ('pod-c', 'elsewhere', 'other-host', 1, 1, 1, clock_timestamp())"
+        )
+    await open_store("pod-a")  # kill -9, restarted: no wait for the hold to run out
+    with pytest.raises(StateError, match="held by another live process"):
+        await open_store("pod-c")  # another host's: only its age frees it
 
 
 async def test_a_newer_schema_is_refused(open_store: OpenStore, pg_url: str) -> None:

@@ -6,10 +6,24 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
-from exporter.store import ABANDONED, DONE, PENDING, Abandon, Checkpoint, FileHistory, Resolved, Retry, Store
+from exporter.state import StateStore
+from exporter.store import (
+    ABANDONED,
+    DONE,
+    PENDING,
+    Abandon,
+    Checkpoint,
+    FileHistory,
+    Resolved,
+    Retry,
+    StateError,
+    Store,
+)
 from tests.pg import OpenState
 from tests.support import one_generation
 
@@ -139,3 +153,13 @@ async def test_next_due_and_oldest_pending(open_state: OpenState) -> None:
     await state.enqueue("src", [Sighting("a")], now=5, due=9)
     await state.enqueue("src", [Sighting("b")], now=7, due=11)
     assert await state.next_due(6, set()) == 9 and await state.oldest_pending() == 5
+
+
+async def test_one_state_file_is_used_by_one_process(tmp_path: Path) -> None:
+    first = StateStore(tmp_path / "state.db", max_pending=10)
+    with pytest.raises(StateError, match="used by another running exporter") as refused:
+        StateStore(tmp_path / "state.db", max_pending=10)
+    assert "state.path" in str(refused.value)
+    await first.close()
+    again = StateStore(tmp_path / "state.db", max_pending=10)  # free once the holder is gone
+    await again.close()
