@@ -171,6 +171,8 @@ WHERE i.owner = excluded.owner OR i.owner = %(gone)s
 RETURNING owner
 """
 INSTANCE_TTL_SECONDS = 30.0
+# Releasing the name at close is a courtesy to the next process: a database that hangs must not hold a shutdown.
+RELEASE_TIMEOUT_SECONDS = 1.0
 SAVE_CHECKPOINT = """
 INSERT INTO checkpoints (instance, source, generation, head, tail, "offset", finished, device, inode, mtime_ns)
 VALUES (%(instance)s, %(source)s, %(generation)s, %(head)s, %(tail)s, %(offset)s, %(finished)s, %(device)s,
@@ -425,6 +427,11 @@ class PostgresStore:
 
     async def close(self) -> None:
         async with self._lock:
+            if self._db is not None and not self._db.closed:  # the name is free for the next process at once
+                with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+                    await asyncio.wait_for(self._db.execute(
+                        "DELETE FROM instances WHERE instance = %s AND owner = %s", (self.instance, self._me.owner)
+                    ), RELEASE_TIMEOUT_SECONDS)
             await self._drop()
         leader, self._leader = self._leader, None
         if leader is not None:
