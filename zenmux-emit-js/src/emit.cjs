@@ -43,6 +43,26 @@ function firstCodePoints(text, limit) {
   return text.slice(0, units);
 }
 
+/** A number as Python's str() writes it, so that both emitters send the same label text. */
+function numberText(value) {
+  if (Number.isNaN(value)) return "nan";
+  if (!Number.isFinite(value)) return value > 0 ? "inf" : "-inf";
+  // JS has no int/float split: an integral number is written as Python writes an int (3, not 3.0).
+  if (Number.isInteger(value)) return BigInt(value).toString();
+  // Otherwise Python's repr: the same shortest digits as JS, but scientific below 1e-4 and from 1e16 on,
+  // with a signed exponent of at least two digits (1.5e-07, not 1.5e-7).
+  const [mantissa, exponentText] = value.toExponential().split("e");
+  const exponent = Number(exponentText);
+  const sign = value < 0 ? "-" : "";
+  if (exponent < -4 || exponent >= 16) {
+    const magnitude = String(Math.abs(exponent)).padStart(2, "0");
+    return `${mantissa}e${exponent < 0 ? "-" : "+"}${magnitude}`;
+  }
+  const digits = mantissa.replace("-", "").replace(".", "");
+  if (exponent < 0) return `${sign}0.${"0".repeat(-exponent - 1)}${digits}`;
+  return `${sign}${digits.slice(0, exponent + 1)}.${digits.slice(exponent + 1)}`;
+}
+
 function labelText(value) {
   switch (typeof value) {
     case "string":
@@ -50,6 +70,7 @@ function labelText(value) {
     case "boolean":
       return value ? "true" : "false";
     case "number":
+      return numberText(value);
     case "bigint":
       return String(value);
     default:

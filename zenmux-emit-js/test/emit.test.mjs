@@ -67,6 +67,9 @@ test("encodeJson keeps scalar labels in order and protects the id", () => {
   const line = encodeJson("gen-1", { feature: "chat", n: 3, flag: true, generation_id: "evil", obj: [1], no: null });
   assert.equal(line.toString(), '{"generation_id":"gen-1","feature":"chat","n":"3","flag":"true"}\n');
   assert.equal(encodeJson("gen-1", null, "meta.id").toString(), '{"meta.id":"gen-1"}\n');
+  // Numbers as Python's str() writes them (tests/test_emit_js.py compares many more with zenmux_emit's lines).
+  const numbers = encodeJson("g", { a: NaN, b: Infinity, c: -Infinity, d: 1.5e-7, e: 1e21, f: 0.1 });
+  assert.deepEqual(JSON.parse(numbers), { generation_id: "g", a: "nan", b: "inf", c: "-inf", d: "1.5e-07", e: "1000000000000000000000", f: "0.1" });
   const long = encodeJson("g", { v: "😀".repeat(1100) });
   assert.equal([...JSON.parse(long).v].length, 1024); // cut by code point, as Python does
 });
