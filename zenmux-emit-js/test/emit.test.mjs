@@ -76,7 +76,7 @@ test("encodeJson keeps scalar labels in order and protects the id", () => {
 
 test("udp plain sends one id per datagram; json carries labels", async (t) => {
   const rx = await receiver(t);
-  const sender = new UdpEmitter("127.0.0.1", rx.port);
+  const sender = new UdpEmitter("127.0.0.1", rx.port, { warn: () => {} });
   assert.equal(sender.emit("gen-1", { feature: "ignored in plain" }), true);
   assert.equal(sender.emit("gen-2"), true);
   assert.equal((await rx.next()).toString(), "gen-1\n");

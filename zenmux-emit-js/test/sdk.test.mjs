@@ -232,8 +232,8 @@ for (const suite of SUITES) {
   for (const [generation, SDK] of Object.entries(suite.sdks)) {
     for (const [scenario, call] of Object.entries(suite.scenarios(SDK))) {
       const name = `${suite.prefix}.${generation}.${scenario}`;
-      test(name, async (t) => {
-        const base = await simulatedApi(t);
+      test(name, async () => {
+        const base = await simulatedApi();
         await check(name, suite.protocol(scenario), (fetch) => call(suite.client(SDK, base, fetch)));
       });
     }
@@ -243,8 +243,8 @@ for (const suite of SUITES) {
 for (const [provider, { protocol, model }] of Object.entries(AI_SDK)) {
   for (const [scenario, call] of Object.entries(aiSdkScenarios(model))) {
     const name = `ai.${provider}.${scenario}`;
-    test(name, async (t) => {
-      const base = await simulatedApi(t);
+    test(name, async () => {
+      const base = await simulatedApi();
       await check(name, protocol, (fetch) => call(fetch, base));
     });
   }

@@ -37,20 +37,34 @@ export async function waitUntil(condition, what, timeout = 10_000) {
   }
 }
 
-/** The simulated API's base URL: $ZENMUX_SIM_URL (pytest sets it), else `zenmux-exporter fake-api` from .venv. */
-export async function simulatedApi(t) {
-  if (process.env.ZENMUX_SIM_URL) return process.env.ZENMUX_SIM_URL;
+let started = null;
+
+/** The simulated API's base URL: $ZENMUX_SIM_URL (pytest sets it), else `zenmux-exporter fake-api` from .venv,
+ * started once per test file and stopped when it ends. */
+export function simulatedApi() {
+  if (process.env.ZENMUX_SIM_URL) return Promise.resolve(process.env.ZENMUX_SIM_URL);
+  started ??= startFakeApi();
+  return started;
+}
+
+async function startFakeApi() {
   const python = join(ROOT, ".venv", "bin", "python");
   if (!existsSync(python)) throw new Error(`${python} is missing: run \`make .venv/bin/.installed\` first`);
   const child = spawn(python, ["-m", "exporter", "fake-api", "--listen", "127.0.0.1:0", "--billing-delay", "0.2"], {
     cwd: ROOT,
     stdio: ["ignore", "pipe", "inherit"],
   });
-  t.after(() => child.kill("SIGTERM"));
+  process.on("exit", () => child.kill("SIGTERM"));
   const lines = createInterface({ input: child.stdout });
   for await (const line of lines) {
     const url = line.split(" ").find((word) => word.startsWith("http://"));
-    if (url) return url;
+    if (url) {
+      // It prints nothing more: let the test process end without waiting for it (and stop it on exit).
+      lines.close();
+      child.stdout.destroy();
+      child.unref();
+      return url;
+    }
   }
   throw new Error("fake-api exited before printing its URL");
 }
