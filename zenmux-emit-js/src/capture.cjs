@@ -11,8 +11,7 @@
 // watcher and handed on unchanged when the application asks for it (nothing is read ahead), errors arrive as
 // the original stream's, and cancelling cancels the original with the same reason.
 
-const { validId } = require("./emit.cjs");
-const emitModule = require("./emit.cjs");
+const { defaultEmitter, validId } = require("./emit.cjs");
 
 const GENERATION_ID_HEADER = "x-generation-id";
 // Paths (suffixes) of the endpoints that create generations, across the protocols ZenMux speaks.
@@ -260,7 +259,7 @@ function capture(response, request, options) {
     const labels = labelsFor(options.labels, request);
     const send = (generationId) => {
       try {
-        (options.emitter ?? emitModule.defaultEmitter()).emit(generationId, labels);
+        (options.emitter ?? defaultEmitter()).emit(generationId, labels);
       } catch {
         // an emitter that throws must not reach the application
       }

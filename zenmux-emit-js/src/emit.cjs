@@ -245,7 +245,10 @@ class UdpEmitter extends Counted {
   _open(address, family) {
     try {
       const sock = dgram.createSocket(family === 6 ? "udp6" : "udp4");
-      sock.on("error", (err) => this._drop(`socket error: ${err.message}`));
+      // Failed sends are counted by their callbacks; an error of the socket itself is kept as the reason.
+      sock.on("error", (err) => {
+        this.lastError = `socket error: ${err.message}`;
+      });
       sock.unref(); // never keep the application's process alive
       this._sock = sock;
       this._address = address;

@@ -86,12 +86,12 @@ export declare function validId(generationId: unknown): generationId is string;
 export declare function encodeJson(generationId: string, labels?: Labels | null, idField?: string): Uint8Array;
 
 /** What `labels` (as a function) and `match` are given about a request. */
-export interface RequestInfo {
+export interface RequestSummary {
   method: string;
   url: string;
 }
 
-export interface RequestWithHeaders extends RequestInfo {
+export interface RequestWithHeaders extends RequestSummary {
   headers: Headers;
 }
 
@@ -104,7 +104,7 @@ export interface CaptureOptions {
   /** The fetch to call (default globalThis.fetch, looked up at each call). */
   fetch?: FetchFunction;
   /** Which requests to look at (default isGenerationRequest). */
-  match?: (request: RequestInfo) => boolean;
+  match?: (request: RequestSummary) => boolean;
   /** The response header holding the id (default x-generation-id). */
   header?: string;
 }
@@ -117,7 +117,7 @@ export declare function installGlobalFetchCapture(
   options?: Omit<CaptureOptions, "fetch">,
 ): () => void;
 /** The default match: a POST to …/chat/completions, /completions, /responses, /messages, /embeddings or :generateContent. */
-export declare function isGenerationRequest(request: RequestInfo): boolean;
+export declare function isGenerationRequest(request: RequestSummary): boolean;
 /** The id in a decoded JSON response or event: id, responseId, message.id or response.id. */
 export declare function extractId(document: unknown): string | null;
 /** The id of a JSON body, given all of it (whole) or its first and last bytes. */

@@ -5,9 +5,11 @@ import { execFileSync, spawn } from "node:child_process";
 import dgram from "node:dgram";
 import { once } from "node:events";
 import fs from "node:fs";
+import { createRequire } from "node:module";
 import os from "node:os";
 import path from "node:path";
 import { test } from "node:test";
+import { fileURLToPath } from "node:url";
 
 import {
   FileEmitter,
@@ -18,7 +20,6 @@ import {
   openEmitter,
   validId,
 } from "zenmux-emit";
-import { createRequire } from "node:module";
 
 async function receiver(t, type = "udp4", address = "127.0.0.1") {
   const sock = dgram.createSocket(type);
@@ -275,17 +276,22 @@ test("a warning sink or emitter that throws never reaches the caller", () => {
   assert.equal(sender.emit("gen-1"), false);
 });
 
-test("an emitting process exits on its own: the socket is unreferenced", async () => {
+test("an emitting process exits on its own, and emit() uses $ZENMUX_EMIT", async (t) => {
+  const rx = await receiver(t);
   const script = `
     const { openEmitter, emit } = require("zenmux-emit");
-    const sender = openEmitter("udp://127.0.0.1:9");
-    sender.emit("gen-1");
-    emit("gen-2");
+    openEmitter("udp://127.0.0.1:9").emit("gen-1");
+    emit("gen-2", { feature: "env" });
     openEmitter("udp://localhost:9").emit("gen-3");
   `;
-  const child = spawn(process.execPath, ["-e", script], { cwd: path.dirname(import.meta.dirname ?? ".") });
+  const child = spawn(process.execPath, ["-e", script], {
+    cwd: fileURLToPath(new URL("..", import.meta.url)), // the package: require("zenmux-emit") resolves to itself
+    env: { ...process.env, ZENMUX_EMIT: `udp://127.0.0.1:${rx.port}?format=json` },
+  });
+  t.after(() => child.kill());
   const [code] = await once(child, "exit"); // a referenced socket would keep it running (the test times out)
   assert.equal(code, 0);
+  assert.deepEqual(JSON.parse(await rx.next()), { generation_id: "gen-2", feature: "env" });
 });
 
 test("CommonJS and ESM entries share one module instance", () => {
