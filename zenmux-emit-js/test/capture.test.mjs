@@ -6,7 +6,7 @@ import http from "node:http";
 import { test } from "node:test";
 
 import { captureFetch, findBodyId, installGlobalFetchCapture, isGenerationRequest } from "zenmux-emit";
-import { Recorder, waitUntil } from "./support.mjs";
+import { LIMIT, Recorder, waitUntil } from "./support.mjs";
 
 const BIG_CHAT = JSON.stringify({ id: "gen-big-1", choices: [{ message: { content: "x".repeat(300_000) } }] });
 const BIG_GEMINI = JSON.stringify({ candidates: [{ content: { parts: [{ text: "y".repeat(300_000) }] } }], responseId: "GEMINI0001" });
@@ -79,7 +79,7 @@ async function server(t) {
 
 const POST = { method: "POST", headers: { "content-type": "application/json", "x-team": "search" }, body: "{}" };
 
-test("a JSON body reaches the application byte for byte, and its id is emitted once read", async (t) => {
+test("a JSON body reaches the application byte for byte, and its id is emitted once read", LIMIT, async (t) => {
   const { url } = await server(t);
   const recorder = new Recorder();
   const fetch = captureFetch(recorder, { labels: { feature: "chat" } });
@@ -96,7 +96,7 @@ test("a JSON body reaches the application byte for byte, and its id is emitted o
   assert.deepEqual(recorder.ids, ["gen-big-1", "GEMINI0001"]);
 });
 
-test("an event stream's id is emitted when its first event passes, before the stream ends", async (t) => {
+test("an event stream's id is emitted when its first event passes, before the stream ends", LIMIT, async (t) => {
   const { url, state } = await server(t);
   const recorder = new Recorder();
   const response = await captureFetch(recorder)(`${url}/v1/chat/completions`, POST);
@@ -123,7 +123,7 @@ test("an event stream's id is emitted when its first event passes, before the st
   assert.equal(recorder.ids.at(-1), "msg_01abc"); // message.id, CRLF line ends
 });
 
-test("cancelling the body cancels the request, as without capture", async (t) => {
+test("cancelling the body cancels the request, as without capture", LIMIT, async (t) => {
   const { url, state } = await server(t);
   const recorder = new Recorder();
   const response = await captureFetch(recorder)(`${url}/v1/chat/completions`, POST);
@@ -133,7 +133,7 @@ test("cancelling the body cancels the request, as without capture", async (t) =>
   await waitUntil(() => state.closed.includes("/v1/chat/completions"), "the server to see the connection close");
 });
 
-test("a stream that breaks fails the application's read with the error it gets without capture", async (t) => {
+test("a stream that breaks fails the application's read with the error it gets without capture", LIMIT, async (t) => {
   const { url } = await server(t);
   async function failure(fetchImpl) {
     const response = await fetchImpl(`${url}/v1/cut/chat/completions`, POST);
@@ -156,7 +156,7 @@ test("a stream that breaks fails the application's read with the error it gets w
   assert.equal(wrapped.message, bare.message);
 });
 
-test("the header wins; errors, other paths and invalid ids emit nothing and pass the response through", async (t) => {
+test("the header wins; errors, other paths and invalid ids emit nothing and pass the response through", LIMIT, async (t) => {
   const { url } = await server(t);
   const recorder = new Recorder();
   const fetch = captureFetch(recorder);
@@ -181,7 +181,7 @@ test("the header wins; errors, other paths and invalid ids emit nothing and pass
   assert.deepEqual(recorder.ids, ["gen-header-1"]);
 });
 
-test("labels per client, from the request, and an emitter that throws", async (t) => {
+test("labels per client, from the request, and an emitter that throws", LIMIT, async (t) => {
   const { url } = await server(t);
   const recorder = new Recorder();
   const fetch = captureFetch(recorder, {
@@ -197,7 +197,7 @@ test("labels per client, from the request, and an emitter that throws", async (t
   assert.equal((await (await throwing(`${url}/v1/big/chat/completions`, POST)).text()).length, BIG_CHAT.length);
 });
 
-test("installGlobalFetchCapture wraps globalThis.fetch until undone", async (t) => {
+test("installGlobalFetchCapture wraps globalThis.fetch until undone", LIMIT, async (t) => {
   const { url } = await server(t);
   const recorder = new Recorder();
   const before = globalThis.fetch;
@@ -211,7 +211,7 @@ test("installGlobalFetchCapture wraps globalThis.fetch until undone", async (t) 
   assert.deepEqual(recorder.sent, [["gen-big-1", { via: "global" }]]);
 });
 
-test("the default match and the body parser", () => {
+test("the default match and the body parser", LIMIT, () => {
   assert.ok(isGenerationRequest({ method: "POST", url: "https://zenmux.ai/api/v1/chat/completions/" }));
   assert.ok(isGenerationRequest({ method: "POST", url: "https://x/v1/publishers/google/models/g:streamGenerateContent?alt=sse" }));
   assert.ok(!isGenerationRequest({ method: "GET", url: "https://zenmux.ai/api/v1/responses" }));

@@ -20,6 +20,7 @@ import {
   openEmitter,
   validId,
 } from "zenmux-emit";
+import { LIMIT } from "./support.mjs";
 
 async function receiver(t, type = "udp4", address = "127.0.0.1") {
   const sock = dgram.createSocket(type);
@@ -46,7 +47,7 @@ function collect() {
   return { said, warn: (message) => said.push(message) };
 }
 
-test("valid ids are the exporter's", () => {
+test("valid ids are the exporter's", LIMIT, () => {
   for (const [value, ok] of [
     ["gen-1", true],
     ["a".repeat(128), true],
@@ -64,7 +65,7 @@ test("valid ids are the exporter's", () => {
   }
 });
 
-test("encodeJson keeps scalar labels in order and protects the id", () => {
+test("encodeJson keeps scalar labels in order and protects the id", LIMIT, () => {
   const line = encodeJson("gen-1", { feature: "chat", n: 3, flag: true, generation_id: "evil", obj: [1], no: null });
   assert.equal(line.toString(), '{"generation_id":"gen-1","feature":"chat","n":"3","flag":"true"}\n');
   assert.equal(encodeJson("gen-1", null, "meta.id").toString(), '{"meta.id":"gen-1"}\n');
@@ -75,7 +76,7 @@ test("encodeJson keeps scalar labels in order and protects the id", () => {
   assert.equal([...JSON.parse(long).v].length, 1024); // cut by code point, as Python does
 });
 
-test("udp plain sends one id per datagram; json carries labels", async (t) => {
+test("udp plain sends one id per datagram; json carries labels", LIMIT, async (t) => {
   const rx = await receiver(t);
   const sender = new UdpEmitter("127.0.0.1", rx.port, { warn: () => {} });
   assert.equal(sender.emit("gen-1", { feature: "ignored in plain" }), true);
@@ -94,7 +95,7 @@ test("udp plain sends one id per datagram; json carries labels", async (t) => {
   json.close();
 });
 
-test("udp to localhost, a host name and the IPv6 loopback", async (t) => {
+test("udp to localhost, a host name and the IPv6 loopback", LIMIT, async (t) => {
   assert.equal(new UdpEmitter("localhost", 9).host, "127.0.0.1");
   const rx4 = await receiver(t);
   const named = openEmitter(`udp://${"localhost"}:${rx4.port}`);
@@ -114,7 +115,7 @@ test("udp to localhost, a host name and the IPv6 loopback", async (t) => {
   six.close();
 });
 
-test("udp rejects invalid ids without sending, and oversized datagrams", async (t) => {
+test("udp rejects invalid ids without sending, and oversized datagrams", LIMIT, async (t) => {
   const rx = await receiver(t);
   const { said, warn } = collect();
   const sender = new UdpEmitter("127.0.0.1", rx.port, { format: "json", warn });
@@ -132,7 +133,7 @@ test("udp rejects invalid ids without sending, and oversized datagrams", async (
   sender.close();
 });
 
-test("a flood is bounded by the sends in flight and never throws", async (t) => {
+test("a flood is bounded by the sends in flight and never throws", LIMIT, async (t) => {
   const rx = await receiver(t);
   const sender = new UdpEmitter("127.0.0.1", rx.port, { format: "json", maxInFlight: 64, warn: () => {} });
   const results = [];
@@ -145,7 +146,7 @@ test("a flood is bounded by the sends in flight and never throws", async (t) => 
   sender.close();
 });
 
-test("file appends JSON lines with the default mode", async (t) => {
+test("file appends JSON lines with the default mode", LIMIT, async (t) => {
   const dir = tmpdir(t);
   const file = path.join(dir, "generations.log");
   const sender = openEmitter(`file://${file}`);
@@ -161,7 +162,7 @@ test("file appends JSON lines with the default mode", async (t) => {
   assert.equal(sender.sent, 2);
 });
 
-test("concurrent writes keep every line whole", async (t) => {
+test("concurrent writes keep every line whole", LIMIT, async (t) => {
   const file = path.join(tmpdir(t), "generations.log");
   const sender = new FileEmitter(file, { maxInFlight: 4096 });
   for (let i = 0; i < 2000; i++) assert.ok(sender.emit(`w-${i}`, { feature: "x".repeat(300) }));
@@ -170,7 +171,7 @@ test("concurrent writes keep every line whole", async (t) => {
   assert.deepEqual(ids.sort(), Array.from({ length: 2000 }, (_, i) => `w-${i}`).sort());
 });
 
-test("file rotates past maxBytes", async (t) => {
+test("file rotates past maxBytes", LIMIT, async (t) => {
   const dir = tmpdir(t);
   const file = path.join(dir, "generations.log");
   const sender = new FileEmitter(file, { maxBytes: 100 });
@@ -183,7 +184,7 @@ test("file rotates past maxBytes", async (t) => {
   assert.deepEqual(read(file), ["gen-08", "gen-09"]);
 });
 
-test("unwritable files and a FIFO without reader or room never throw nor wait", async (t) => {
+test("unwritable files and a FIFO without reader or room never throw nor wait", LIMIT, async (t) => {
   const dir = tmpdir(t);
   const blocker = path.join(dir, "a-file");
   fs.writeFileSync(blocker, "");
@@ -212,7 +213,7 @@ test("unwritable files and a FIFO without reader or room never throw nor wait", 
   assert.equal(JSON.parse(first.toString().split("\n")[0]).generation_id, "gen-0");
 });
 
-test("unusable targets give a null emitter and are said once when built", () => {
+test("unusable targets give a null emitter and are said once when built", LIMIT, () => {
   for (const target of ["", "none", "udp://127.0.0.1", "file://relative/path", "udp://[::1", "file:///x?max_bytes=z"]) {
     const sender = openEmitter(target, { warn: () => {} });
     assert.ok(sender instanceof NullEmitter, target);
@@ -238,7 +239,7 @@ test("unusable targets give a null emitter and are said once when built", () => 
   assert.deepEqual(said, []); // target none is silent
 });
 
-test("drops warn on the first, then at most once per interval", async (t) => {
+test("drops warn on the first, then at most once per interval", LIMIT, async (t) => {
   let now = 1000;
   const { said, warn } = collect();
   const dir = tmpdir(t);
@@ -267,7 +268,7 @@ test("drops warn on the first, then at most once per interval", async (t) => {
   assert.deepEqual([sender.sent, sender.dropped], [1, 11]);
 });
 
-test("a warning sink or emitter that throws never reaches the caller", () => {
+test("a warning sink or emitter that throws never reaches the caller", LIMIT, () => {
   const sender = openEmitter("tcp://x", {
     warn: () => {
       throw new Error("boom");
@@ -276,7 +277,7 @@ test("a warning sink or emitter that throws never reaches the caller", () => {
   assert.equal(sender.emit("gen-1"), false);
 });
 
-test("an emitting process exits on its own, and emit() uses $ZENMUX_EMIT", async (t) => {
+test("an emitting process exits on its own, and emit() uses $ZENMUX_EMIT", LIMIT, async (t) => {
   const rx = await receiver(t);
   const script = `
     const { openEmitter, emit } = require("zenmux-emit");
@@ -294,7 +295,7 @@ test("an emitting process exits on its own, and emit() uses $ZENMUX_EMIT", async
   assert.deepEqual(JSON.parse(await rx.next()), { generation_id: "gen-2", feature: "env" });
 });
 
-test("CommonJS and ESM entries share one module instance", () => {
+test("CommonJS and ESM entries share one module instance", LIMIT, () => {
   const require = createRequire(import.meta.url);
   assert.equal(require("zenmux-emit").openEmitter, openEmitter);
 });

@@ -18,7 +18,7 @@ import OpenAI from "openai";
 import OpenAIPrev from "openai-prev";
 import { captureFetch, FileEmitter } from "zenmux-emit";
 
-import { ANSWER, KEY, Recorder, simulatedApi } from "./support.mjs";
+import { ANSWER, KEY, LIMIT, Recorder, simulatedApi } from "./support.mjs";
 
 globalThis.AI_SDK_LOG_WARNINGS = false; // the AI SDK warns about model names it does not know
 const CHAT_MODEL = "openai/gpt-4.1-mini";
@@ -232,7 +232,7 @@ for (const suite of SUITES) {
   for (const [generation, SDK] of Object.entries(suite.sdks)) {
     for (const [scenario, call] of Object.entries(suite.scenarios(SDK))) {
       const name = `${suite.prefix}.${generation}.${scenario}`;
-      test(name, async () => {
+      test(name, LIMIT, async () => {
         const base = await simulatedApi();
         await check(name, suite.protocol(scenario), (fetch) => call(suite.client(SDK, base, fetch)));
       });
@@ -243,7 +243,7 @@ for (const suite of SUITES) {
 for (const [provider, { protocol, model }] of Object.entries(AI_SDK)) {
   for (const [scenario, call] of Object.entries(aiSdkScenarios(model))) {
     const name = `ai.${provider}.${scenario}`;
-    test(name, async () => {
+    test(name, LIMIT, async () => {
       const base = await simulatedApi();
       await check(name, protocol, (fetch) => call(fetch, base));
     });

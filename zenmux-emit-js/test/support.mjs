@@ -9,6 +9,8 @@ import { fileURLToPath } from "node:url";
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 export const KEY = "sk-ai-v1-demo";
+// Each test's bound, so that a capture that hangs (a stream held back, a cancel lost) fails instead of waiting.
+export const LIMIT = { timeout: 30_000 };
 // exporter/simulate/protocols.py's ANSWER: what every simulated generation says.
 export const ANSWER = "A simulated answer from the ZenMux simulator.";
 
