@@ -3,8 +3,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The previous majors of openai/anthropic/google-genai (httpx-based) cannot share .venv with the current ones.
 SDK_PREV ?= .venv-sdk-prev
+# zenmux-emit-js, the Node package; its tests' SDKs (current and previous majors) are pinned by its package-lock.json.
+JS := zenmux-emit-js
 
-.PHONY: demo test lint tools bench clean
+.PHONY: demo test lint tools js bench clean
 
 $(BIN)/.installed: pyproject.toml zenmux-emit/pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +20,13 @@ $(SDK_PREV)/.installed: tests/sdk-prev-requirements.txt zenmux-emit/pyproject.to
 	$(SDK_PREV)/bin/python -m pip install -q -r tests/sdk-prev-requirements.txt -e ./zenmux-emit
 	touch $@
 
+# npm comes with Node from `make tools`; an order-only prerequisite, so that it does not force a reinstall.
+$(JS)/node_modules/.installed: $(JS)/package.json $(JS)/package-lock.json | tools
+	cd $(JS) && npm ci --no-audit --no-fund
+	touch $@
+
+js: $(JS)/node_modules/.installed
+
 demo: $(BIN)/.installed
 	$(BIN)/zenmux-exporter demo
 
@@ -28,11 +37,11 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict
 
-test: $(BIN)/.installed $(SDK_PREV)/.installed tools lint
+test: $(BIN)/.installed $(SDK_PREV)/.installed tools js lint
 	$(BIN)/pytest -q
 
 bench: $(BIN)/.installed tools
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) $(SDK_PREV) .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(SDK_PREV) $(JS)/node_modules .mypy_cache .pytest_cache .ruff_cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system tools the tests drive for real: prometheus and promtool (Debian's package), and
-# Debian's PostgreSQL server (fleet mode's shared state; tests start their own throwaway cluster with it).
+# Debian's PostgreSQL server (fleet mode's shared state; tests start their own throwaway cluster with it), and
+# Node.js with npm when node is missing (zenmux-emit-js and its tests; `make js` runs `npm ci`).
 set -euo pipefail
 packages=()
 if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
@@ -8,6 +9,11 @@ if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
 fi
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   packages+=(postgresql)
+fi
+if ! command -v node >/dev/null; then
+  packages+=(nodejs npm)
+elif ! command -v npm >/dev/null; then
+  packages+=(npm)
 fi
 if [ "${#packages[@]}" = 0 ]; then
   exit 0
