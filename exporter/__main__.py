@@ -65,12 +65,18 @@ async def run_exporter(config: Config, api_key: str, management_key: str = "") -
     _stop_on_signals(exporter.abort_drain)
     log.info("stopping: draining for up to %.0fs (signal again to stop at once)", config.shutdown.drain_seconds)
     report = await exporter.stop()
-    log.info(
-        "stopped: %d ids resolved while draining, %d left pending, %.1fs",
-        report.resolved_during_drain,
-        report.left_pending,
-        report.seconds,
-    )
+    where = exporter.state.description
+    if config.state.url:  # the queue is the fleet's: its resolvers finish what is pending
+        log.info("stopped after %.1fs; pending ids stay in %s for the fleet's resolvers", report.seconds, where)
+    else:
+        log.log(
+            logging.WARNING if report.left_pending else logging.INFO,
+            "stopped: %d ids resolved while draining, %d left pending in %s for the next start, %.1fs",
+            report.resolved_during_drain,
+            report.left_pending,
+            where,
+            report.seconds,
+        )
     return 0
 
 
@@ -363,9 +369,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
             await stop.wait()
             await traffic
-            await exporter.stop(drain_seconds=0)
+            report = await exporter.stop(drain_seconds=0)
             await api.close()
-        print("demo stopped", flush=True)
+        # The simulated API's records end with it, so nothing pending could be resolved by a later run.
+        print(f"demo stopped; {directory} deleted with its {report.left_pending} pending ids", flush=True)
         return 0
 
     return asyncio.run(main())

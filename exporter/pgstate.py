@@ -33,6 +33,7 @@ from exporter.store import (
     Settlement,
     StateDump,
     StateError,
+    cannot,
 )
 
 log = logging.getLogger(__name__)
@@ -271,11 +272,14 @@ class PostgresStore:
         )
 
     def _error(self, operation: str, err: BaseException) -> StateError:
-        detail = str(err).strip() or type(err).__name__
+        detail = " ".join((str(err).strip() or type(err).__name__).split())  # libpq's hint lines: one log line
         for secret in self._secrets:
             detail = detail.replace(secret, "<redacted>")
-        self.problem = f"{self._where}: {operation} failed: {detail}"
-        return StateError(self.problem, operation)
+        repeated = self.problem is not None and self.problem.endswith(detail)
+        self.problem = f"{self._where}: {cannot(operation)}: {detail}"
+        if not repeated:  # one line per outage, whichever call meets it first; "connected again" ends it
+            log.warning("%s; retrying with backoff (/readyz not ready meanwhile)", self.problem)
+        return StateError(self.problem, operation, reported=True)
 
     async def _call(self, operation: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Runs `work` on the connection, alone; any failure leaves as a StateError (the transaction, if any,
@@ -285,7 +289,7 @@ class PostgresStore:
             try:
                 if db is None or db.closed:
                     if self._monotonic() < self._reconnect_at:
-                        raise StateError(self.problem or f"{self._where}: not connected", operation)
+                        raise StateError(self.problem or f"{self._where}: not connected", operation, reported=True)
                     try:
                         db = self._db = await self._connect()
                         if not self._migrated:  # the first connection creates or checks the schema
@@ -659,7 +663,7 @@ class PostgresStore:
             self._leading = row is not None and bool(row[0])
             return self._leading
         except (psycopg.Error, OSError, TimeoutError) as err:
-            log.warning("%s", self._error("leader election", err))
+            self._error("leader election", err)  # logged there, once
         self._leading = False
         leader, self._leader = self._leader, None
         if leader is not None:

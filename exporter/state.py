@@ -29,6 +29,7 @@ from exporter.store import (
     Settlement,
     StateDump,
     StateError,
+    cannot,
 )
 
 __all__ = [  # the records are the interface's (exporter.store); re-exported for the tests that import them here
@@ -171,7 +172,7 @@ class StateStore:
         return str(self.path)
 
     def _error(self, operation: str, err: sqlite3.Error) -> StateError:
-        self.problem = f"{self.path}: {operation} failed: {err}"
+        self.problem = f"{self.path}: {cannot(operation)}: {err}"
         return StateError(self.problem, operation)
 
     async def close(self) -> None:

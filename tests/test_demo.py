@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +19,7 @@ async def test_demo_shows_cost_by_model_within_15_seconds() -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", "exporter", "demo", "--listen", "127.0.0.1:0", "--rate", "20"],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
@@ -27,8 +28,10 @@ async def test_demo_shows_cost_by_model_within_15_seconds() -> None:
         for line in process.stdout:
             if match := re.search(r"metrics:\s+http://127\.0\.0\.1:(\d+)/metrics", line):
                 port = int(match.group(1))
+            if match := re.search(r"app log:\s+(\S+)/app\.log", line):
+                directory = Path(match.group(1))
                 break
-        assert port is not None
+        assert port is not None and directory.is_dir()
         text = ""
 
         async def cost_shown() -> bool:
@@ -40,9 +43,12 @@ async def test_demo_shows_cost_by_model_within_15_seconds() -> None:
         assert value(text, "zenmux_tokens_total", token_type="prompt") > 0
         assert len({labels["model"] for name, labels, _ in samples(text) if name == "zenmux_cost_usd_total"}) >= 1
         process.send_signal(signal.SIGINT)
-        out, _ = process.communicate(timeout=20)
+        out, err = process.communicate(timeout=20)
         assert process.returncode == 0
-        assert "demo stopped" in out
+        # What it says about its pending ids is what it does with them.
+        assert f"demo stopped; {directory} deleted with its" in out
+        assert not directory.exists()
+        assert "for the next start" not in out + err and "stay in" not in out + err
     finally:
         process.kill()
 
