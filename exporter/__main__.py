@@ -330,6 +330,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from exporter.simulate.api import SimConfig, SimulatedZenMux, serve
     from exporter.simulate.traffic import generate_traffic
 
+    if args.fleet:
+        from exporter.config import url_passwords
+        from exporter.fleetdemo import run_fleet_demo
+
+        configure_logging(LogConfig(), url_passwords(args.fleet))
+        return asyncio.run(run_fleet_demo(args.fleet, args.listen, args.rate))
     configure_logging(LogConfig(), [])
 
     async def main() -> int:
@@ -423,7 +429,9 @@ def parser() -> argparse.ArgumentParser:
     fake.set_defaults(func=cmd_fake_api)
 
     demo = sub.add_parser("demo", help="simulated API + traffic + exporter, all on loopback")
-    demo.add_argument("--listen", default="127.0.0.1:9466")
+    demo.add_argument("--listen", default="127.0.0.1:9466", help="/metrics (with --fleet: the exposer's)")
+    demo.add_argument("--fleet", metavar="POSTGRESQL_URL", default="",
+                      help="fleet mode on this database: an ingest process, two resolvers and an exposer")
     demo.add_argument("--rate", type=float, default=5.0, help="generations per second")
     demo.set_defaults(func=cmd_demo)
     return top

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -52,6 +53,64 @@ async def test_demo_shows_cost_by_model_within_15_seconds() -> None:
     finally:
         process.kill()
 
+
+
+async def test_the_fleet_demo_shows_cost_on_the_exposer_and_stops_every_process(pg_url: str) -> None:
+    """docs/fleet.md's quick start: from a running PostgreSQL to cost on the exposer's /metrics."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "demo", "--fleet", pg_url, "--listen", "127.0.0.1:0", "--rate", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        members: dict[str, tuple[int, int]] = {}  # name -> (metrics port, pid)
+        for line in process.stdout:
+            if match := re.search(r"^\s+([a-z0-9-]+):\s+http://127\.0\.0\.1:(\d+)/metrics\s+\(pid (\d+)", line):
+                members[match.group(1)] = (int(match.group(2)), int(match.group(3)))
+            if match := re.search(r"configs, logs:\s+(\S+)", line):
+                directory = Path(match.group(1))
+                break
+        assert sorted(members) == ["exposer", "ingest", "resolver-1", "resolver-2"]
+        # The role configs are there to read and reuse, with a billing delay of seconds.
+        configs = {name: (directory / f"{name}.yaml").read_text() for name in members}
+        assert "roles:\n- resolve" in configs["resolver-1"] and "billing_delay_seconds: 3" in configs["ingest"]
+        assert pg_url not in "".join(configs.values())  # the URL comes from the environment
+        exposer = members["exposer"][0]
+        text = ""
+
+        async def cost_shown() -> bool:
+            nonlocal text
+            text = await scrape(exposer)
+            return value(text, "zenmux_cost_usd_total") > 0
+
+        await wait_until(cost_shown, timeout=60, what="cost on the fleet demo's exposer")
+        assert value(text, "zenmux_exporter_expose_leader") == 1
+        lookups = [value(await scrape(members[r][0]), "zenmux_exporter_lookups_total", outcome="resolved")
+                   for r in ("resolver-1", "resolver-2")]
+        assert sum(lookups) > 0
+        assert value(await scrape(members["ingest"][0]), "zenmux_generations_total") == 0  # only the exposer
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert re.search(rf"demo stopped; .*; {re.escape(str(directory))} deleted", out), out
+        assert not directory.exists()
+        for _port, pid in members.values():
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        process.kill()
+
+
+def test_the_fleet_demo_refuses_a_url_libpq_cannot_use_before_starting_anything() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "demo", "--fleet", "postgresql://u:hunter2@h:notaport/db"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "state.url: port 'notaport' must be a number" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
 
 
 def test_demo_on_a_busy_port_says_so_and_exits_1() -> None:
