@@ -37,7 +37,7 @@ POLL_SECONDS = 0.25
 STOP_SECONDS = 20.0  # a member's own drain is 5 s
 
 
-def member_config(name: str, roles: list[str], api_url: str, directory: Path, port: int) -> dict[str, Any]:
+def member_config(name: str, roles: list[str], api_url: str, directory: Path, listen: str) -> dict[str, Any]:
     """One process's config: what docs/fleet.md's quick start shows, with seconds of billing delay."""
     data: dict[str, Any] = {
         "roles": roles,
@@ -45,7 +45,7 @@ def member_config(name: str, roles: list[str], api_url: str, directory: Path, po
         "resolve": {"billing_delay_seconds": BILLING_DELAY_SECONDS, "retry_initial_seconds": 1, "retry_max_seconds": 4},
         # The URL (it may hold a password) from the environment, as the Kubernetes overlay does.
         "state": {"url": "${" + URL_VARIABLE + "}", "instance": f"demo-{name}", "lease_seconds": 20},
-        "metrics": {"listen": f"127.0.0.1:{port}", "extra_labels": ["feature"]},
+        "metrics": {"listen": listen, "extra_labels": ["feature"]},
         "shutdown": {"drain_seconds": 5},
     }
     if "resolve" in roles:
@@ -157,7 +157,8 @@ async def run_fleet_demo(url: str, listen: str, rate: float) -> int:
     try:
         for name, roles in MEMBERS:
             member_port = (port or free_port()) if name == "exposer" else free_port()
-            data = member_config(name, roles, api_url, directory, member_port)
+            member_host = host if name == "exposer" else "127.0.0.1"  # --listen is the exposer's
+            data = member_config(name, roles, api_url, directory, f"{member_host}:{member_port}")
             parsed = parse_config(data, name, environ, check_system=False)  # a bad URL stops here, not as an outage
             path = directory / f"{name}.yaml"
             path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
