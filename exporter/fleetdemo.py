@@ -198,7 +198,7 @@ async def run_fleet_demo(url: str, listen: str, rate: float) -> int:
             "cost by model appears on the exposer's /metrics within seconds.",
             f"Try: curl -s {exposer.metrics.replace('127.0.0.1', host if host != '0.0.0.0' else '127.0.0.1')} "
             "| grep zenmux_cost_usd_total",
-            "     kill a resolver's pid: the other one carries on (its claims return after lease_seconds).",
+            "     kill -9 a resolver's pid: the other one carries on (its claims return after lease_seconds).",
             "Ctrl-C stops the fleet: traffic and ingest first, then the resolvers finish the queue.",
             "",
         ]
