@@ -165,7 +165,9 @@ def exporter_config(
             "concurrency": concurrency,
             "max_requests_per_second": max_rps,
         },
-        "resolve": {"billing_delay_seconds": billing_delay, "retry_initial_seconds": 1, "retry_max_seconds": 5},
+        # The give-up horizon past the delay, as the config requires (a backlog waits out an hour's delay).
+        "resolve": {"billing_delay_seconds": billing_delay, "retry_initial_seconds": 1, "retry_max_seconds": 5,
+                    "give_up_after_seconds": max(3600.0, 2 * billing_delay)},
         "sources": sources,
         "state": {"path": str(directory / "state.db"), "max_pending": 50_000_000},
         "metrics": {"listen": f"127.0.0.1:{metrics_port}", "extra_labels": ["feature"]},

@@ -65,12 +65,18 @@ async def run_exporter(config: Config, api_key: str, management_key: str = "") -
     _stop_on_signals(exporter.abort_drain)
     log.info("stopping: draining for up to %.0fs (signal again to stop at once)", config.shutdown.drain_seconds)
     report = await exporter.stop()
-    log.info(
-        "stopped: %d ids resolved while draining, %d left pending, %.1fs",
-        report.resolved_during_drain,
-        report.left_pending,
-        report.seconds,
-    )
+    where = exporter.state.description
+    if config.state.url:  # the queue is the fleet's: its resolvers finish what is pending
+        log.info("stopped after %.1fs; pending ids stay in %s for the fleet's resolvers", report.seconds, where)
+    else:
+        log.log(
+            logging.WARNING if report.left_pending else logging.INFO,
+            "stopped: %d ids resolved while draining, %d left pending in %s for the next start, %.1fs",
+            report.resolved_during_drain,
+            report.left_pending,
+            where,
+            report.seconds,
+        )
     return 0
 
 
@@ -325,6 +331,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from exporter.simulate.api import SimConfig, SimulatedZenMux, serve
     from exporter.simulate.traffic import generate_traffic
 
+    if args.fleet:
+        from exporter.config import url_passwords
+        from exporter.fleetdemo import run_fleet_demo
+
+        configure_logging(LogConfig(), url_passwords(args.fleet))
+        return asyncio.run(run_fleet_demo(args.fleet, args.listen, args.rate))
     configure_logging(LogConfig(), [])
 
     async def main() -> int:
@@ -364,9 +376,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             )
             await stop.wait()
             await traffic
-            await exporter.stop(drain_seconds=0)
+            report = await exporter.stop(drain_seconds=0)
             await api.close()
-        print("demo stopped", flush=True)
+        # The simulated API's records end with it, so nothing pending could be resolved by a later run.
+        print(f"demo stopped; {directory} deleted with its {report.left_pending} pending ids", flush=True)
         return 0
 
     return asyncio.run(main())
@@ -417,7 +430,9 @@ def parser() -> argparse.ArgumentParser:
     fake.set_defaults(func=cmd_fake_api)
 
     demo = sub.add_parser("demo", help="simulated API + traffic + exporter, all on loopback")
-    demo.add_argument("--listen", default="127.0.0.1:9466")
+    demo.add_argument("--listen", default="127.0.0.1:9466", help="/metrics (with --fleet: the exposer's)")
+    demo.add_argument("--fleet", metavar="POSTGRESQL_URL", default="",
+                      help="fleet mode on this database: an ingest process, two resolvers and an exposer")
     demo.add_argument("--rate", type=float, default=5.0, help="generations per second")
     demo.set_defaults(func=cmd_demo)
     return top

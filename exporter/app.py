@@ -238,11 +238,11 @@ class Exporter:
                             "reconciles (in a fleet, the leading exposer)")
         self._started = True
         log.info(
-            "zenmux-exporter (%s) serving /metrics on %s:%d; %d pending ids in %s",
+            "zenmux-exporter (%s) serving /metrics on %s:%d; %s in %s",
             ", ".join(roles),
             host,
             self.http.port,
-            self.state.pending,
+            f"{self.state.pending} pending ids" if self.state.problem is None else "pending ids not counted yet",
             self.state.description,
         )
 
@@ -256,7 +256,8 @@ class Exporter:
                 await self._close_servers()
                 await self.state.close()
                 raise
-            log.warning("starting without the state database (/readyz not ready; retrying with backoff): %s", err)
+            if not err.reported:
+                log.warning("starting without the state database (/readyz not ready; retrying with backoff): %s", err)
 
     async def _close_servers(self) -> None:
         await self.http.close()
@@ -269,7 +270,8 @@ class Exporter:
             await tail.open_initial()
         except StateError as err:
             tail.close()
-            log.warning("%s waits for the state database to resume reading: %s", tail.name, err)
+            if not err.reported:
+                log.warning("%s waits for the state database to resume reading: %s", tail.name, err)
             return False
         return True
 
@@ -356,7 +358,8 @@ class Exporter:
             try:
                 await self.state.keep_instance()
             except StateError as err:
-                log.error("%s", err)
+                if not err.reported:
+                    log.error("%s", err)
         reports = "resolve" in self.config.roles or "expose" in self.config.roles or not self.state.shared
         if reports or now >= self._next_count:
             try:
@@ -366,7 +369,8 @@ class Exporter:
                     self._oldest_age = 0.0 if oldest is None else max(now - oldest, 0.0)
                 self._next_count = now + INGEST_COUNT_SECONDS
             except StateError as err:
-                log.warning("%s", err)  # counted again next round: the store's backoff paces reconnecting
+                if not err.reported:
+                    log.warning("%s", err)  # counted again next round: the store's backoff paces reconnecting
         # One forgetter per state: the process that resolves (in a fleet, every resolver; they take turns).
         if self.resolver is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
             forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
@@ -376,7 +380,8 @@ class Exporter:
                 await prune_days(self.state, self.ledger, now, self.config.reconcile.days_kept)
             except StateError as err:
                 self.metrics.state_errors.labels("forget").inc()
-                log.error("cannot drop old per-day ledger rows from the state database: %s", err)
+                if not err.reported:
+                    log.error("cannot drop old per-day ledger rows from the state database: %s", err)
             self._last_forget = now
         elif self.exposer is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
             # The resolvers drop old days from the database; an exposer's ledger forgets them (no row change
@@ -392,7 +397,8 @@ class Exporter:
                 batch = await self.state.forget_finished(before, FORGET_BATCH)
             except StateError as err:  # disk full or read-only: try again next time round
                 self.metrics.state_errors.labels("forget").inc()
-                log.error("cannot forget old resolved ids in the state database: %s", err)
+                if not err.reported:
+                    log.error("cannot forget old resolved ids in the state database: %s", err)
                 break
             forgotten += batch
             if batch < FORGET_BATCH:
@@ -443,13 +449,8 @@ class Exporter:
         if resolver is not None:
             await resolver.finish(LOOKUP_GRACE_SECONDS)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # The caller says what becomes of what is left (the next start, the fleet's resolvers, a demo's end).
         report = DrainReport(pending_at_start - self.state.pending, self.state.pending, time.monotonic() - started)
-        if report.left_pending:
-            log.warning(
-                "shutting down with %d ids not yet resolved; they stay in %s for the next start",
-                report.left_pending,
-                self.state.description,
-            )
         await self._close_servers()
         if resolver is not None:
             await self.client.aclose()

@@ -16,6 +16,8 @@ from urllib.parse import quote
 
 import yaml
 
+from exporter.pgurl import ssl_root_cert, url_problem
+
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 RESERVED_LABELS = frozenset(
     {"model", "protocol", "token_type", "fee_item", "streamed", "finish_reason", "le", "source", "job", "instance"}
@@ -26,9 +28,12 @@ MANAGEMENT_KEY_PREFIX = "sk-mg-"
 
 Format = Literal["json", "regex", "plain"]
 # Bounds for keys without a narrower one: past them a value is a typo, and (for integers) no longer fits the
-# C int of a socket option or the SQLite integer it is stored in.
+# C int of a socket option or the SQLite integer it is stored in. Durations have ceilings of their own (below):
+# a value that passes must also pass the date and time arithmetic it meets (tests/test_config_bounds.py).
 MAX_NUMBER = 1e9
 MAX_INT = 2**31 - 1
+HOUR = 3600.0
+DAY = 24 * HOUR
 
 
 class ConfigError(Exception):
@@ -47,7 +52,8 @@ class Rule:
 
     The kind of check follows the field's type: bool, int, float (finite, within [minimum, maximum]), str
     (`${ENV}` interpolated), Literal (one of its values). An empty string where the default is empty means
-    "not set" and skips the string checks."""
+    "not set" and skips the string checks; where the default is not empty (or the key is required), an empty
+    string is a problem."""
 
     minimum: float | None = None  # None: 0 for numbers, 1 for integers
     exclusive_minimum: bool = False
@@ -57,6 +63,7 @@ class Rule:
     pattern_problem: str = ""  # said when it does not; may quote {value!r}
     host_port: bool = False  # host:port; with check_system the host must resolve
     required: bool = False  # must be given (a default exists only to build the dataclass in code)
+    check: Callable[[str], str] | None = None  # a string's problem beyond its pattern ("" if none); never quoted
 
 
 def setting(default: Any, *, repr: bool = True, **rule: Any) -> Any:
@@ -84,19 +91,21 @@ class ZenMuxConfig:
     # A Secret injected as an environment variable often ends in a newline: an illegal header value.
     api_key: str = setting("", repr=False, normalize=str.strip)
     api_key_file: str = ""
-    connect_timeout_seconds: float = setting(5.0, exclusive_minimum=True)
-    timeout_seconds: float = setting(10.0, exclusive_minimum=True)
-    concurrency: int = 16
-    max_requests_per_second: float = setting(20.0, exclusive_minimum=True)
-    max_response_bytes: int = setting(1024 * 1024, minimum=1024)
+    connect_timeout_seconds: float = setting(5.0, exclusive_minimum=True, maximum=300.0)
+    timeout_seconds: float = setting(10.0, exclusive_minimum=True, maximum=600.0)
+    concurrency: int = setting(16, maximum=1024)
+    max_requests_per_second: float = setting(20.0, exclusive_minimum=True, maximum=100_000.0)
+    max_response_bytes: int = setting(1024 * 1024, minimum=1024, maximum=256 * 1024 * 1024)
 
 
 @dataclass(frozen=True)
 class ResolveConfig:
-    billing_delay_seconds: float = 240.0
-    retry_initial_seconds: float = setting(30.0, exclusive_minimum=True)
-    retry_max_seconds: float = setting(300.0, exclusive_minimum=True)
-    give_up_after_seconds: float = setting(3600.0, exclusive_minimum=True)
+    # 240: ZenMux bills 3-5 minutes after a generation; against the simulated API (`fake-api --billing-delay`,
+    # the demos) seconds do.
+    billing_delay_seconds: float = setting(240.0, maximum=DAY)
+    retry_initial_seconds: float = setting(30.0, exclusive_minimum=True, maximum=DAY)
+    retry_max_seconds: float = setting(300.0, exclusive_minimum=True, maximum=DAY)
+    give_up_after_seconds: float = setting(3600.0, exclusive_minimum=True, maximum=30 * DAY)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,8 +128,8 @@ class FileSourceConfig(_SourceCommon):
     name: str = "file"
     path: str = setting("", required=True)
     start_at: Literal["end", "beginning"] = "end"
-    poll_interval_seconds: float = setting(0.25, exclusive_minimum=True)
-    max_line_bytes: int = setting(64 * 1024, minimum=256)
+    poll_interval_seconds: float = setting(0.25, exclusive_minimum=True, maximum=60.0)
+    max_line_bytes: int = setting(64 * 1024, minimum=256, maximum=64 * 1024 * 1024)
     # Where rotated copies are looked for (a glob; relative to the log's directory). "": the log's name
     # followed by anything (app.log.1, app.log.1.gz, app.log-20261203).
     rotated_glob: str = ""
@@ -144,7 +153,7 @@ class UdpSourceConfig(_SourceCommon):
     listen: str = setting("127.0.0.1:9467", host_port=True)
     receive_buffer_bytes: int = setting(4 * 1024 * 1024, minimum=4096)
     max_datagram_bytes: int = setting(65507, minimum=64, maximum=65535)
-    max_buffered_ids: int = 100_000
+    max_buffered_ids: int = setting(100_000, maximum=10_000_000)
 
 
 SourceConfig = FileSourceConfig | UdpSourceConfig
@@ -157,24 +166,26 @@ SOURCE_TYPES: dict[str, type[FileSourceConfig] | type[UdpSourceConfig]] = {
 @dataclass(frozen=True)
 class StateConfig:
     path: str = "zenmux-exporter.db"
-    dedupe_window_seconds: float = 7 * 24 * 3600.0
+    dedupe_window_seconds: float = setting(7 * DAY, maximum=366 * DAY)
     max_pending: int = 2_000_000
     # Fleet mode: a postgresql:// URL selects the shared PostgreSQL state instead of the SQLite file at `path`.
     # Never quoted in a problem: it may hold a password.
-    url: str = setting("", repr=False, pattern=r"postgres(ql)?://\S+", pattern_problem="must be a postgresql:// URL")
+    url: str = setting(
+        "", repr=False, pattern=r"postgres(ql)?://\S+", pattern_problem="must be a postgresql:// URL", check=url_problem
+    )
     password_file: str = ""
     # Who this process is among the fleet (file positions are kept per instance); "" = $HOSTNAME or hostname.
     instance: str = ""
     # How long a resolver's claim on a batch of ids holds before other replicas may take them over.
-    lease_seconds: float = setting(60.0, minimum=1.0)
+    lease_seconds: float = setting(60.0, minimum=1.0, maximum=HOUR)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str = setting("0.0.0.0:9466", host_port=True)
-    max_models: int = 200
-    max_label_values: int = 100
-    max_label_value_length: int = 128
+    max_models: int = setting(200, maximum=100_000)
+    max_label_values: int = setting(100, maximum=100_000)
+    max_label_value_length: int = setting(128, maximum=4096)
     # Read by _extra_labels (a list of label names), not by the generic reader.
     extra_labels: tuple[str, ...] = ()
     # exporter-toolkit's web config file: TLS and/or bcrypt basic auth for /metrics (exporter/webconfig.py).
@@ -193,7 +204,7 @@ class TracingConfig:
 
 @dataclass(frozen=True)
 class ShutdownConfig:
-    drain_seconds: float = 20.0
+    drain_seconds: float = setting(20.0, maximum=HOUR)
 
 
 @dataclass(frozen=True)
@@ -211,12 +222,13 @@ class ReconcileConfig:
 
     management_api_key: str = setting("", repr=False, normalize=str.strip)
     management_api_key_file: str = ""
-    poll_interval_seconds: float = setting(300.0, minimum=10.0)
+    poll_interval_seconds: float = setting(300.0, minimum=10.0, maximum=DAY)
     # Account requests per minute we allow ourselves: the account's 60/min is shared with its usage endpoint.
-    max_requests_per_minute: int = 20
-    timeout_seconds: float = setting(30.0, exclusive_minimum=True)
-    # Days of per-day, per-model ledger rows kept (in the state) for the comparison and the audit command.
-    days_kept: int = setting(35, minimum=2)
+    max_requests_per_minute: int = setting(20, maximum=600)
+    timeout_seconds: float = setting(30.0, exclusive_minimum=True, maximum=600.0)
+    # Days of per-day, per-model ledger rows kept (in the state) for the comparison and the audit command; ten
+    # years at most (a day count is date arithmetic: a million days is before year 1).
+    days_kept: int = setting(35, minimum=2, maximum=3660)
 
     @property
     def enabled(self) -> bool:
@@ -292,7 +304,10 @@ class Reader:
                     self.problem(where, "is required")
                 values[f.name] = default
             value = values[f.name]
-            if isinstance(value, str) and (value or default) and not self.check_string(value, where, rule):
+            if isinstance(value, str) and not value and (default or rule.required) and where not in self.failed:
+                self.problem(where, "must not be empty")
+                values[f.name] = default
+            elif isinstance(value, str) and (value or default) and not self.check_string(value, where, rule):
                 values[f.name] = default
         return cls(**values)
 
@@ -316,6 +331,10 @@ class Reader:
         elif hint is str:
             if isinstance(value, str):
                 text = self.interpolate(value, where)
+                if value and not text and where not in self.failed:
+                    # `url: ${ZENMUX_STATE_URL}` with the variable empty would silently mean "not set".
+                    self.problem(where, f"is empty once {', '.join(ENV_REF.findall(value))} is filled in")
+                    return default
                 return rule.normalize(text) if rule.normalize else text
             self.problem(where, f"must be a string, got {type(value).__name__}")
         elif typing.get_origin(hint) is Literal:
@@ -351,6 +370,8 @@ class Reader:
             self.problem(where, rule.pattern_problem.format(value=value))
         if rule.host_port:
             self.host_port(value, where)
+        if rule.check and where not in self.failed and (problem := rule.check(value)):
+            self.problem(where, problem)
         return where not in self.failed
 
     def interpolate(self, value: str, path: str) -> str:
@@ -421,9 +442,76 @@ def _check_reconcile(r: Reader, reconcile: ReconcileConfig) -> None:
         r.key_file(key_file, f"{p}.management_api_key_file", MANAGEMENT_KEY_PREFIX)
 
 
-def _check_resolve(r: Reader, resolve: ResolveConfig) -> None:
-    if resolve.retry_max_seconds < resolve.retry_initial_seconds:
-        r.problem("resolve.retry_max_seconds", "must be >= resolve.retry_initial_seconds")
+@dataclass(frozen=True)
+class Bound:
+    """A rule across keys: `key` must be at least (`strict`: more than) what `formula`, over other keys, makes
+    it, wherever `applies`. Skipped when any key it reads has a problem of its own."""
+
+    key: str
+    formula: str  # the bound as the user reads it, in key paths
+    least: Callable[[Config], float]
+    why: str
+    keys: tuple[str, ...]  # the other keys `least` reads
+    strict: bool = False
+    applies: Callable[[Config], bool] = lambda config: True
+
+
+def _claim_seconds(config: Config) -> float:
+    """How long a resolver may hold a claimed id before its lookup ends: a batch of `concurrency` ids waits for
+    the rate limit's tokens, then the last lookup may take its connect and read timeouts."""
+    zenmux = config.zenmux
+    return zenmux.connect_timeout_seconds + zenmux.timeout_seconds + zenmux.concurrency / zenmux.max_requests_per_second
+
+
+BOUNDS = (
+    Bound(
+        "resolve.retry_max_seconds",
+        "resolve.retry_initial_seconds",
+        lambda c: c.resolve.retry_initial_seconds,
+        "the backoff grows from the one to the other",
+        ("resolve.retry_initial_seconds",),
+    ),
+    Bound(
+        "resolve.give_up_after_seconds",
+        "resolve.billing_delay_seconds + resolve.retry_initial_seconds",
+        lambda c: c.resolve.billing_delay_seconds + c.resolve.retry_initial_seconds,
+        "an id ZenMux has not billed at its first lookup needs at least one retry before it is given up, "
+        "or it is counted without cost",
+        ("resolve.billing_delay_seconds", "resolve.retry_initial_seconds"),
+        strict=True,
+    ),
+    Bound(
+        "state.dedupe_window_seconds",
+        "resolve.give_up_after_seconds",
+        lambda c: c.resolve.give_up_after_seconds,
+        "an id is remembered at least as long as it may be retried, or a copy of it that arrives meanwhile "
+        "(a second source, a log read again) is counted twice",
+        ("resolve.give_up_after_seconds",),
+    ),
+    Bound(
+        "state.lease_seconds",
+        "zenmux.connect_timeout_seconds + zenmux.timeout_seconds + zenmux.concurrency / "
+        "zenmux.max_requests_per_second",
+        _claim_seconds,
+        "a claim must outlast the lookups of the batch it holds, or another resolver takes over ids still "
+        "being looked up and the fleet looks them up twice",
+        ("zenmux.connect_timeout_seconds", "zenmux.timeout_seconds", "zenmux.concurrency",
+         "zenmux.max_requests_per_second"),
+        applies=lambda c: bool(c.state.url) and "resolve" in c.roles,
+    ),
+)
+
+
+def _check_bounds(r: Reader, config: Config) -> None:
+    for bound in BOUNDS:
+        if not bound.applies(config) or {bound.key, *bound.keys} & r.failed:
+            continue
+        section, key = bound.key.split(".")
+        value: float = getattr(getattr(config, section), key)
+        least = bound.least(config)
+        if value < least or (bound.strict and value == least):
+            relation = ">" if bound.strict else ">="
+            r.problem(bound.key, f"must be {relation} {bound.formula} ({least:g}), got {value:g}: {bound.why}")
 
 
 def _check_state(r: Reader, data: Mapping[str, Any], state: StateConfig, roles: tuple[str, ...]) -> None:
@@ -432,6 +520,8 @@ def _check_state(r: Reader, data: Mapping[str, Any], state: StateConfig, roles: 
             r.problem("state", "set state.path (SQLite) or state.url (PostgreSQL), not both")
         if state.password_file and r.check_system:
             r.secret_file(state.password_file, "state.password_file")
+        if r.check_system and "state.url" not in r.failed and (ca := ssl_root_cert(state.url)):
+            r.secret_file(ca, "state.url (sslrootcert)")  # sslmode=verify-full without its CA mounted
     else:
         if state.password_file:
             r.problem("state.password_file", "is for state.url (PostgreSQL)")
@@ -593,7 +683,7 @@ def parse_config(
         roles=roles,
     )
     _check_zenmux(r, sections["zenmux"], config.zenmux, needs_key="resolve" in roles)
-    _check_resolve(r, config.resolve)
+    _check_bounds(r, config)
     _check_state(r, sections["state"], config.state, roles)
     _check_reconcile(r, config.reconcile)
     if r.problems:
@@ -742,7 +832,13 @@ def redacted(config: Config) -> dict[str, Any]:
         data["zenmux"]["api_key"] = REDACTED
     if data["reconcile"]["management_api_key"]:
         data["reconcile"]["management_api_key"] = REDACTED
-    data["state"]["url"] = redacted_url(config.state.url)
+    # The backend in use, not the other one's default: a fleet's process shows its (redacted) URL, a sidecar
+    # its file.
+    if config.state.url:
+        data["state"]["url"] = redacted_url(config.state.url)
+        del data["state"]["path"]
+    else:
+        del data["state"]["url"]
     data["roles"] = list(config.roles)
     data["metrics"]["extra_labels"] = list(config.metrics.extra_labels)
     # Each source with only its own type's keys, its type first.

@@ -57,7 +57,7 @@ class Ingest:
             result = await self._state.enqueue(source, sightings, now, now + self._delay, checkpoint, bounded=bounded)
         except StateError as err:
             self._metrics.state_errors.labels("enqueue").inc()
-            raise StateError(f"cannot record ids from {source}: {err}", "enqueue") from None
+            raise StateError(f"cannot record ids from {source}: {err}", "enqueue", reported=err.reported) from None
         if result.rejected:
             rejected[QUEUE_FULL] += result.rejected
         for reason, count in rejected.items():

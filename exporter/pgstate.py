@@ -38,6 +38,7 @@ from exporter.store import (
     Settlement,
     StateDump,
     StateError,
+    cannot,
     checkpoint_from_row,
 )
 
@@ -334,11 +335,14 @@ class PostgresStore:
         )
 
     def _error(self, operation: str, err: BaseException) -> StateError:
-        detail = str(err).strip() or type(err).__name__
+        detail = " ".join((str(err).strip() or type(err).__name__).split())  # libpq's hint lines: one log line
         for secret in self._secrets:
             detail = detail.replace(secret, "<redacted>")
-        self.problem = f"{self._where}: {operation} failed: {detail}"
-        return StateError(self.problem, operation)
+        repeated = self.problem is not None and self.problem.endswith(detail)
+        self.problem = f"{self._where}: {cannot(operation)}: {detail}"
+        if not repeated:  # one line per outage, whichever call meets it first; "connected again" ends it
+            log.warning("%s; retrying with backoff (/readyz not ready meanwhile)", self.problem)
+        return StateError(self.problem, operation, reported=True)
 
     async def _call(self, operation: str, work: Callable[[psycopg.AsyncConnection[Any]], Awaitable[T]]) -> T:
         """Runs `work` on the connection, alone; any failure leaves as a StateError (the transaction, if any,
@@ -348,7 +352,7 @@ class PostgresStore:
             try:
                 if db is None or db.closed:
                     if self._monotonic() < self._reconnect_at:
-                        raise StateError(self.problem or f"{self._where}: not connected", operation)
+                        raise StateError(self.problem or f"{self._where}: not connected", operation, reported=True)
                     try:
                         db = self._db = await self._connect()
                         if not self._migrated:  # the first connection creates or checks the schema
@@ -392,13 +396,15 @@ class PostgresStore:
         params = {"instance": self.instance, "gone": gone, "ttl": INSTANCE_TTL_SECONDS, **self._me.params()}
         if await (await db.execute(HOLD_INSTANCE, params)).fetchone() is None:
             assert row is not None
-            raise StateError(
+            problem = (
                 f"{self._where}: state.instance {self.instance!r} is held by another live process (host {row[1]}, "
-                f"pid {row[3]}, seen {float(row[5]):.0f} s ago): two processes with one instance name would share "
-                "file checkpoints and claims. Give each process its own state.instance (the default, $HOSTNAME, "
-                f"is a pod's name); this one waits until that one has stopped for {INSTANCE_TTL_SECONDS:.0f} s.",
-                "instance",
+                f"pid {row[3]}): two processes with one instance name would share file checkpoints and claims. "
+                "Give each process its own state.instance (the default, $HOSTNAME, is a pod's name); this one "
+                f"waits until that one has not been heard from for {INSTANCE_TTL_SECONDS:.0f} s"
             )
+            if self.problem != problem:  # said once, not at every retry
+                log.error("%s", problem)
+            raise StateError(problem, "instance", reported=True)
 
     async def keep_instance(self) -> None:
         """Renews this process's hold on its instance name; raises StateError if another process took it over
@@ -412,10 +418,12 @@ class PostgresStore:
             )
             if cursor.rowcount != 1:
                 await self._drop()  # the next call takes the name again, or says who holds it
-                raise StateError(
+                self.problem = (
                     f"{self._where}: state.instance {self.instance!r} was taken over by another process while this "
-                    "one was not heard from; this one stops writing under it", "instance",
+                    "one was not heard from; this one stops writing under it"
                 )
+                log.error("%s", self.problem)
+                raise StateError(self.problem, "instance", reported=True)
 
         await self._call("instance", work)
 
@@ -811,7 +819,7 @@ class PostgresStore:
             self._leading = row is not None and bool(row[0])
             return self._leading
         except (psycopg.Error, OSError, TimeoutError) as err:
-            log.warning("%s", self._error("leader election", err))
+            self._error("leader election", err)  # logged there, once
         self._leading = False
         leader, self._leader = self._leader, None
         if leader is not None:

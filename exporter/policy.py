@@ -15,6 +15,7 @@ DRAIN_RETRY_CAP_SECONDS = 2.0
 # Past give_up_after_seconds, an id failing for these reasons is abandoned only after this many attempts.
 MIN_ATTEMPTS_BEFORE_ABANDONING = 3
 TRANSIENT_OUTCOMES = frozenset({Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECTION_ERROR})
+MAX_DOUBLINGS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +47,9 @@ Settlement = Count | GiveUp | RetryAt
 
 def backoff(attempt: int, initial: float, maximum: float, rng: random.Random) -> float:
     """Exponential backoff with equal jitter: half fixed, half random, so retries of a burst spread out."""
-    ceiling = min(maximum, initial * 2.0 ** max(attempt - 1, 0))
+    # 2.0 ** 1024 overflows: an id retried every retry_max_seconds until a long give-up horizon reaches such
+    # attempts (1 s and an hour: 3,600), long after the ceiling became `maximum`.
+    ceiling = min(maximum, initial * 2.0 ** min(max(attempt - 1, 0), MAX_DOUBLINGS))
     return ceiling / 2 + rng.uniform(0, ceiling / 2)
 
 

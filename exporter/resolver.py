@@ -158,7 +158,7 @@ class Resolver:
                     try:
                         self._ready.extend(await self._state.due(now, want, self._busy_ids()))
                     except StateError as err:
-                        self._state_error("due", err)
+                        self._state_error(err)
                 ready = self._ready
                 while ready and len(self._inflight) < self._concurrency:
                     await self._bucket.acquire()
@@ -189,7 +189,7 @@ class Resolver:
         try:
             due = await self._state.next_due(now, self._busy_ids())
         except StateError as err:
-            self._state_error("due", err)
+            self._state_error(err)
             return STATE_ERROR_PAUSE_SECONDS
         if due is None:
             return MAX_WAIT_SECONDS
@@ -311,11 +311,12 @@ class Resolver:
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
         if not task.cancelled() and isinstance(error := task.exception(), StateError):
-            self._state_error("pause", error)
+            self._state_error(error)
 
-    def _state_error(self, what: str, err: StateError) -> None:
+    def _state_error(self, err: StateError) -> None:
         """A read that failed: logged once until the state answers again (settle failures count separately)."""
-        self._warn_once("state", "cannot %s in the state database: %s; retrying", what, err)
+        if not err.reported:
+            self._warn_once("state", "%s; retrying", err)
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:
@@ -350,7 +351,8 @@ class Resolver:
         except Exception as err:
             # Nothing was written: the ids are still pending and will be looked up again.
             self._metrics.state_errors.labels("settle").inc()
-            log.error("cannot record %d lookup results in the state database: %s", len(batch), err)
+            if not getattr(err, "reported", False):
+                log.error("cannot record %d lookup results in the state database: %s", len(batch), err)
             self._pause(self._clock.time() + STATE_ERROR_PAUSE_SECONDS)
             return
         finally:

@@ -31,6 +31,7 @@ from exporter.store import (
     Settlement,
     StateDump,
     StateError,
+    cannot,
     checkpoint_from_row,
 )
 
@@ -217,7 +218,7 @@ class StateStore:
         return str(self.path)
 
     def _error(self, operation: str, err: sqlite3.Error) -> StateError:
-        self.problem = f"{self.path}: {operation} failed: {err}"
+        self.problem = f"{self.path}: {cannot(operation)}: {err}"
         return StateError(self.problem, operation)
 
     async def close(self) -> None:

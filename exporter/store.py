@@ -20,11 +20,37 @@ class StateError(Exception):
     """The state database cannot be used; the message says which one and what to do (never a password).
 
     `operation` names the store call that failed (enqueue, position, settle, forget, ...), for the
-    zenmux_exporter_state_errors_total counter; "" for opening."""
+    zenmux_exporter_state_errors_total counter; "" for opening. `reported`: the store has logged it (a shared
+    database's outage is said once, by its store, not by every caller that meets it)."""
 
-    def __init__(self, message: str, operation: str = "") -> None:
+    def __init__(self, message: str, operation: str = "", *, reported: bool = False) -> None:
         super().__init__(message)
         self.operation = operation
+        self.reported = reported
+
+
+# What each store call was doing, in the log's words (the operation names are metric labels).
+DOING = {
+    "enqueue": "record new ids",
+    "position": "read or save a file checkpoint",
+    "instance": "hold this process's instance name",
+    "due": "read the ids due for lookup",
+    "oldest": "read the oldest pending id",
+    "settle": "record lookup results",
+    "ledger": "read the ledger",
+    "forget": "forget old resolved ids",
+    "status": "check the database",
+    "count": "count the pending ids",
+    "rate_limit": "share the rate limit",
+    "leader election": "elect the leading exposer",
+    "import": "import a state",
+    "dump": "read the whole state",
+}
+
+
+def cannot(operation: str) -> str:
+    """"cannot <what the operation was doing>", for a StateError's message."""
+    return f"cannot {DOING.get(operation, operation)}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -322,6 +322,8 @@ def fleet_data(tmp_path: Path, api_url: str, pg_url: str, roles: list[str], **ov
     data = config_data(tmp_path, api_url, roles=roles, **overrides)
     data["state"] = {"url": pg_url, "instance": f"{'-'.join(roles)}-{len(str(tmp_path))}", "lease_seconds": 5,
                      **overrides.get("state", {})}
+    # A short lease (takeovers within a test) needs lookups bounded below it (config: state.lease_seconds).
+    data["zenmux"].setdefault("connect_timeout_seconds", 1)
     if "resolve" not in roles:
         del data["zenmux"]["api_key"]  # only resolvers hold the key
     if "ingest" not in roles:

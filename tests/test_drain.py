@@ -95,7 +95,7 @@ async def test_sigterm_to_the_process_drains_then_exits(
 async def test_datagrams_waiting_in_the_socket_at_stop_are_kept(
     tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:
-    config = make_config(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600})
+    config = make_config(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600, "give_up_after_seconds": 7200})
     exporter = await start_exporter(config)
     ids = [f"late-{i}" for i in range(300)]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -110,7 +110,8 @@ async def test_datagrams_waiting_in_the_socket_at_stop_are_kept(
 async def test_a_second_signal_cuts_the_drain_short_and_keeps_the_rest(
     tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
 ) -> None:
-    data = config_data(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600}, shutdown={"drain_seconds": 300})
+    data = config_data(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600, "give_up_after_seconds": 7200},
+                       shutdown={"drain_seconds": 300})
     process = run_in_a_process(tmp_path, data)
     try:
         assert process.stderr is not None

@@ -305,7 +305,7 @@ print(sent)
 async def test_a_udp_flood(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
     """/metrics answers throughout a flood, and the buffer bound (max_buffered_ids) holds what is allocated
     meanwhile (tracemalloc). /metrics latency under UDP load is bench/'s `scrape` workload."""
-    config = make_config(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600},
+    config = make_config(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 3600, "give_up_after_seconds": 7200},
                          sources=[{"type": "udp", "name": "udp", "listen": "127.0.0.1:0", "format": "plain",
                                    "max_buffered_ids": 2000, "receive_buffer_bytes": 65536}])
     exporter = await start_exporter(config)

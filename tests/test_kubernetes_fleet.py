@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from exporter.config import Config, load_config
+from exporter.pgurl import ssl_root_cert, url_problem
 from tests.kubernetes_manifests import (
     APP,
     APP_SHUTDOWN_SECONDS,
@@ -37,8 +38,11 @@ EXPOSER = "zenmux-exposer"
 ROLE_OF = {APP_DEPLOYMENT: "ingest", RESOLVER: "resolve", EXPOSER: "expose"}
 API_KEY_SECRET = "zenmux-api-key"
 DB_SECRET = "zenmux-state-db"
-# What a reference to the Secret's database URL stands for when the configs are loaded here.
-PLACEHOLDER_URL = "postgresql://zenmux@postgres.example:5432/zenmux"
+# What a reference to the Secret's database URL stands for when the configs are loaded here: the URL the docs
+# tell users to put in the Secret (verify-full, with the CA every role mounts).
+PLACEHOLDER_URL = "postgresql://zenmux@postgres.example:5432/zenmux?sslmode=verify-full&sslrootcert=/etc/zenmux-db-ca/ca.crt"
+CA_CONFIGMAP = "zenmux-state-db-ca"
+DOCS = KUSTOMIZE.parent.parent / "docs"
 METRICS_PORT = 9466
 PROBE_PORT = 9468
 # The base's drain waits out ZenMux's billing delay; the ingest sidecar's must not (nothing dies with the pod).
@@ -136,7 +140,7 @@ def name(request: pytest.FixtureRequest) -> str:
 
 def test_fleet_overlay_builds() -> None:
     assert sorted(o["kind"] for o in objects()) == sorted(
-        ["ConfigMap"] * 3 + ["Deployment"] * 3 + ["PodDisruptionBudget"]
+        ["ConfigMap"] * 3 + ["Deployment"] * 3 + ["PodDisruptionBudget"] * 2
     )
     assert {d["metadata"]["name"] for d in of_kind("Deployment")} == set(ROLE_OF)
 
@@ -269,16 +273,17 @@ def test_every_exporter_pod_is_scraped_directly(name: str) -> None:
 # -- replicas, disruption, drain -----------------------------------------------------------------------------
 
 
-def test_the_pdb_covers_exactly_the_resolvers() -> None:
-    (pdb,) = of_kind("PodDisruptionBudget")
+@pytest.mark.parametrize("protected", [RESOLVER, EXPOSER])
+def test_each_pdb_covers_exactly_its_deployment(protected: str) -> None:
+    (pdb,) = [p for p in of_kind("PodDisruptionBudget") if p["metadata"]["name"] == protected]
     selector = pdb["spec"]["selector"]["matchLabels"]
 
     def selects(name: str) -> bool:
         return bool(selector.items() <= deployment(name)["spec"]["template"]["metadata"]["labels"].items())
 
-    assert selects(RESOLVER) and not selects(EXPOSER) and not selects(APP_DEPLOYMENT)
-    assert selector == deployment(RESOLVER)["spec"]["selector"]["matchLabels"]
-    replicas = deployment(RESOLVER)["spec"]["replicas"]
+    assert [name for name in ROLE_OF if selects(name)] == [protected]
+    assert selector == deployment(protected)["spec"]["selector"]["matchLabels"]
+    replicas = deployment(protected)["spec"]["replicas"]
     assert replicas == 2
     spec = pdb["spec"]
     assert spec.get("maxUnavailable") == 1 or spec.get("minAvailable") == 1
@@ -295,10 +300,14 @@ def test_deployments_select_only_their_own_pods() -> None:
             assert not selector.items() <= labels.items(), f"{name} selects {other}'s pods"
 
 
-def test_the_exposer_hands_over_on_a_rollout() -> None:
+def test_a_standby_exposer_waits_beside_the_leader() -> None:
     spec = deployment(EXPOSER)["spec"]
-    assert spec["replicas"] == 1
-    # The new pod waits as a follower beside the old leader, and takes the lock when the old one lets go.
+    # Leader and standby, on different nodes when there are several: losing one leaves the other to lead.
+    assert spec["replicas"] == 2
+    (spread,) = spec["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    # A rollout starts a new pod (a follower) before an old one goes.
     assert spec["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
 
 
@@ -345,3 +354,46 @@ def test_security_contexts_are_strict(name: str) -> None:
     assert user is not None
     sc = exporter(name)["securityContext"]
     assert (sc["runAsUser"], sc["runAsGroup"]) == (int(user[1]), int(user[2]))
+
+
+# -- what users build, push and mount ------------------------------------------------------------------------
+
+
+def documented_state_url() -> str:
+    """The URL docs/fleet.md tells users to put in the Secret zenmux-state-db."""
+    text = (DOCS / "fleet.md").read_text()
+    match = re.search(r"kubectl create secret generic zenmux-state-db \\\n\s+--from-literal=url='([^']+)'", text)
+    assert match, "docs/fleet.md creates the Secret zenmux-state-db with its url"
+    return match.group(1)
+
+
+def test_the_documented_url_verifies_the_server_with_the_ca_every_role_mounts(name: str) -> None:
+    url = documented_state_url()
+    assert url.replace("postgres.example.svc", "postgres.example") == PLACEHOLDER_URL
+    assert url_problem(url) == "" and "sslmode=verify-full" in url
+    mount, relative = locate(exporter(name), ssl_root_cert(url))
+    assert mount.get("readOnly") is True
+    source = volume(pod(name), mount["name"])["configMap"]
+    assert source["name"] == CA_CONFIGMAP
+    assert {item["path"]: item["key"] for item in source.get("items", [])}.get(relative, relative) == "ca.crt"
+    # The docs say how to create it.
+    assert f"kubectl create configmap {CA_CONFIGMAP} --from-file=ca.crt=" in (DOCS / "fleet.md").read_text()
+
+
+def test_every_exporter_runs_the_image_the_docs_say_to_build_and_push() -> None:
+    text = (DOCS / "kubernetes.md").read_text()
+    built = re.findall(r"docker build -t (\S+)", text)
+    pushed = re.findall(r"docker push (\S+)", text)
+    assert built and built == pushed
+    for objects_ in (objects(), kustomize(KUSTOMIZE / "base")):
+        specs = [d["spec"]["template"]["spec"] for d in objects_ if d["kind"] == "Deployment"]
+        images = {container(spec, EXPORTER)["image"] for spec in specs}
+        assert images == {pushed[0]}, "the manifests name an image nobody built (nothing is published)"
+
+
+def test_the_billing_delay_is_the_real_apis_and_says_so() -> None:
+    for name in (APP_DEPLOYMENT, RESOLVER):
+        assert raw_config(name)["resolve"]["billing_delay_seconds"] == 240
+        # Tried against the simulated API, 240 shows no cost for 4 minutes: the file says where seconds go.
+        comment = config_text(name).split("billing_delay_seconds:")[0].rsplit("resolve:", 1)[1]
+        assert "real API" in comment and "demo --fleet" in comment and "fake-api --billing-delay" in comment

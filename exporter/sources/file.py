@@ -140,8 +140,9 @@ class FileSource:
         is read again from its last saved checkpoint (ids already queued are deduplicated)."""
         if err.operation == "position":  # the ingest counted its own (enqueue)
             self._metrics.state_errors.labels("position").inc()
-        log.error("%s: cannot save its read position to the state database (%s); reading again from the last "
-                  "saved one", self.name, err)
+        if not err.reported:  # (a shared store says an outage once itself)
+            log.error("%s: cannot save its read position to the state database (%s); reading again from the last "
+                      "saved one", self.name, err)
         self.close()
         self._skipping = False
         with contextlib.suppress(TimeoutError):

@@ -119,7 +119,7 @@ class UdpSource:
             # Kept for the next try; meanwhile the buffer's bound drops (and counts) what does not fit.
             self._buffer = batch + self._buffer
             self._buffered_ids += len(batch)
-            if not self._failing:
+            if not self._failing and not err.reported:
                 log.error("%s: %s; holding %d ids in memory and retrying", self.name, err, len(self._buffer))
             self._failing = True
             return False
