@@ -154,11 +154,15 @@ OpenState = Callable[..., Awaitable[Store]]
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def open_state(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenState]:
-    """Opens the state under test (again and again: the same file or database), closing each at the end."""
+    """Opens the state under test (again and again: the same file or database, as a process that replaces the
+    previous one: that one is closed first, as one process holds a state), closing the last at the end."""
     opened: list[Store] = []
     url = request.getfixturevalue("pg_url") if request.param == "postgresql" else ""
 
     async def open_state(max_pending: int = 100) -> Store:
+        for previous in opened:
+            await previous.close()
+        opened.clear()
         store: Store
         if url:
             store = await PostgresStore.open(

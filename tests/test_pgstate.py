@@ -60,6 +60,7 @@ async def test_replicas_claim_disjoint_batches_and_a_dead_ones_claims_return_aft
     # a comes back with a retry for an id b now holds: b's claim stands.
     assert await a.settle([Retry(first[0].id, due=100, attempts=1)], ledger(), now=32) == []
     # b restarts under the same name (nothing in flight): its claims are its own again at once.
+    await b.close()
     again = await open_store("resolver-b", lease_seconds=30)
     assert len(await again.due(now=33, limit=20, exclude=set())) == 10
 
