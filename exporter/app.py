@@ -174,10 +174,10 @@ class Exporter:
             resolver.wake if resolver is not None else lambda: None,
         )
         if exposition is not None and self.state.shared:
-            self.exposer = Exposer(self.state, self.ledger, self.metrics.expose_leader.set)
-        else:
-            self.metrics.expose_leader.set(1 if exposition is not None else 0)
+            self.exposer = Exposer(self.state, self.ledger)
         exposer = self.exposer
+        # Asked at each scrape: a leader frozen past its lease says 0 as soon as it wakes.
+        self.metrics.expose_leader.set_function(lambda: 1.0 if exposition is not None and self._leading() else 0.0)
         if "resolve" in roles or "expose" in roles:  # an ingest-only process's count is an estimate
             self.registry.register(QueueCollector(lambda: self.state.pending, lambda: self._oldest_age, self._leading))
         host, port = split_host_port(config.metrics.listen)
@@ -474,6 +474,9 @@ def create_store(config: Config) -> Store:
         instance=instance_name(state),
         max_pending=state.max_pending,
         lease_seconds=state.lease_seconds,
+        statement_timeout=state.statement_timeout_seconds,
+        lock_timeout=state.lock_timeout_seconds,
+        idle_in_transaction_timeout=state.idle_in_transaction_timeout_seconds,
     )
 
 

@@ -445,7 +445,7 @@ class StateStore:
     async def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
-    async def try_lead(self) -> bool:
+    async def try_lead(self, lease_seconds: float) -> bool:
         return True  # the only process of its state exposes its ledger
 
     def _locate_pending(self, generation_id: str) -> bool:

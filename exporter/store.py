@@ -196,8 +196,9 @@ class Store(Protocol):
         """Pauses every resolver of the state for `seconds` (the API said 429/422)."""
         ...
 
-    async def try_lead(self) -> bool:
-        """Whether this process leads the exposers (serves the business series); asked again periodically."""
+    async def try_lead(self, lease_seconds: float) -> bool:
+        """Whether this process leads the exposers (serves the business series) for the next `lease_seconds`
+        (a shared backend: on the database's clock, unless renewed); asked again well within that."""
         ...
 
     async def close(self) -> None: ...
