@@ -35,7 +35,7 @@ from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
 from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler, days_window, prune_days
-from exporter.resolver import RateLimit, Resolver
+from exporter.resolver import LabelAdmission, RateLimit, Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
 from exporter.state import StateStore
@@ -150,8 +150,10 @@ class Exporter:
             self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
             rate = config.zenmux.max_requests_per_second
             shared: RateLimit | None = None
+            admission: LabelAdmission | None = None
             if self.state.shared:
                 shared = SharedRateLimit(self.state, rate, max(1.0, min(rate, config.zenmux.concurrency)))
+                admission = self.state.admit_labels
             self.resolver = Resolver(
                 self.state,
                 self.ledger,
@@ -164,6 +166,7 @@ class Exporter:
                 clock=self.clock,
                 rng=self._rng,
                 rate_limit=shared,
+                label_admission=admission,
             )
         resolver = self.resolver
         ingest = Ingest(

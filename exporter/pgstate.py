@@ -114,6 +114,7 @@ CREATE VIEW generations (id, status, source, labels, first_seen, due, attempts, 
 # Version 2: the database's clock as one function, and leadership as a lease row on it (River's leader table):
 # at most one holder at any instant the database sees, through a transaction-mode pooler too (a session
 # advisory lock is not: the pooler hands the session to others, and a dropped session leaves two leaders).
+# label_values: the label values the fleet names (metrics.max_models and max_label_values hold per fleet).
 MIGRATIONS = {
     2: """
 CREATE FUNCTION zenmux_now() RETURNS float8 LANGUAGE sql STABLE PARALLEL SAFE
@@ -122,6 +123,11 @@ CREATE TABLE leader (
     name text PRIMARY KEY,
     holder text NOT NULL,
     expires float8 NOT NULL
+);
+CREATE TABLE label_values (
+    label text NOT NULL,
+    value text NOT NULL,
+    PRIMARY KEY (label, value)
 );
 """,
 }
@@ -203,6 +209,24 @@ WHERE name = 'zenmux'
 """
 # The next cursor comes from the snapshot that read the rows, in the same statement (with no row changed, one
 # row of NULLs carries it): a second statement's newer snapshot could pass a settlement committed in between.
+# Names the values wanted while their label has room (each label's admissions one at a time: a transaction
+# lock per label, taken in order), and answers every wanted value that is named, now or before. The final
+# SELECT does not see the rows this statement inserts (one snapshot): both are returned.
+LOCK_LABELS = "SELECT pg_advisory_xact_lock(hashtext('zenmux-label:' || l)) FROM unnest(%s::text[]) l ORDER BY l"
+ADMIT_LABELS = """
+WITH wanted AS (SELECT * FROM unnest(%(labels)s::text[], %(values)s::text[], %(caps)s::int8[]) AS w(label, value, cap)),
+fresh AS (
+    SELECT w.label, w.value, w.cap, row_number() OVER (PARTITION BY w.label ORDER BY w.value) AS n FROM wanted w
+    WHERE NOT EXISTS (SELECT 1 FROM label_values v WHERE v.label = w.label AND v.value = w.value)
+),
+used AS (SELECT label, count(*) AS n FROM label_values WHERE label = ANY(%(labels)s::text[]) GROUP BY label),
+added AS (
+    INSERT INTO label_values SELECT f.label, f.value FROM fresh f LEFT JOIN used u ON u.label = f.label
+    WHERE coalesce(u.n, 0) + f.n <= f.cap ON CONFLICT DO NOTHING RETURNING label, value
+)
+SELECT label, value FROM added
+UNION SELECT w.label, w.value FROM wanted w JOIN label_values v ON v.label = w.label AND v.value = w.value
+"""
 # Takes the lead, or renews it, unless another holds a lease that has not run out.
 LEAD = """
 INSERT INTO leader AS l (name, holder, expires) VALUES ('exposers', %(me)s, zenmux_now() + %(lease)s)
@@ -713,6 +737,21 @@ class PostgresStore:
         self._counted = await self._call("count", work)
 
     # --- the fleet ----------------------------------------------------------------------------------------
+
+    async def admit_labels(self, wanted: Sequence[tuple[str, str, int]]) -> set[tuple[str, str]]:
+        """Which of the (label, value, cap) wanted the fleet names: those named already, and new ones while
+        their label holds fewer than `cap` values; the rest become "other" on every resolver."""
+        if not wanted:
+            return set()
+        labels, values, caps = (list(column) for column in zip(*wanted, strict=True))
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            async with db.pipeline(), db.transaction():
+                await db.execute(LOCK_LABELS, (sorted(set(labels)),))
+                cursor = await db.execute(ADMIT_LABELS, {"labels": labels, "values": values, "caps": caps})
+                return await cursor.fetchall()
+
+        return {(str(row[0]), str(row[1])) for row in await self._call("labels", work)}
 
     async def take_tokens(self, wanted: int, rate: float, burst: float) -> Grant:
         async def work(db: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:

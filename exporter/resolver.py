@@ -9,14 +9,14 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from exporter.clock import Clock
 from exporter.config import ResolveConfig
-from exporter.contribution import Contribution, contribution
+from exporter.contribution import Contribution, LabelProbe, contribution
 from exporter.ledger import Ledger
 from exporter.policy import Count, GiveUp, decide
 from exporter.records import GenerationRecord, LookupResult, Outcome
@@ -51,6 +51,11 @@ def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
     while labels and sum(len(k) + len(v) for k, v in labels.items()) > EXEMPLAR_MAX_CHARS:
         labels.popitem()
     return labels
+
+
+# Label values already in the ledger are named whatever the caps say now.
+SEEDED_CAP = 2**62
+LabelAdmission = Callable[[Sequence[tuple[str, str, int]]], Awaitable[set[tuple[str, str]]]]
 
 
 class RateLimit(Protocol):
@@ -107,8 +112,10 @@ class Resolver:
         clock: Clock,
         rng: random.Random,
         rate_limit: RateLimit | None = None,
+        label_admission: LabelAdmission | None = None,
     ) -> None:
-        """`rate_limit` replaces the process's own token bucket (fleet mode: one limit for the account)."""
+        """`rate_limit` replaces the process's own token bucket (fleet mode: one limit for the account);
+        `label_admission` decides new label values for the whole fleet (fleet mode: the caps are the fleet's)."""
         self._state = state
         self._ledger = ledger
         self._client = client
@@ -136,6 +143,8 @@ class Resolver:
         self._warned: set[str] = set()
         self.draining = False
         self._children: dict[Outcome, tuple[Any, Any]] = {}
+        self._admission = label_admission
+        self._labels_seeded = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -257,6 +266,10 @@ class Resolver:
             children[0].inc()
             # The health dashboard's lookup-duration panel shows exemplars: each links to its attempt's trace.
             children[1].observe(duration, exemplar_labels(pending.id, trace_id))
+            if self._admission is not None and result.record is not None and not await self._admit_labels(
+                result.record, pending
+            ):
+                return  # the fleet's caps cannot be asked: nothing written, the id is looked up again
             paused = self._paused_until
             self._settle(self._decide(pending, result, trace_id))
             if self._paused_until > paused and self._state.shared:  # the limit is the account's: all pause
@@ -293,6 +306,33 @@ class Resolver:
         if decision.pause_until is not None:
             self._pause(decision.pause_until)
         return Retry(pending.id, decision.due, decision.attempts)
+
+    async def _admit_labels(self, record: GenerationRecord, pending: PendingId) -> bool:
+        """Has the fleet decide the label values of `record` this resolver has not seen decided (a round trip
+        only for those: a fleet's first sightings of a model, a feature, ...); False if it cannot be asked."""
+        assert self._admission is not None
+        limiter = self._ledger.limiter
+        try:
+            if not self._labels_seeded:
+                # What the ledger already names is named for good (a database from before the fleet's caps).
+                Ledger(self._ledger.shape, limiter).load(await self._state.ledger_rows())
+                await self._admission([(label, value, SEEDED_CAP) for label, value in limiter.known()])
+                self._labels_seeded = True
+            probe = LabelProbe(limiter)
+            contribution(record, dict(pending.labels), self._ledger.shape, probe, {})
+            if not probe.undecided:
+                return True
+            wanted = [(label, value, limiter.cap(label)) for label, value in sorted(probe.undecided)]
+            named = await self._admission(wanted)
+        except StateError as err:
+            self._state_error("admit labels", err)
+            return False
+        for label, value, _cap in wanted:
+            if (label, value) in named:
+                limiter.remember(label, value)
+            else:
+                limiter.refuse(label, value)
+        return True
 
     def _contribution(self, record: GenerationRecord, pending: PendingId, trace_id: str | None) -> Contribution:
         extra: Mapping[str, str] = dict(pending.labels)

@@ -445,6 +445,9 @@ class StateStore:
     async def pause(self, seconds: float) -> None:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
+    async def admit_labels(self, wanted: Sequence[tuple[str, str, int]]) -> set[tuple[str, str]]:
+        return {(label, value) for label, value, _cap in wanted}
+
     async def try_lead(self, lease_seconds: float) -> bool:
         return True  # the only process of its state exposes its ledger
 

@@ -196,6 +196,11 @@ class Store(Protocol):
         """Pauses every resolver of the state for `seconds` (the API said 429/422)."""
         ...
 
+    async def admit_labels(self, wanted: Sequence[tuple[str, str, int]]) -> set[tuple[str, str]]:
+        """Which (label, value, cap) the fleet names (a shared backend: the caps hold for the fleet). A local
+        backend names them all: its one process's LabelLimiter decides alone and never asks."""
+        ...
+
     async def try_lead(self, lease_seconds: float) -> bool:
         """Whether this process leads the exposers (serves the business series) for the next `lease_seconds`
         (a shared backend: on the database's clock, unless renewed); asked again well within that."""

@@ -313,6 +313,34 @@ async def test_prometheus_sees_the_same_totals_from_a_sidecar_and_from_two_expos
         assert float(leaders[0]["value"][1]) == 1
 
 
+async def test_the_model_cap_holds_for_the_fleet_not_per_resolver(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, pg_url: str
+) -> None:
+    """metrics.max_models: 2 on each resolver. The first names two models; a second resolver started later
+    (its own memory empty) names no third one, and a named model stays named on it."""
+    models = ["openai/gpt-4.1-mini", "anthropic/claude-sonnet-4", "google/gemini-2.5-flash", "deepseek/deepseek-chat"]
+
+    async def worker(name: str) -> Any:
+        directory = tmp_path / name
+        directory.mkdir()
+        data = fleet_data(directory, fake_api.url, pg_url, ["ingest", "resolve"], metrics={"max_models": 2})
+        data["state"]["instance"] = name
+        return directory, await start_exporter(parse_config(data, name))
+
+    exposer = await start_exporter(parse_config(fleet_data(tmp_path, fake_api.url, pg_url, ["expose"]), "e"))
+
+    first_dir, first = await worker("resolver-a")
+    append_lines(first_dir / "app.log", [json_line(fake_api.create(model=m)) for m in models[:2]])
+    await wait_until(lambda: _has(exposer.metrics_port, 2), timeout=30, what="the first two models")
+    await first.stop(drain_seconds=0)
+    second_dir, _second = await worker("resolver-b")
+    append_lines(second_dir / "app.log", [json_line(fake_api.create(model=m)) for m in [*models[2:], models[0]]])
+    await wait_until(lambda: _has(exposer.metrics_port, 5), timeout=30, what="every generation")
+    text = await scrape(exposer.metrics_port)
+    named_models = {labels["model"] for name, labels, _ in samples(text) if name == "zenmux_generations_total"}
+    assert named_models == {*models[:2], "other"}
+
+
 def fleet_relabelling() -> list[dict[str, Any]]:
     """docs/fleet.md's metric_relabel_configs for the exposers' job: what users are told to configure."""
     text = (Path(__file__).parent.parent / "docs" / "fleet.md").read_text(encoding="utf-8")

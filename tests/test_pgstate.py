@@ -250,6 +250,22 @@ async def test_a_settlement_committed_while_the_exposer_reads_is_read_next_time(
     assert book.value("zenmux_cost_usd") == 3.0 and book.value("zenmux_generations") == 1
 
 
+async def test_label_values_are_admitted_for_the_fleet_up_to_the_cap(open_store: OpenStore) -> None:
+    """Resolvers asking at once for different new models never name more than the cap between them, and each
+    gets the same answer for the same value."""
+    stores = [await open_store(f"resolver-{i}") for i in range(4)]
+    answers = await asyncio.gather(*(
+        store.admit_labels([("model", f"m{i}", 2), ("model", f"m{i + 1}", 2), ("protocol", "chat", 5)])
+        for i, store in enumerate(stores)
+    ))
+    named = {value for answer in answers for label, value in answer if label == "model"}
+    assert len(named) == 2 and all(("protocol", "chat") in answer for answer in answers)
+    for i, answer in enumerate(answers):
+        assert {v for label, v in answer if label == "model"} == named & {f"m{i}", f"m{i + 1}"}
+    again = await stores[0].admit_labels([("model", value, 2) for value in ["m0", "m1", "m2", "m3", "m4"]])
+    assert {value for _, value in again} == named
+
+
 async def test_the_rate_limit_and_a_pause_are_shared(open_store: OpenStore) -> None:
     a, b = await open_store("a"), await open_store("b")
     first = await a.take_tokens(4, rate=1.0, burst=5.0)
@@ -300,7 +316,7 @@ async def test_an_exposer_stops_leading_by_its_own_clock_when_its_lease_ran_out(
 async def test_a_version_1_database_is_migrated_in_place(open_store: OpenStore, pg_url: str) -> None:
     await open_store("a")
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as db:  # back to version 1
-        await db.execute("DROP TABLE leader")
+        await db.execute("DROP TABLE leader, label_values")
         await db.execute("DROP FUNCTION zenmux_now() CASCADE")
         await db.execute("DELETE FROM schema_version")
         await db.execute("INSERT INTO schema_version VALUES (1)")
