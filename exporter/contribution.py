@@ -82,7 +82,7 @@ class LabelLimiter:
     def __init__(self, max_models: int, max_values: int, max_length: int) -> None:
         self._caps = {"model": max_models}
         self._default_cap = max_values
-        self._max_length = max_length
+        self.max_length = max_length
         self._known: dict[str, set[str]] = {}
         self._refused: dict[str, set[str]] = {}
         self.overflows: dict[str, int] = {}
@@ -100,14 +100,14 @@ class LabelLimiter:
 
     def decided(self, label: str, raw: str) -> bool:
         """Whether the value's fate is known here (named or refused), without asking anyone."""
-        value = raw[: self._max_length]
+        value = raw[: self.max_length]
         return value in self._known.get(label, ()) or value in self._refused.get(label, ())
 
     def known(self) -> list[tuple[str, str]]:
         return [(label, value) for label, values in self._known.items() for value in values]
 
     def value(self, label: str, raw: str) -> str:
-        value = raw[: self._max_length]
+        value = raw[: self.max_length]
         known = self._known.setdefault(label, set())
         if value in known:
             return value
@@ -115,21 +115,6 @@ class LabelLimiter:
             self.overflows[label] = self.overflows.get(label, 0) + 1
             return OTHER
         known.add(value)
-        return value
-
-
-class LabelProbe(LabelLimiter):
-    """Stands in for a limiter to list the values a contribution would need decided (none changes it)."""
-
-    def __init__(self, limiter: LabelLimiter) -> None:
-        super().__init__(0, 0, limiter._max_length)
-        self._limiter = limiter
-        self.undecided: set[tuple[str, str]] = set()
-
-    def value(self, label: str, raw: str) -> str:
-        value = raw[: self._max_length]
-        if not self._limiter.decided(label, value):
-            self.undecided.add((label, value))
         return value
 
 
@@ -156,6 +141,16 @@ class LedgerShape:
 
     def label_names(self, spec: MetricSpec) -> tuple[str, ...]:
         return ("model", "protocol", *spec.labels, *self.extra_labels)
+
+
+def labels_asked(record: GenerationRecord, extra: Mapping[str, str], shape: LedgerShape) -> list[tuple[str, str]]:
+    """The (label, raw value) pairs `contribution` asks its limiter about, without building it: what a fleet's
+    resolver has the database decide first (tests/test_contribution checks the two agree)."""
+    asked = [("model", record.model), ("protocol", record.protocol), ("finish_reason", record.finish_reason)]
+    asked += [(name, extra[name]) for name in shape.extra_labels if extra.get(name)]
+    if record.billing is not None:
+        asked += [("fee_item", item.code) for item in record.billing.fee_items]
+    return asked
 
 
 def contribution(

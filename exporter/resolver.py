@@ -16,7 +16,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from exporter.clock import Clock
 from exporter.config import ResolveConfig
-from exporter.contribution import Contribution, LabelProbe, contribution
+from exporter.contribution import Contribution, contribution, labels_asked
 from exporter.ledger import Ledger
 from exporter.policy import Count, GiveUp, decide
 from exporter.records import GenerationRecord, LookupResult, Outcome
@@ -318,11 +318,14 @@ class Resolver:
                 Ledger(self._ledger.shape, limiter).load(await self._state.ledger_rows())
                 await self._admission([(label, value, SEEDED_CAP) for label, value in limiter.known()])
                 self._labels_seeded = True
-            probe = LabelProbe(limiter)
-            contribution(record, dict(pending.labels), self._ledger.shape, probe, {})
-            if not probe.undecided:
+            undecided = {
+                (label, value[: limiter.max_length])
+                for label, value in labels_asked(record, dict(pending.labels), self._ledger.shape)
+                if not limiter.decided(label, value)
+            }
+            if not undecided:
                 return True
-            wanted = [(label, value, limiter.cap(label)) for label, value in sorted(probe.undecided)]
+            wanted = [(label, value, limiter.cap(label)) for label, value in sorted(undecided)]
             named = await self._admission(wanted)
         except StateError as err:
             self._state_error("admit labels", err)
