@@ -30,12 +30,12 @@ from exporter.config import (
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
 from exporter.exposition import LedgerExposition
-from exporter.fleet import Exposer, SharedRateLimit
+from exporter.fleet import Exposer
 from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
 from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler, days_window, prune_days
-from exporter.resolver import LabelAdmission, RateLimit, Resolver
+from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
 from exporter.state import StateStore
@@ -149,11 +149,6 @@ class Exporter:
         if "resolve" in roles:
             self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
             rate = config.zenmux.max_requests_per_second
-            shared: RateLimit | None = None
-            admission: LabelAdmission | None = None
-            if self.state.shared:
-                shared = SharedRateLimit(self.state, rate, max(1.0, min(rate, config.zenmux.concurrency)))
-                admission = self.state.admit_labels
             self.resolver = Resolver(
                 self.state,
                 self.ledger,
@@ -165,8 +160,6 @@ class Exporter:
                 tracer=self.tracing.get_tracer("zenmux-exporter"),
                 clock=self.clock,
                 rng=self._rng,
-                rate_limit=shared,
-                label_admission=admission,
             )
         resolver = self.resolver
         ingest = Ingest(

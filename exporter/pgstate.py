@@ -16,6 +16,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from exporter.contribution import DAILY_METRICS
+from exporter.coordination import Coordination, SharedCoordination
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
 from exporter.store import (
@@ -737,6 +738,9 @@ class PostgresStore:
         self._counted = await self._call("count", work)
 
     # --- the fleet ----------------------------------------------------------------------------------------
+
+    def coordination(self) -> Coordination:
+        return SharedCoordination(self)
 
     async def admit_labels(self, wanted: Sequence[tuple[str, str, int]]) -> set[tuple[str, str]]:
         """Which of the (label, value, cap) wanted the fleet names: those named already, and new ones while

@@ -9,8 +9,8 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
@@ -55,44 +55,6 @@ def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
 
 # Label values already in the ledger are named whatever the caps say now.
 SEEDED_CAP = 2**62
-LabelAdmission = Callable[[Sequence[tuple[str, str, int]]], Awaitable[set[tuple[str, str]]]]
-
-
-class RateLimit(Protocol):
-    """Paces lookups: `acquire` returns when one more request may go (TokenBucket here, or the fleet's)."""
-
-    async def acquire(self) -> None: ...
-
-
-class TokenBucket:
-    """At most `rate` acquisitions a second on average, bursts up to `burst`.
-
-    It paces real requests, so it reads a monotonic clock and sleeps on the event loop; tests pass their own.
-    """
-
-    def __init__(
-        self,
-        rate: float,
-        burst: float,
-        *,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._tokens = burst
-        self._monotonic = monotonic
-        self._sleep = sleep
-        self._last = monotonic()
-
-    async def acquire(self) -> None:
-        now = self._monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate) - 1
-        self._last = now
-        if self._tokens < 0:
-            # The token is taken now and owed: wait until it has been earned. (Waiting and then checking again
-            # could spin on rounding: a wait of 1e-15 s may not move a float clock at all.)
-            await self._sleep(-self._tokens / self._rate)
 
 
 class Resolver:
@@ -111,17 +73,15 @@ class Resolver:
         tracer: Tracer,
         clock: Clock,
         rng: random.Random,
-        rate_limit: RateLimit | None = None,
-        label_admission: LabelAdmission | None = None,
     ) -> None:
-        """`rate_limit` replaces the process's own token bucket (fleet mode: one limit for the account);
-        `label_admission` decides new label values for the whole fleet (fleet mode: the caps are the fleet's)."""
         self._state = state
         self._ledger = ledger
         self._client = client
         self._config = config
         self._concurrency = concurrency
-        self._bucket = rate_limit or TokenBucket(
+        # The state's coordination: in a fleet the rate limit, a 429's pause and the label caps are the fleet's.
+        self._coordination = state.coordination()
+        self._bucket = self._coordination.rate_limit(
             max_requests_per_second, max(1.0, min(max_requests_per_second, concurrency))
         )
         self._metrics = metrics
@@ -143,7 +103,7 @@ class Resolver:
         self._warned: set[str] = set()
         self.draining = False
         self._children: dict[Outcome, tuple[Any, Any]] = {}
-        self._admission = label_admission
+        self._admission = self._coordination.label_admission
         self._labels_seeded = False
 
     def wake(self) -> None:
@@ -272,8 +232,8 @@ class Resolver:
                 return  # the fleet's caps cannot be asked: nothing written, the id is looked up again
             paused = self._paused_until
             self._settle(self._decide(pending, result, trace_id))
-            if self._paused_until > paused and self._state.shared:  # the limit is the account's: all pause
-                self._in_background(self._state.pause(self._paused_until - self._clock.time()))
+            if self._paused_until > paused:  # the limit is the account's: all pause
+                self._in_background(self._coordination.pause(self._paused_until - self._clock.time()))
         finally:
             self._inflight.pop(pending.id, None)
             self._metrics.inflight.set(len(self._inflight))

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from exporter.contribution import Contribution
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
+
+if TYPE_CHECKING:
+    from exporter.coordination import Coordination
 
 PENDING, DONE, ABANDONED = 0, 1, 2
 
@@ -188,22 +191,8 @@ class Store(Protocol):
         """Housekeeping: re-counts what `pending` reports (a shared queue changes under us)."""
         ...
 
-    async def take_tokens(self, wanted: int, rate: float, burst: float) -> Grant:
-        """Takes `wanted` lookups from the account's rate limit, shared by every resolver of the state."""
-        ...
-
-    async def pause(self, seconds: float) -> None:
-        """Pauses every resolver of the state for `seconds` (the API said 429/422)."""
-        ...
-
-    async def admit_labels(self, wanted: Sequence[tuple[str, str, int]]) -> set[tuple[str, str]]:
-        """Which (label, value, cap) the fleet names (a shared backend: the caps hold for the fleet). A local
-        backend names them all: its one process's LabelLimiter decides alone and never asks."""
-        ...
-
-    async def try_lead(self, lease_seconds: float) -> bool:
-        """Whether this process leads the exposers (serves the business series) for the next `lease_seconds`
-        (a shared backend: on the database's clock, unless renewed); asked again well within that."""
+    def coordination(self) -> Coordination:
+        """What the processes of this state agree on (rate limit, pause, label values, the lead)."""
         ...
 
     async def close(self) -> None: ...

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -22,9 +22,9 @@ import yaml
 
 from exporter.__main__ import main
 from exporter.config import ConfigError, parse_config, read_state_password, state_secrets
-from exporter.fleet import SharedRateLimit
+from exporter.pacing import SharedRateLimit
 from exporter.simulate.api import totals
-from exporter.store import Grant, Store
+from exporter.store import Grant
 from tests.pg import Cluster
 from tests.prometheus_server import StartPrometheus
 from tests.support import (
@@ -212,7 +212,7 @@ async def test_a_lost_database_is_not_ready_loses_nothing_and_counts_once_after(
 
 
 class FakeBucketStore:
-    """The rate limit's side of a Store: one bucket on a clock the test moves, and a pause."""
+    """A TokenSource (the rate limit's side of PostgresStore): one bucket on a clock the test moves, and a pause."""
 
     def __init__(self, time: FakeTime) -> None:
         self.time = time
@@ -229,7 +229,7 @@ class FakeBucketStore:
 async def test_the_shared_rate_limit_paces_at_the_rate_in_batches_and_honours_the_pause() -> None:
     time = FakeTime()
     store = FakeBucketStore(time)
-    limit = SharedRateLimit(cast(Store, store), 20.0, 8.0, monotonic=time.monotonic, sleep=time.sleep)
+    limit = SharedRateLimit(store, 20.0, 8.0, monotonic=time.monotonic, sleep=time.sleep)
     start = time.now
     for _ in range(42):
         await limit.acquire()
