@@ -249,6 +249,9 @@ def cmd_import_state(args: argparse.Namespace) -> int:
             instance=instance,
             max_pending=config.state.max_pending,
             lease_seconds=config.state.lease_seconds,
+            statement_timeout=config.state.statement_timeout_seconds,
+            lock_timeout=config.state.lock_timeout_seconds,
+            idle_in_transaction_timeout=config.state.idle_in_transaction_timeout_seconds,
         )
         try:
             await target.load(dump, force=args.force)

@@ -30,12 +30,12 @@ from exporter.config import (
 from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
 from exporter.exposition import LedgerExposition
-from exporter.fleet import Exposer, SharedRateLimit
+from exporter.fleet import Exposer
 from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
 from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler, days_window, prune_days
-from exporter.resolver import RateLimit, Resolver
+from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
 from exporter.state import StateStore
@@ -149,9 +149,6 @@ class Exporter:
         if "resolve" in roles:
             self.client = ZenMuxClient(config.zenmux, self._api_key, transport=self._transport, clock=self.clock)
             rate = config.zenmux.max_requests_per_second
-            shared: RateLimit | None = None
-            if self.state.shared:
-                shared = SharedRateLimit(self.state, rate, max(1.0, min(rate, config.zenmux.concurrency)))
             self.resolver = Resolver(
                 self.state,
                 self.ledger,
@@ -163,7 +160,6 @@ class Exporter:
                 tracer=self.tracing.get_tracer("zenmux-exporter"),
                 clock=self.clock,
                 rng=self._rng,
-                rate_limit=shared,
             )
         resolver = self.resolver
         ingest = Ingest(
@@ -174,10 +170,10 @@ class Exporter:
             resolver.wake if resolver is not None else lambda: None,
         )
         if exposition is not None and self.state.shared:
-            self.exposer = Exposer(self.state, self.ledger, self.metrics.expose_leader.set)
-        else:
-            self.metrics.expose_leader.set(1 if exposition is not None else 0)
+            self.exposer = Exposer(self.state, self.ledger)
         exposer = self.exposer
+        # Asked at each scrape: a leader frozen past its lease says 0 as soon as it wakes.
+        self.metrics.expose_leader.set_function(lambda: 1.0 if exposition is not None and self._leading() else 0.0)
         if "resolve" in roles or "expose" in roles:  # an ingest-only process's count is an estimate
             self.registry.register(QueueCollector(lambda: self.state.pending, lambda: self._oldest_age, self._leading))
         host, port = split_host_port(config.metrics.listen)
@@ -480,6 +476,9 @@ def create_store(config: Config) -> Store:
         instance=instance_name(state),
         max_pending=state.max_pending,
         lease_seconds=state.lease_seconds,
+        statement_timeout=state.statement_timeout_seconds,
+        lock_timeout=state.lock_timeout_seconds,
+        idle_in_transaction_timeout=state.idle_in_transaction_timeout_seconds,
     )
 
 

@@ -178,6 +178,12 @@ class StateConfig:
     instance: str = ""
     # How long a resolver's claim on a batch of ids holds before other replicas may take them over.
     lease_seconds: float = setting(60.0, minimum=1.0, maximum=HOUR)
+    # Server-side bounds set on every connection: a statement runs at most this long; a lock is waited for at
+    # most this long; a session idle inside a transaction (its process frozen) is ended after this, freeing
+    # the rows it locked for the rest of the fleet.
+    statement_timeout_seconds: float = setting(30.0, minimum=1.0, maximum=3600.0)
+    lock_timeout_seconds: float = setting(2.0, minimum=0.1, maximum=3600.0)
+    idle_in_transaction_timeout_seconds: float = setting(5.0, minimum=0.5, maximum=3600.0)
 
 
 @dataclass(frozen=True)
@@ -515,6 +521,8 @@ def _check_bounds(r: Reader, config: Config) -> None:
 
 
 def _check_state(r: Reader, data: Mapping[str, Any], state: StateConfig, roles: tuple[str, ...]) -> None:
+    if state.lock_timeout_seconds > state.statement_timeout_seconds:
+        r.problem("state.lock_timeout_seconds", "must be <= state.statement_timeout_seconds")
     if state.url:
         if "path" in data:
             r.problem("state", "set state.path (SQLite) or state.url (PostgreSQL), not both")

@@ -67,25 +67,51 @@ DAILY_METRICS = frozenset({DAILY_COST, DAILY_GENERATIONS})
 COST_UNITS_PER_USD = 10**10
 
 
+# Values a fleet refused (see LabelLimiter.refuse) are remembered up to this many per label; past it, an unknown
+# value is asked about again (a round trip) rather than remembered (memory).
+MAX_REFUSED_PER_LABEL = 10_000
+
+
 class LabelLimiter:
-    """Caps distinct values per label (overflow becomes "other") and truncates long values."""
+    """Caps distinct values per label (overflow becomes "other") and truncates long values.
+
+    Alone, it admits values first come, first served. In a fleet the database admits them for every resolver
+    (PostgresStore.admit_labels): what it named is `remember`ed, what it refused is `refuse`d, so a value is
+    never named on one resolver and "other" on another, and the caps hold for the fleet."""
 
     def __init__(self, max_models: int, max_values: int, max_length: int) -> None:
         self._caps = {"model": max_models}
         self._default_cap = max_values
-        self._max_length = max_length
+        self.max_length = max_length
         self._known: dict[str, set[str]] = {}
+        self._refused: dict[str, set[str]] = {}
         self.overflows: dict[str, int] = {}
+
+    def cap(self, label: str) -> int:
+        return self._caps.get(label, self._default_cap)
 
     def remember(self, label: str, value: str) -> None:
         self._known.setdefault(label, set()).add(value)
 
+    def refuse(self, label: str, value: str) -> None:
+        refused = self._refused.setdefault(label, set())
+        if len(refused) < MAX_REFUSED_PER_LABEL:
+            refused.add(value)
+
+    def decided(self, label: str, raw: str) -> bool:
+        """Whether the value's fate is known here (named or refused), without asking anyone."""
+        value = raw[: self.max_length]
+        return value in self._known.get(label, ()) or value in self._refused.get(label, ())
+
+    def known(self) -> list[tuple[str, str]]:
+        return [(label, value) for label, values in self._known.items() for value in values]
+
     def value(self, label: str, raw: str) -> str:
-        value = raw[: self._max_length]
+        value = raw[: self.max_length]
         known = self._known.setdefault(label, set())
         if value in known:
             return value
-        if len(known) >= self._caps.get(label, self._default_cap):
+        if len(known) >= self._caps.get(label, self._default_cap) or value in self._refused.get(label, ()):
             self.overflows[label] = self.overflows.get(label, 0) + 1
             return OTHER
         known.add(value)
@@ -115,6 +141,16 @@ class LedgerShape:
 
     def label_names(self, spec: MetricSpec) -> tuple[str, ...]:
         return ("model", "protocol", *spec.labels, *self.extra_labels)
+
+
+def labels_asked(record: GenerationRecord, extra: Mapping[str, str], shape: LedgerShape) -> list[tuple[str, str]]:
+    """The (label, raw value) pairs `contribution` asks its limiter about, without building it: what a fleet's
+    resolver has the database decide first (tests/test_contribution checks the two agree)."""
+    asked = [("model", record.model), ("protocol", record.protocol), ("finish_reason", record.finish_reason)]
+    asked += [(name, extra[name]) for name in shape.extra_labels if extra.get(name)]
+    if record.billing is not None:
+        asked += [("fee_item", item.code) for item in record.billing.fee_items]
+    return asked
 
 
 def contribution(

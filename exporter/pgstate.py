@@ -20,6 +20,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from exporter.contribution import DAILY_METRICS
+from exporter.coordination import Coordination, SharedCoordination
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
 from exporter.store import (
@@ -46,13 +47,18 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Taken (in the migrating transaction) by whoever migrates, so replicas starting together migrate once.
 MIGRATE_LOCK = 0x7A6D7801
-# Held for the whole session by the leading exposer.
-LEADER_LOCK = 0x7A6D7802
 CONNECT_TIMEOUT_SECONDS = 5
+# The server-side bounds every connection sets (state.statement_timeout_seconds, state.lock_timeout_seconds,
+# state.idle_in_transaction_timeout_seconds): a process frozen inside a transaction (SIGSTOP, a stalled node)
+# loses its session, and its locks, after the last; whoever waits on a lock gives up after the second.
 STATEMENT_TIMEOUT_SECONDS = 30.0
+LOCK_TIMEOUT_SECONDS = 2.0
+IDLE_IN_TRANSACTION_TIMEOUT_SECONDS = 5.0
+# A client gives up on a round trip this long after the server would have (a lost server, a partition).
+CLIENT_TIMEOUT_MARGIN_SECONDS = 5.0
 RECONNECT_INITIAL_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 30.0
 
@@ -113,17 +119,29 @@ CREATE VIEW generations (id, status, source, labels, first_seen, due, attempts, 
     SELECT id, 0::smallint, source, labels, first_seen, due, attempts, NULL FROM queue
     UNION ALL SELECT id, status, NULL, NULL, NULL, NULL, attempts, finished FROM finished;
 """
-
-ENQUEUE = """
-INSERT INTO queue (id, source, labels, first_seen, due)
-SELECT u.id, %(source)s, u.labels, %(now)s, %(due)s FROM unnest(%(ids)s::text[], %(labels)s::text[]) AS u(id, labels)
-WHERE NOT EXISTS (SELECT 1 FROM finished f WHERE f.id = u.id)
-ON CONFLICT (id) DO NOTHING
-"""
-# Version 2: one checkpoint per generation of a file source's log (and the source's horizon) instead of one
+# Version 2: the database's clock as one function, and leadership as a lease row on it (River's leader table):
+# at most one holder at any instant the database sees, through a transaction-mode pooler too (a session
+# advisory lock is not: the pooler hands the session to others, and a dropped session leaves two leaders).
+# label_values: the label values the fleet names (metrics.max_models and max_label_values hold per fleet).
+# Version 3: one checkpoint per generation of a file source's log (and the source's horizon) instead of one
 # position per source; a position becomes the source's first checkpoint, unfinished, with no horizon yet.
+# instances: which live process holds each instance name.
 MIGRATIONS = {
     2: """
+CREATE FUNCTION zenmux_now() RETURNS float8 LANGUAGE sql STABLE PARALLEL SAFE
+    AS 'SELECT extract(epoch FROM statement_timestamp())::float8';
+CREATE TABLE leader (
+    name text PRIMARY KEY,
+    holder text NOT NULL,
+    expires float8 NOT NULL
+);
+CREATE TABLE label_values (
+    label text NOT NULL,
+    value text NOT NULL,
+    PRIMARY KEY (label, value)
+);
+""",
+    3: """
 CREATE TABLE checkpoints (
     instance text NOT NULL,
     source text NOT NULL,
@@ -159,6 +177,17 @@ INSERT INTO checkpoints
 DROP TABLE positions;
 """,
 }
+
+# zenmux_now() is the database's clock (one value for a whole statement): leases, due times and leadership are
+# compared on it, never on a process's wall clock (a skewed replica would take over live leases, or see ids due
+# early). A process hands the store delays; times it reads back come as ages, placed on its own clock.
+ENQUEUE = """
+INSERT INTO queue (id, source, labels, first_seen, due)
+SELECT u.id, %(source)s, u.labels, t.now, t.now + %(delay)s
+FROM unnest(%(ids)s::text[], %(labels)s::text[]) AS u(id, labels), (SELECT zenmux_now() AS now) t
+WHERE NOT EXISTS (SELECT 1 FROM finished f WHERE f.id = u.id)
+ON CONFLICT (id) DO NOTHING
+"""
 # An instance name is held by one live process: it renews its row every HOUSEKEEPING round; another process may
 # take the name over once the row is INSTANCE_TTL_SECONDS old (database clock), or at once when the holder is a
 # process of this host's PID namespace that is gone (a restart after kill -9).
@@ -185,12 +214,16 @@ ON CONFLICT (instance, source, generation) DO UPDATE SET head = excluded.head, t
 # Ids and checkpoint in one statement: one round trip, one transaction.
 ENQUEUE_WITH_CHECKPOINT = f"WITH saved AS ({SAVE_CHECKPOINT}) {ENQUEUE}"
 CLAIM = """
-UPDATE queue q SET claimed_by = %(me)s, lease_until = %(until)s
-FROM (SELECT id FROM queue WHERE due <= %(now)s AND (lease_until <= %(now)s OR claimed_by = %(me)s)
+UPDATE queue q SET claimed_by = %(me)s, lease_until = zenmux_now() + %(lease)s
+FROM (SELECT id FROM queue WHERE due <= zenmux_now() AND (lease_until <= zenmux_now() OR claimed_by = %(me)s)
       AND id <> ALL(%(exclude)s::text[])
       ORDER BY due LIMIT %(limit)s FOR UPDATE SKIP LOCKED) c
 WHERE q.id = c.id
-RETURNING q.id, q.source, q.labels, q.first_seen, q.attempts, q.due
+RETURNING q.id, q.source, q.labels, zenmux_now() - q.first_seen, q.attempts, q.due
+"""
+NEXT_DUE = """
+SELECT due - zenmux_now() FROM queue WHERE (lease_until <= zenmux_now() OR claimed_by = %(me)s)
+AND id <> ALL(%(exclude)s::text[]) ORDER BY due LIMIT 1
 """
 # Deltas are added in the database (rows locked in key order, so two settlements never deadlock each other).
 ADD_TO_LEDGER = """
@@ -207,8 +240,11 @@ ON CONFLICT (metric, labels) DO UPDATE SET
 """
 # Ended ids leave the queue and enter finished in one statement; the rows say which ids are newly finished
 # (those count) and how many left the queue (the second column, on every row; a lone NULL id when none is new).
+# Fenced by the lease: an id another replica holds a live claim on is that replica's to settle (a resolver
+# paused past its lease must not end it, say "abandoned, no cost" over the holder's result with cost).
 END = """
-WITH gone AS (DELETE FROM queue WHERE id = ANY(%(ids)s::text[]) RETURNING id, attempts),
+WITH gone AS (DELETE FROM queue WHERE id = ANY(%(ids)s::text[])
+              AND (claimed_by = %(me)s OR claimed_by IS NULL OR lease_until <= zenmux_now()) RETURNING id, attempts),
 ended AS (
     INSERT INTO finished (id, status, attempts, finished)
     SELECT g.id, u.status, g.attempts + 1, %(now)s
@@ -218,9 +254,9 @@ ended AS (
 SELECT e.id, (SELECT count(*) FROM gone) FROM (SELECT NULL::text AS id UNION ALL SELECT id FROM ended) e
 """
 RETRY = """
-UPDATE queue SET due = u.due, attempts = u.attempts, claimed_by = NULL, lease_until = 0
-FROM unnest(%(ids)s::text[], %(due)s::float8[], %(attempts)s::int4[]) AS u(id, due, attempts)
-WHERE queue.id = u.id AND (queue.claimed_by = %(me)s OR queue.claimed_by IS NULL OR queue.lease_until <= %(now)s)
+UPDATE queue SET due = zenmux_now() + u.delay, attempts = u.attempts, claimed_by = NULL, lease_until = 0
+FROM unnest(%(ids)s::text[], %(delay)s::float8[], %(attempts)s::int4[]) AS u(id, delay, attempts)
+WHERE queue.id = u.id AND (queue.claimed_by = %(me)s OR queue.claimed_by IS NULL OR queue.lease_until <= zenmux_now())
 RETURNING queue.id
 """
 TAKE_TOKENS = """
@@ -234,9 +270,38 @@ PAUSE = """
 UPDATE rate_limit SET paused_until = greatest(paused_until, extract(epoch FROM clock_timestamp()) + %s)
 WHERE name = 'zenmux'
 """
+# The next cursor comes from the snapshot that read the rows, in the same statement (with no row changed, one
+# row of NULLs carries it): a second statement's newer snapshot could pass a settlement committed in between.
+# Names the values wanted while their label has room (each label's admissions one at a time: a transaction
+# lock per label, taken in order), and answers every wanted value that is named, now or before. The final
+# SELECT does not see the rows this statement inserts (one snapshot): both are returned.
+LOCK_LABELS = "SELECT pg_advisory_xact_lock(hashtext('zenmux-label:' || l)) FROM unnest(%s::text[]) l ORDER BY l"
+ADMIT_LABELS = """
+WITH wanted AS (SELECT * FROM unnest(%(labels)s::text[], %(values)s::text[], %(caps)s::int8[]) AS w(label, value, cap)),
+fresh AS (
+    SELECT w.label, w.value, w.cap, row_number() OVER (PARTITION BY w.label ORDER BY w.value) AS n FROM wanted w
+    WHERE NOT EXISTS (SELECT 1 FROM label_values v WHERE v.label = w.label AND v.value = w.value)
+),
+used AS (SELECT label, count(*) AS n FROM label_values WHERE label = ANY(%(labels)s::text[]) GROUP BY label),
+added AS (
+    INSERT INTO label_values SELECT f.label, f.value FROM fresh f LEFT JOIN used u ON u.label = f.label
+    WHERE coalesce(u.n, 0) + f.n <= f.cap ON CONFLICT DO NOTHING RETURNING label, value
+)
+SELECT label, value FROM added
+UNION SELECT w.label, w.value FROM wanted w JOIN label_values v ON v.label = w.label AND v.value = w.value
+"""
+# Takes the lead, or renews it, unless another holds a lease that has not run out.
+LEAD = """
+INSERT INTO leader AS l (name, holder, expires) VALUES ('exposers', %(me)s, zenmux_now() + %(lease)s)
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires
+WHERE l.holder = excluded.holder OR l.expires <= zenmux_now()
+RETURNING holder
+"""
+STEP_DOWN = "DELETE FROM leader WHERE name = 'exposers' AND holder = %s"
 LEDGER_CHANGES = """
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text, metric, labels, counter, buckets, total
-FROM ledger WHERE changed >= %s::xid8
+SELECT h.horizon, l.metric, l.labels, l.counter, l.buckets, l.total
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon) h
+LEFT JOIN ledger l ON l.changed >= %s::xid8
 """
 
 
@@ -275,7 +340,11 @@ class PostgresStore:
         instance: str,
         max_pending: int,
         lease_seconds: float,
+        statement_timeout: float = STATEMENT_TIMEOUT_SECONDS,
+        lock_timeout: float = LOCK_TIMEOUT_SECONDS,
+        idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.max_pending = max_pending
         self.instance = instance
@@ -283,11 +352,16 @@ class PostgresStore:
         self._url = url
         self._password = password
         self._lease = lease_seconds
+        self._bounds = {
+            "statement_timeout": f"{round(statement_timeout * 1000)}ms",
+            "lock_timeout": f"{round(lock_timeout * 1000)}ms",
+            "idle_in_transaction_session_timeout": f"{round(idle_in_transaction_timeout * 1000)}ms",
+        }
+        self._client_timeout = statement_timeout + CLIENT_TIMEOUT_MARGIN_SECONDS
         self._monotonic = monotonic
+        self._wall = wall
         self._secrets = [str(s) for s in (password, conninfo_to_dict(url).get("password")) if s]
         self._db: psycopg.AsyncConnection[Any] | None = None
-        self._leader: psycopg.AsyncConnection[Any] | None = None
-        self._leading = False
         self._lock = asyncio.Lock()
         self._reconnect_at = 0.0
         self._reconnect_wait = RECONNECT_INITIAL_SECONDS
@@ -311,17 +385,35 @@ class PostgresStore:
 
     @classmethod
     async def open(
-        cls, url: str, *, password: str | None, instance: str, max_pending: int, lease_seconds: float
+        cls,
+        url: str,
+        *,
+        password: str | None,
+        instance: str,
+        max_pending: int,
+        lease_seconds: float,
+        statement_timeout: float = STATEMENT_TIMEOUT_SECONDS,
+        lock_timeout: float = LOCK_TIMEOUT_SECONDS,
+        idle_in_transaction_timeout: float = IDLE_IN_TRANSACTION_TIMEOUT_SECONDS,
     ) -> PostgresStore:
         """Connects, creates or migrates the schema and counts the queue; raises StateError if it cannot."""
-        store = cls(url, password=password, instance=instance, max_pending=max_pending, lease_seconds=lease_seconds)
+        store = cls(
+            url,
+            password=password,
+            instance=instance,
+            max_pending=max_pending,
+            lease_seconds=lease_seconds,
+            statement_timeout=statement_timeout,
+            lock_timeout=lock_timeout,
+            idle_in_transaction_timeout=idle_in_transaction_timeout,
+        )
         await store.refresh()
         return store
 
     # --- connections and errors ---------------------------------------------------------------------------
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        return await psycopg.AsyncConnection.connect(
+        db = await psycopg.AsyncConnection.connect(
             self._url,
             password=self._password,
             autocommit=True,
@@ -333,6 +425,23 @@ class PostgresStore:
             keepalives_interval=5,
             keepalives_count=3,
         )
+        # Set per session, not as startup options (which poolers refuse); behind a transaction-mode pooler the
+        # role's own settings (ALTER ROLE ... SET) are what holds: docs/fleet.md says so.
+        try:
+            await asyncio.wait_for(
+                db.execute(
+                    "SELECT set_config('statement_timeout', %(statement_timeout)s, false), "
+                    "set_config('lock_timeout', %(lock_timeout)s, false), "
+                    "set_config('idle_in_transaction_session_timeout', %(idle_in_transaction_session_timeout)s, false)",
+                    self._bounds,
+                ),
+                self._client_timeout,
+            )
+        except BaseException:
+            with contextlib.suppress(psycopg.Error, OSError):
+                await db.close()
+            raise
+        return db
 
     def _error(self, operation: str, err: BaseException) -> StateError:
         detail = " ".join((str(err).strip() or type(err).__name__).split())  # libpq's hint lines: one log line
@@ -356,7 +465,7 @@ class PostgresStore:
                     try:
                         db = self._db = await self._connect()
                         if not self._migrated:  # the first connection creates or checks the schema
-                            await asyncio.wait_for(self._migrate(db), STATEMENT_TIMEOUT_SECONDS)
+                            await asyncio.wait_for(self._migrate(db), self._client_timeout)
                             self._migrated = True
                         await asyncio.wait_for(self._hold_instance(db), STATEMENT_TIMEOUT_SECONDS)
                     except BaseException as err:
@@ -369,7 +478,7 @@ class PostgresStore:
                     if self.problem is not None:
                         log.info("%s: connected again", self._where)
                     self._reconnect_wait = RECONNECT_INITIAL_SECONDS
-                result = await asyncio.wait_for(work(db), STATEMENT_TIMEOUT_SECONDS)
+                result = await asyncio.wait_for(work(db), self._client_timeout)
             except StateError:
                 raise
             except (psycopg.Error, OSError, TimeoutError) as err:
@@ -435,16 +544,16 @@ class PostgresStore:
 
     async def close(self) -> None:
         async with self._lock:
-            if self._db is not None and not self._db.closed:  # the name is free for the next process at once
+            db = self._db
+            if db is not None and not db.closed:
+                # A leader that stops hands over now, not when its lease runs out (a no-op for the others), and
+                # the instance name is free for the next process at once.
                 with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
-                    await asyncio.wait_for(self._db.execute(
+                    await asyncio.wait_for(db.execute(STEP_DOWN, (self.instance,)), RELEASE_TIMEOUT_SECONDS)
+                    await asyncio.wait_for(db.execute(
                         "DELETE FROM instances WHERE instance = %s AND owner = %s", (self.instance, self._me.owner)
                     ), RELEASE_TIMEOUT_SECONDS)
             await self._drop()
-        leader, self._leader = self._leader, None
-        if leader is not None:
-            with contextlib.suppress(psycopg.Error, OSError):
-                await leader.close()
 
     async def _migrate(self, db: psycopg.AsyncConnection[Any]) -> None:
         async with db.transaction():
@@ -458,13 +567,11 @@ class PostgresStore:
                     await db.execute(MIGRATIONS[step])
                 await db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
                 log.info("%s: created the state schema (version %d)", self._where, SCHEMA_VERSION)
-            elif version < SCHEMA_VERSION:
-                # The steps from `version` on, in this same transaction (DDL is transactional).
+            elif version < SCHEMA_VERSION:  # in this same transaction: DDL is transactional
                 for step in range(version + 1, SCHEMA_VERSION + 1):
                     await db.execute(MIGRATIONS[step])
                 await db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
-                log.info("%s: migrated the state schema from version %d to %d", self._where, version,
-                         SCHEMA_VERSION)
+                log.info("%s: migrated the state schema from version %d to %d", self._where, version, SCHEMA_VERSION)
             elif version > SCHEMA_VERSION:
                 raise StateError(
                     f"{self._where}: schema version {version}, this exporter reads {SCHEMA_VERSION}: "
@@ -491,8 +598,7 @@ class PostgresStore:
             fresh.setdefault(sighting.id, sighting.labels)
         params: dict[str, Any] = {
             "source": source,
-            "now": now,
-            "due": due,
+            "delay": due - now,
             "ids": list(fresh),
             "labels": [_labels_text(labels) for labels in fresh.values()],
         }
@@ -572,33 +678,29 @@ class PostgresStore:
         """Claims up to `limit` due ids for this instance until now + lease_seconds."""
         if limit <= 0:
             return []
-        params = {"me": self.instance, "until": now + self._lease, "now": now, "exclude": list(exclude),
-                  "limit": limit}
+        params = {"me": self.instance, "lease": self._lease, "exclude": list(exclude), "limit": limit}
 
         async def work(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
             return await (await db.execute(CLAIM, params)).fetchall()
 
         rows = await self._call("due", work)
         rows.sort(key=lambda row: row[5])
-        return [PendingId(row[0], row[1], _labels_value(row[2]), row[3], row[4]) for row in rows]
+        # first_seen comes back as an age: placed on the caller's clock, which judges the give-up horizon.
+        return [PendingId(row[0], row[1], _labels_value(row[2]), now - row[3], row[4]) for row in rows]
 
     async def next_due(self, now: float, exclude: set[str]) -> float | None:
         async def work(db: psycopg.AsyncConnection[Any]) -> float | None:
             # Walks the due index past the claimed rows (at most the fleet's lookups in flight).
-            cursor = await db.execute(
-                "SELECT due FROM queue WHERE (lease_until <= %(now)s OR claimed_by = %(me)s) "
-                "AND id <> ALL(%(exclude)s::text[]) ORDER BY due LIMIT 1",
-                {"now": now, "me": self.instance, "exclude": list(exclude)},
-            )
+            cursor = await db.execute(NEXT_DUE, {"me": self.instance, "exclude": list(exclude)})
             row = await cursor.fetchone()
-            return None if row is None or row[0] is None else float(row[0])
+            return None if row is None or row[0] is None else now + float(row[0])
 
         return await self._call("due", work)
 
     async def oldest_pending(self) -> float | None:
         async def work(db: psycopg.AsyncConnection[Any]) -> float | None:
-            row = await (await db.execute("SELECT min(first_seen) FROM queue")).fetchone()
-            return None if row is None or row[0] is None else float(row[0])
+            row = await (await db.execute("SELECT zenmux_now() - min(first_seen) FROM queue")).fetchone()
+            return None if row is None or row[0] is None else self._wall() - float(row[0])
 
         return await self._call("oldest", work)
 
@@ -618,8 +720,12 @@ class PostgresStore:
         async def work(db: psycopg.AsyncConnection[Any]) -> tuple[list[Settlement], int]:
             applied: list[Settlement] = []
             removed = 0
-            # Pipelined: BEGIN and the statements whose results are not read go out with the next that is.
+            retried: psycopg.AsyncCursor[Any] | None = None
+            # Pipelined: BEGIN and the statements whose results are not read go out with the next that is. The
+            # ledger rows (which every resolver updates) are locked last: their update and the COMMIT go out
+            # together, so no round trip, and no pause of this process, falls while they are held.
             async with db.pipeline(), db.transaction():
+                deltas_rows: list[dict[str, Any]] = []
                 if ending:
                     ids = list(ending)
                     cursor = await db.execute(
@@ -628,6 +734,7 @@ class PostgresStore:
                             "ids": ids,
                             "statuses": [DONE if isinstance(ending[i], Resolved) else ABANDONED for i in ids],
                             "now": now,
+                            "me": self.instance,
                         },
                     )
                     rows = await cursor.fetchall()
@@ -640,7 +747,7 @@ class PostgresStore:
                             applied.append(ended)
                             if ended.contribution is not None:
                                 deltas.add(overlay, ended.contribution)
-                    deltas_rows: list[dict[str, Any]] = [
+                    deltas_rows = [
                         {"metric": m, "labels": json.dumps(labels), "counter": v, "buckets": None, "total": None}
                         for (m, labels), v in itertools.chain(overlay.counters.items(), overlay.daily.items())
                     ]
@@ -649,21 +756,21 @@ class PostgresStore:
                          "total": h.sum}
                         for (m, labels), h in overlay.histograms.items()
                     ]
-                    if deltas_rows:
-                        await db.execute(ADD_TO_LEDGER, (json.dumps(deltas_rows),))
                 if retries:
                     ids = list(retries)
-                    cursor = await db.execute(
+                    retried = await db.execute(
                         RETRY,
                         {
                             "ids": ids,
-                            "due": [retries[i].due for i in ids],
+                            "delay": [retries[i].due - now for i in ids],
                             "attempts": [retries[i].attempts for i in ids],
                             "me": self.instance,
-                            "now": now,
                         },
                     )
-                    applied.extend(retries[row[0]] for row in await cursor.fetchall())
+                if deltas_rows:
+                    await db.execute(ADD_TO_LEDGER, (json.dumps(deltas_rows),))
+            if retried is not None:  # read once committed: reading it inside would hold the ledger rows a round trip
+                applied.extend(retries[row[0]] for row in await retried.fetchall())
             return applied, removed
 
         applied, removed = await self._call("settle", work)
@@ -731,18 +838,13 @@ class PostgresStore:
         return [_row(*row) for row in await self._call("ledger", work)]
 
     async def ledger_changes(self) -> list[LedgerRow]:
-        async def work(db: psycopg.AsyncConnection[Any]) -> tuple[str | None, list[tuple[Any, ...]]]:
-            cursor = await db.execute(LEDGER_CHANGES, (self._cursor,))
-            rows = await cursor.fetchall()
-            if rows:
-                return rows[0][0], rows
-            horizon = await (await db.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")).fetchone()
-            return None if horizon is None else horizon[0], []
+        async def work(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            return await (await db.execute(LEDGER_CHANGES, (self._cursor,))).fetchall()
 
-        horizon, rows = await self._call("ledger", work)
-        if horizon is not None:
-            self._cursor = horizon
-        return [_row(*row[1:]) for row in rows]
+        rows = await self._call("ledger", work)
+        if rows:
+            self._cursor = rows[0][0]
+        return [_row(*row[1:]) for row in rows if row[1] is not None]
 
     async def drop_daily_outside(self, first: str, last: str) -> int:
         async def work(db: psycopg.AsyncConnection[Any]) -> int:
@@ -788,6 +890,24 @@ class PostgresStore:
 
     # --- the fleet ----------------------------------------------------------------------------------------
 
+    def coordination(self) -> Coordination:
+        return SharedCoordination(self)
+
+    async def admit_labels(self, wanted: Sequence[tuple[str, str, int]]) -> set[tuple[str, str]]:
+        """Which of the (label, value, cap) wanted the fleet names: those named already, and new ones while
+        their label holds fewer than `cap` values; the rest become "other" on every resolver."""
+        if not wanted:
+            return set()
+        labels, values, caps = (list(column) for column in zip(*wanted, strict=True))
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> list[tuple[Any, ...]]:
+            async with db.pipeline(), db.transaction():
+                await db.execute(LOCK_LABELS, (sorted(set(labels)),))
+                cursor = await db.execute(ADMIT_LABELS, {"labels": labels, "values": values, "caps": caps})
+                return await cursor.fetchall()
+
+        return {(str(row[0]), str(row[1])) for row in await self._call("labels", work)}
+
     async def take_tokens(self, wanted: int, rate: float, burst: float) -> Grant:
         async def work(db: psycopg.AsyncConnection[Any]) -> tuple[Any, ...] | None:
             cursor = await db.execute(TAKE_TOKENS, {"wanted": wanted, "rate": rate, "burst": burst})
@@ -802,30 +922,16 @@ class PostgresStore:
 
         await self._call("rate_limit", work)
 
-    async def try_lead(self) -> bool:
-        """Leads while a dedicated session holds the leader lock; a lost session lets another exposer lead.
-        A follower keeps its session and asks for the lock again on each call."""
-        try:
-            if self._leader is None or self._leader.closed:
-                self._leading = False
-                self._leader = await self._connect()
-            if self._leading:
-                await asyncio.wait_for(self._leader.execute("SELECT 1"), STATEMENT_TIMEOUT_SECONDS)
-                return True
-            cursor = await asyncio.wait_for(
-                self._leader.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)), STATEMENT_TIMEOUT_SECONDS
-            )
-            row = await cursor.fetchone()
-            self._leading = row is not None and bool(row[0])
-            return self._leading
-        except (psycopg.Error, OSError, TimeoutError) as err:
-            self._error("leader election", err)  # logged there, once
-        self._leading = False
-        leader, self._leader = self._leader, None
-        if leader is not None:
-            with contextlib.suppress(psycopg.Error, OSError):
-                await leader.close()
-        return False
+    async def try_lead(self, lease_seconds: float) -> bool:
+        """Takes or renews the exposers' lead for `lease_seconds` on the database's clock: one statement on the
+        ordinary connection (a pooler may hand it any session). The caller stops leading, by its own clock,
+        once that time has passed since it asked without a renewal."""
+
+        async def work(db: psycopg.AsyncConnection[Any]) -> bool:
+            cursor = await db.execute(LEAD, {"me": self.instance, "lease": lease_seconds})
+            return await cursor.fetchone() is not None
+
+        return await self._call("leader election", work)
 
 
 @dataclass(frozen=True)

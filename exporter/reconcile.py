@@ -22,8 +22,8 @@ from exporter.clock import Clock
 from exporter.config import ReconcileConfig
 from exporter.contribution import COST_UNITS_PER_USD, LabelLimiter
 from exporter.ledger import Ledger
+from exporter.pacing import TokenBucket
 from exporter.records import Outcome
-from exporter.resolver import TokenBucket
 from exporter.store import Store
 from exporter.telemetry import SelfMetrics
 

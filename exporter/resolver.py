@@ -9,14 +9,14 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Protocol
+from collections.abc import Coroutine, Mapping
+from typing import Any
 
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, Tracer
 
 from exporter.clock import Clock
 from exporter.config import ResolveConfig
-from exporter.contribution import Contribution, contribution
+from exporter.contribution import Contribution, contribution, labels_asked
 from exporter.ledger import Ledger
 from exporter.policy import Count, GiveUp, decide
 from exporter.records import GenerationRecord, LookupResult, Outcome
@@ -53,41 +53,8 @@ def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
     return labels
 
 
-class RateLimit(Protocol):
-    """Paces lookups: `acquire` returns when one more request may go (TokenBucket here, or the fleet's)."""
-
-    async def acquire(self) -> None: ...
-
-
-class TokenBucket:
-    """At most `rate` acquisitions a second on average, bursts up to `burst`.
-
-    It paces real requests, so it reads a monotonic clock and sleeps on the event loop; tests pass their own.
-    """
-
-    def __init__(
-        self,
-        rate: float,
-        burst: float,
-        *,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._tokens = burst
-        self._monotonic = monotonic
-        self._sleep = sleep
-        self._last = monotonic()
-
-    async def acquire(self) -> None:
-        now = self._monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate) - 1
-        self._last = now
-        if self._tokens < 0:
-            # The token is taken now and owed: wait until it has been earned. (Waiting and then checking again
-            # could spin on rounding: a wait of 1e-15 s may not move a float clock at all.)
-            await self._sleep(-self._tokens / self._rate)
+# Label values already in the ledger are named whatever the caps say now.
+SEEDED_CAP = 2**62
 
 
 class Resolver:
@@ -106,15 +73,15 @@ class Resolver:
         tracer: Tracer,
         clock: Clock,
         rng: random.Random,
-        rate_limit: RateLimit | None = None,
     ) -> None:
-        """`rate_limit` replaces the process's own token bucket (fleet mode: one limit for the account)."""
         self._state = state
         self._ledger = ledger
         self._client = client
         self._config = config
         self._concurrency = concurrency
-        self._bucket = rate_limit or TokenBucket(
+        # The state's coordination: in a fleet the rate limit, a 429's pause and the label caps are the fleet's.
+        self._coordination = state.coordination()
+        self._bucket = self._coordination.rate_limit(
             max_requests_per_second, max(1.0, min(max_requests_per_second, concurrency))
         )
         self._metrics = metrics
@@ -136,6 +103,8 @@ class Resolver:
         self._warned: set[str] = set()
         self.draining = False
         self._children: dict[Outcome, tuple[Any, Any]] = {}
+        self._admission = self._coordination.label_admission
+        self._labels_seeded = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -257,10 +226,14 @@ class Resolver:
             children[0].inc()
             # The health dashboard's lookup-duration panel shows exemplars: each links to its attempt's trace.
             children[1].observe(duration, exemplar_labels(pending.id, trace_id))
+            if self._admission is not None and result.record is not None and not await self._admit_labels(
+                result.record, pending
+            ):
+                return  # the fleet's caps cannot be asked: nothing written, the id is looked up again
             paused = self._paused_until
             self._settle(self._decide(pending, result, trace_id))
-            if self._paused_until > paused and self._state.shared:  # the limit is the account's: all pause
-                self._in_background(self._state.pause(self._paused_until - self._clock.time()))
+            if self._paused_until > paused:  # the limit is the account's: all pause
+                self._in_background(self._coordination.pause(self._paused_until - self._clock.time()))
         finally:
             self._inflight.pop(pending.id, None)
             self._metrics.inflight.set(len(self._inflight))
@@ -293,6 +266,36 @@ class Resolver:
         if decision.pause_until is not None:
             self._pause(decision.pause_until)
         return Retry(pending.id, decision.due, decision.attempts)
+
+    async def _admit_labels(self, record: GenerationRecord, pending: PendingId) -> bool:
+        """Has the fleet decide the label values of `record` this resolver has not seen decided (a round trip
+        only for those: a fleet's first sightings of a model, a feature, ...); False if it cannot be asked."""
+        assert self._admission is not None
+        limiter = self._ledger.limiter
+        try:
+            if not self._labels_seeded:
+                # What the ledger already names is named for good (a database from before the fleet's caps).
+                Ledger(self._ledger.shape, limiter).load(await self._state.ledger_rows())
+                await self._admission([(label, value, SEEDED_CAP) for label, value in limiter.known()])
+                self._labels_seeded = True
+            undecided = {
+                (label, value[: limiter.max_length])
+                for label, value in labels_asked(record, dict(pending.labels), self._ledger.shape)
+                if not limiter.decided(label, value)
+            }
+            if not undecided:
+                return True
+            wanted = [(label, value, limiter.cap(label)) for label, value in sorted(undecided)]
+            named = await self._admission(wanted)
+        except StateError as err:
+            self._state_error(err)
+            return False
+        for label, value, _cap in wanted:
+            if (label, value) in named:
+                limiter.remember(label, value)
+            else:
+                limiter.refuse(label, value)
+        return True
 
     def _contribution(self, record: GenerationRecord, pending: PendingId, trace_id: str | None) -> Contribution:
         extra: Mapping[str, str] = dict(pending.labels)

@@ -7,12 +7,12 @@ import fcntl
 import json
 import os
 import sqlite3
-import time
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
 from exporter.contribution import DAILY_METRICS
+from exporter.coordination import Coordination, LocalCoordination
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
 from exporter.store import (
@@ -23,7 +23,6 @@ from exporter.store import (
     Checkpoint,
     Enqueued,
     FileHistory,
-    Grant,
     LedgerRow,
     PendingId,
     Resolved,
@@ -503,15 +502,8 @@ class StateStore:
     async def refresh(self) -> None:
         """Nothing to re-count: `pending` is exact, this process being the queue's only writer."""
 
-    async def take_tokens(self, wanted: int, rate: float, burst: float) -> Grant:
-        # One process, one bucket: the resolver paces with its own TokenBucket; this only reports a pause.
-        return Grant(float(wanted), max(self._paused_until - time.monotonic(), 0.0))
-
-    async def pause(self, seconds: float) -> None:
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
-
-    async def try_lead(self) -> bool:
-        return True  # the only process of its state exposes its ledger
+    def coordination(self) -> Coordination:
+        return LocalCoordination()
 
     def _locate_pending(self, generation_id: str) -> bool:
         if fingerprint(generation_id) not in self._pending_ids:

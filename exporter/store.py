@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from exporter.contribution import Contribution
 from exporter.ids import Labels, Sighting
 from exporter.ledger import Ledger
+
+if TYPE_CHECKING:
+    from exporter.coordination import Coordination
 
 PENDING, DONE, ABANDONED = 0, 1, 2
 
@@ -254,16 +257,8 @@ class Store(Protocol):
         """Housekeeping: re-counts what `pending` reports (a shared queue changes under us)."""
         ...
 
-    async def take_tokens(self, wanted: int, rate: float, burst: float) -> Grant:
-        """Takes `wanted` lookups from the account's rate limit, shared by every resolver of the state."""
-        ...
-
-    async def pause(self, seconds: float) -> None:
-        """Pauses every resolver of the state for `seconds` (the API said 429/422)."""
-        ...
-
-    async def try_lead(self) -> bool:
-        """Whether this process leads the exposers (serves the business series); asked again periodically."""
+    def coordination(self) -> Coordination:
+        """What the processes of this state agree on (rate limit, pause, label values, the lead)."""
         ...
 
     async def close(self) -> None: ...

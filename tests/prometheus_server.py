@@ -63,7 +63,7 @@ def start_prometheus(tmp_path: Path, request: pytest.FixtureRequest) -> StartPro
     assert binary, "prometheus missing: run scripts/install-tools.sh (Debian package `prometheus`)"
     started = 0
 
-    def start(*targets: str) -> Prometheus:
+    def start(*targets: str, metric_relabel_configs: list[dict[str, Any]] | None = None) -> Prometheus:
         nonlocal started
         started += 1
         directory = tmp_path / ("prometheus" if started == 1 else f"prometheus-{started}")
@@ -72,7 +72,8 @@ def start_prometheus(tmp_path: Path, request: pytest.FixtureRequest) -> StartPro
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(path) for path in RULE_FILES],
             "scrape_configs": [
-                {"job_name": JOB, "scrape_interval": "1s", "static_configs": [{"targets": list(targets)}]}
+                {"job_name": JOB, "scrape_interval": "1s", "static_configs": [{"targets": list(targets)}],
+                 **({"metric_relabel_configs": metric_relabel_configs} if metric_relabel_configs else {})}
             ],
         }
         config_file = directory / "prometheus.yml"

@@ -1,12 +1,15 @@
 """Crash loop, fleet variant: on one PostgreSQL state, 2 ingest processes tailing logs rotated both ways (plus
-UDP), 3 resolvers and 1 exposer, all real processes, SIGKILLed at random (a resolver also while it holds
-claims), against the simulated API with faults. At the end the exposer's totals equal the API's ground truth
-for exactly the ids the fleet received, each counted once, and no logged id is missing.
+UDP), 3 resolvers and 2 exposers, all real processes, SIGKILLed at random (a resolver also while it holds
+claims, an exposer also while it leads), resolvers frozen (SIGSTOP) inside a transaction when one is caught
+and past their lease, PostgreSQL restarted with `-m immediate`, against the simulated API with faults. At the
+end the leading exposer's totals equal the API's ground truth for exactly the ids the fleet received, each
+counted once, and no logged id is missing.
 
 UDP ids sent around a kill of their ingest process may be lost (tests/test_crash.py accounts for that window
 id by id on one process); here every UDP id received is checked to be counted once.
 
-Default: 12 kills in about a minute. `pytest --soak` enlarges the loop (40 kills).
+Default: 12 faults (2 freezes and a database restart among them) in about a minute. `pytest --soak` enlarges
+the loop (40 faults, a third of them freezes and database restarts).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import pytest
 
 from exporter.simulate.api import totals
 from tests.crash_support import Run, Writer
+from tests.pg import Cluster
 from tests.support import (
     PAYG_KEY,
     api_process,
@@ -111,6 +115,24 @@ def member_config(tmp_path: Path, name: str, role: str, api_url: str, url: str, 
     return write_config(tmp_path / f"{name}.yaml", data)
 
 
+def in_transaction(url: str, instance: str) -> bool:
+    """Whether the resolver's session is inside a transaction right now (a claim, a settle)."""
+    with psycopg.connect(url) as db:
+        row = db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND xact_start IS NOT NULL",
+            (f"zenmux-exporter {instance}",),
+        ).fetchone()
+    return row is not None and row[0] > 0
+
+
+async def leader_of(exposers: list[Member], client: httpx.AsyncClient) -> Member | None:
+    for exposer in exposers:
+        text = await metrics_text(exposer.metrics_port, client)
+        if text is not None and value(text, "zenmux_exporter_expose_leader") == 1:
+            return exposer
+    return None
+
+
 def claims_held(url: str, instance: str) -> bool:
     """Whether the resolver holds claims on ids right now (claimed, lease running, not yet settled)."""
     with psycopg.connect(url) as db:
@@ -137,9 +159,12 @@ def read_fleet(url: str) -> tuple[dict[str, int], dict[str, tuple[int, int]], in
 
 
 async def test_a_fleet_counts_exactly_once_through_kill_9_of_any_member(
-    tmp_path: Path, pg_url: str, soak: bool
+    tmp_path: Path, pg_url: str, postgres: Cluster, soak: bool
 ) -> None:
     kills_wanted = 40 if soak else 12
+    # Which of the faults are not kills: resolvers frozen (the first past its lease), the database restarted.
+    freezes = set(range(1, kills_wanted, 4)) if soak else {1, 6}
+    restarts = set(range(3, kills_wanted, 10)) if soak else {4}
     seed = int(os.environ.get("CRASH_SEED", random.randrange(1 << 30)))
     print(f"fleet crash-loop seed: {seed} (rerun with CRASH_SEED={seed})", flush=True)
     rng = random.Random(seed)
@@ -159,7 +184,7 @@ async def test_a_fleet_counts_exactly_once_through_kill_9_of_any_member(
             members.append(Member(name, "ingest", member_config(tmp_path, name, "ingest", api.url, pg_url, port,
                                                                 logs, udp_port), tmp_path / f"{name}.log", port))
             writers.append(FleetWriter(run, logs, pg_url, name, api.url, udp_port, rng))
-        for role, count in (("resolve", 3), ("expose", 1)):
+        for role, count in (("resolve", 3), ("expose", 2)):
             for i in range(count):
                 name, port = f"{role}-{i}", free_port()
                 members.append(Member(name, role, member_config(tmp_path, name, role, api.url, pg_url, port),
@@ -175,10 +200,35 @@ async def test_a_fleet_counts_exactly_once_through_kill_9_of_any_member(
                     assert member.process is not None
                     await wait_ready(member.process, member.metrics_port, client)
                 writing = [asyncio.create_task(w.loop(stop_writing)) for w in writers]
-                for _ in range(kills_wanted):
+                exposers = [m for m in members if m.role == "expose"]
+                for fault in range(kills_wanted):
                     await asyncio.sleep(rng.uniform(0.2, 1.2))  # a random moment: this is what is under test
+                    if fault in restarts:
+                        postgres.stop("immediate")  # every session ends, mid-transaction or not
+                        postgres.start()
+                        kills["postgres_restart"] = kills.get("postgres_restart", 0) + 1
+                        continue
+                    if fault in freezes:
+                        frozen = rng.choice([m for m in members if m.role == "resolve"])
+                        assert frozen.process is not None
+                        inside = functools.partial(asyncio.to_thread, in_transaction, pg_url, frozen.name)
+                        how = "freeze_in_transaction"
+                        try:
+                            await wait_until(inside, timeout=3)
+                        except AssertionError:
+                            how = "freeze"
+                        frozen.process.send_signal(signal.SIGSTOP)
+                        # The first one stays frozen past its lease (3 s) and the server's idle bound (5 s).
+                        await asyncio.sleep(6.0 if fault == min(freezes) else rng.uniform(0.5, 2.0))
+                        frozen.process.send_signal(signal.SIGCONT)
+                        kills[how] = kills.get(how, 0) + 1
+                        continue
                     victim = rng.choice(members)
                     how = victim.role
+                    if victim.role == "expose" and rng.random() < 0.5:
+                        leader = await leader_of(exposers, client)
+                        if leader is not None:
+                            victim, how = leader, "expose_leading"
                     if victim.role == "resolve" and rng.random() < 0.5:
                         holding = functools.partial(asyncio.to_thread, claims_held, pg_url, victim.name)
                         with contextlib.suppress(AssertionError):
@@ -193,7 +243,15 @@ async def test_a_fleet_counts_exactly_once_through_kill_9_of_any_member(
                     await wait_ready(victim.process, victim.metrics_port, client)
                 stop_writing.set()
                 await asyncio.gather(*writing)
-                exposer = members[-1]
+                leading: list[Member] = []
+
+                async def led() -> bool:
+                    leader = await leader_of(exposers, client)
+                    leading[:] = [] if leader is None else [leader]
+                    return leader is not None
+
+                await wait_until(led, timeout=30, what="a leading exposer")
+                exposer = leading[0]
 
                 async def caught_up() -> bool:
                     ids, positions, queued = await asyncio.to_thread(read_fleet, pg_url)

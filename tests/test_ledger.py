@@ -6,7 +6,7 @@ import json
 
 from prometheus_client import CollectorRegistry
 
-from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution
+from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution, labels_asked
 from exporter.ledger import Ledger
 from exporter.records import Billing, FeeItem, GenerationRecord
 from tests.exposition_oracle import LedgerCollector
@@ -122,3 +122,26 @@ def test_changed_series_are_handed_out_once_per_format_and_can_be_given_back() -
     assert {key for key, _, _ in again} == text
     assert {key: value for key, value, _ in again}[cost_key] == 0.01
     assert {key for key, _, _ in ledger.take_changed(openmetrics=True)} == text
+
+
+class AskedLimiter(LabelLimiter):
+    """Records what contribution() asks, for comparison with labels_asked()."""
+
+    def __init__(self) -> None:
+        super().__init__(10, 10, 64)
+        self.asked: list[tuple[str, str]] = []
+
+    def value(self, label: str, raw: str) -> str:
+        self.asked.append((label, raw))
+        return super().value(label, raw)
+
+
+def test_labels_asked_lists_what_contribution_asks_the_limiter() -> None:
+    """A fleet's resolver has the database decide these values before contribution() uses them: a label
+    contribution() asks about and labels_asked() leaves out would be decided per resolver again."""
+    shape = LedgerShape(("feature", "team"))
+    for generation, extra in [(record(), {"feature": "chat"}), (record(billed=False), {}),
+                              (record("x/y", latency=None), {"feature": "chat", "team": "a"})]:
+        limiter = AskedLimiter()
+        contribution(generation, extra, shape, limiter, {})
+        assert sorted(limiter.asked) == sorted(labels_asked(generation, extra, shape))

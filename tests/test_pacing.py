@@ -7,8 +7,8 @@ from itertools import pairwise
 
 import pytest
 
+from exporter.pacing import TokenBucket
 from exporter.policy import backoff
-from exporter.resolver import TokenBucket
 from tests.support import FakeTime
 
 

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from exporter.contribution import LabelLimiter, LedgerShape
+from exporter.fleet import LEADER_LEASE_SECONDS, Exposer
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
 from exporter.pgstate import SCHEMA, SCHEMA_VERSION, PostgresStore, process_identity
-from exporter.store import Checkpoint, FileHistory, Resolved, Retry, StateError
+from exporter.store import DONE, Abandon, Checkpoint, FileHistory, PendingId, Resolved, Retry, StateError
 from tests.pg import Cluster
-from tests.support import one_generation, wait_until
+from tests.support import FakeTime, one_generation, wait_until
 
 OpenStore = Callable[..., Awaitable[PostgresStore]]
 
@@ -25,9 +30,11 @@ OpenStore = Callable[..., Awaitable[PostgresStore]]
 async def open_store(pg_url: str) -> AsyncIterator[OpenStore]:
     opened: list[PostgresStore] = []
 
-    async def open_store(instance: str, *, lease_seconds: float = 60, url: str = pg_url) -> PostgresStore:
+    async def open_store(
+        instance: str, *, lease_seconds: float = 60, url: str = pg_url, **bounds: float
+    ) -> PostgresStore:
         store = await PostgresStore.open(
-            url, password=None, instance=instance, max_pending=1000, lease_seconds=lease_seconds
+            url, password=None, instance=instance, max_pending=1000, lease_seconds=lease_seconds, **bounds
         )
         opened.append(store)
         return store
@@ -44,7 +51,7 @@ def ledger() -> Ledger:
 async def test_replicas_claim_disjoint_batches_and_a_dead_ones_claims_return_after_the_lease(
     open_store: OpenStore,
 ) -> None:
-    a, b = await open_store("resolver-a", lease_seconds=30), await open_store("resolver-b", lease_seconds=30)
+    a, b = await open_store("resolver-a", lease_seconds=1), await open_store("resolver-b", lease_seconds=30)
     await a.enqueue("src", [Sighting(f"id{i}") for i in range(10)], now=0, due=0)
     first = await a.due(now=1, limit=6, exclude=set())
     second = await b.due(now=1, limit=6, exclude=set())
@@ -52,10 +59,14 @@ async def test_replicas_claim_disjoint_batches_and_a_dead_ones_claims_return_aft
     assert not {p.id for p in first} & {p.id for p in second}
     in_flight = {p.id for p in second}  # what b's resolver passes: its own ids in flight
     assert await b.due(now=2, limit=10, exclude=in_flight) == []  # all claimed
-    # a dies holding its claims: once the lease ran out they are b's.
-    assert await b.due(now=30, limit=10, exclude=in_flight) == []
-    assert await b.next_due(30, in_flight) is None
-    taken_over = await b.due(now=31.5, limit=10, exclude=in_flight)
+    # a dies holding its claims: once the lease ran out (on the database's clock) they are b's.
+    taken_over: list[PendingId] = []
+
+    async def b_takes_over() -> bool:
+        taken_over.extend(await b.due(now=3, limit=10, exclude=in_flight))
+        return bool(taken_over)
+
+    await wait_until(b_takes_over, timeout=10, what="a's lease to run out")
     assert {p.id for p in taken_over} == {p.id for p in first}
     # a comes back with a retry for an id b now holds: b's claim stands.
     assert await a.settle([Retry(first[0].id, due=100, attempts=1)], ledger(), now=32) == []
@@ -63,6 +74,51 @@ async def test_replicas_claim_disjoint_batches_and_a_dead_ones_claims_return_aft
     await b.close()
     again = await open_store("resolver-b", lease_seconds=30)
     assert len(await again.due(now=33, limit=20, exclude=set())) == 10
+
+
+async def test_a_skewed_process_clock_neither_takes_over_live_leases_nor_sees_ids_due_early(
+    open_store: OpenStore,
+) -> None:
+    """Leases and due times are compared on the database's clock: a resolver whose clock runs an hour ahead
+    (or whose caller passes that time) claims nothing another holds, nor an id not yet due."""
+    a, skewed = await open_store("resolver-a", lease_seconds=60), await open_store("resolver-b", lease_seconds=60)
+    now = time.time()
+    await a.enqueue("src", [Sighting("held")], now=now, due=now)
+    await a.enqueue("src", [Sighting("later")], now=now, due=now + 600)
+    assert [p.id for p in await a.due(now=now, limit=10, exclude=set())] == ["held"]
+    ahead = now + 3600
+    assert await skewed.due(now=ahead, limit=10, exclude=set()) == []
+    # What is left is due in ~600 s, told on the caller's clock (skewed or not).
+    assert await skewed.next_due(ahead, set()) == pytest.approx(ahead + 600, abs=5)
+    # A retry's delay is kept whatever the caller's clock says: the id is not due at once on the database's.
+    behind = now - 3600
+    assert await a.settle([Retry("held", due=behind + 600, attempts=1)], ledger(), now=behind) != []
+    assert await skewed.due(now=ahead, limit=10, exclude=set()) == []
+    oldest = await a.oldest_pending()
+    assert oldest is not None and oldest == pytest.approx(now, abs=5)
+
+
+async def test_a_stale_resolvers_result_does_not_overwrite_the_lease_holders(open_store: OpenStore) -> None:
+    """A resolver paused past its lease comes back with "abandoned, no cost" for an id another replica has
+    claimed since: the holder's result with cost is the one counted."""
+    stale, holder = await open_store("stale", lease_seconds=1), await open_store("holder", lease_seconds=60)
+    exposer = await open_store("exposer")
+    await stale.enqueue("src", [Sighting("x")], now=0, due=0)
+    assert [p.id for p in await stale.due(now=0, limit=1, exclude=set())] == ["x"]
+    # The stale resolver is held (as by SIGSTOP) while its lease runs out and the holder claims the id.
+    claimed: list[PendingId] = []
+
+    async def holder_claims() -> bool:
+        claimed.extend(await holder.due(now=0, limit=1, exclude=set()))
+        return bool(claimed)
+
+    await wait_until(holder_claims, timeout=10, what="the stale lease to run out")
+    assert await stale.settle([Abandon("x", "gave_up")], ledger(), now=0) == []
+    assert len(await holder.settle([Resolved("x", one_generation(2.0))], ledger(), now=0)) == 1
+    book = ledger()
+    book.load(await exposer.ledger_rows())
+    assert book.value("zenmux_cost_usd") == 2.0 and book.value("zenmux_generations") == 1
+    assert await exposer.status("x") == DONE
 
 
 async def test_two_replicas_settling_one_id_count_it_once(open_store: OpenStore) -> None:
@@ -112,6 +168,105 @@ async def test_an_exposer_follows_every_replicas_settlements_incrementally(open_
     assert book.value("zenmux_generations") == 4 and book.value("zenmux_cost_usd") == 2.0
 
 
+# A resolver process frozen (SIGSTOP) inside a settle, with the ledger rows every settle updates locked.
+FROZEN_IN_A_SETTLE = """
+import asyncio, os, signal, sys
+from exporter.pgstate import PostgresStore
+
+async def main() -> None:
+    store = PostgresStore(sys.argv[1], password=None, instance="frozen", max_pending=10, lease_seconds=60,
+                          lock_timeout=0.5, idle_in_transaction_timeout=1.0)
+
+    async def work(db):
+        async with db.transaction():
+            await db.execute("UPDATE ledger SET changed = pg_current_xact_id()")
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    await store._call("settle", work)
+
+asyncio.run(main())
+"""
+
+
+def stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+async def test_a_resolver_frozen_inside_a_settle_stalls_the_others_at_most_the_configured_bound(
+    open_store: OpenStore, pg_url: str
+) -> None:
+    """Its session is ended by the server after state.idle_in_transaction_timeout_seconds, which frees the
+    rows; meanwhile the others wait at most state.lock_timeout_seconds per try (without the bounds they would
+    wait until the client gives up, and again at each try, for as long as the process stays frozen)."""
+    resolver = await open_store("resolver", lock_timeout=0.5, idle_in_transaction_timeout=1.0)
+    await resolver.enqueue("src", [Sighting("x"), Sighting("y")], now=0, due=0)
+    await resolver.settle([Resolved("x", one_generation(1.0))], ledger(), now=0)  # the ledger rows exist
+    frozen = subprocess.Popen([sys.executable, "-c", FROZEN_IN_A_SETTLE, pg_url])
+    try:
+        await wait_until(lambda: stopped(frozen.pid), what="the resolver frozen inside its settle")
+        errors: list[str] = []
+
+        async def settle_until_applied() -> None:
+            while True:
+                try:
+                    if await resolver.settle([Resolved("y", one_generation(1.0))], ledger(), now=1):
+                        return
+                except StateError as err:  # counted and retried, as the resolver does
+                    errors.append(str(err))
+
+        await asyncio.wait_for(settle_until_applied(), 20)
+        assert stopped(frozen.pid)  # still frozen: the server ended its session and freed its rows
+        assert errors and all("lock timeout" in error for error in errors)
+    finally:
+        frozen.kill()
+        frozen.wait()
+    book = ledger()
+    book.load(await resolver.ledger_rows())
+    assert book.value("zenmux_cost_usd") == 2.0 and book.value("zenmux_generations") == 2
+
+
+async def test_a_settlement_committed_while_the_exposer_reads_is_read_next_time(open_store: OpenStore) -> None:
+    """The exposer's next cursor comes from the snapshot that read the rows: a settlement that commits right
+    after that snapshot (here: as soon as the exposer's statement returns) is read on the next call, not
+    passed over by a newer snapshot's horizon (the series would stay short until it changed again)."""
+    exposer, resolver = await open_store("exposer"), await open_store("resolver")
+    await resolver.enqueue("src", [Sighting("x")], now=0, due=0)
+    assert await exposer.ledger_changes() == []
+    db = exposer._db
+    assert db is not None
+    execute = db.execute
+    settled: list[object] = []
+
+    async def execute_then_settle(*args: Any, **kwargs: Any) -> Any:
+        cursor = await execute(*args, **kwargs)
+        if not settled:  # once, between the exposer's statement and whatever the exposer does next
+            settled.extend(await resolver.settle([Resolved("x", one_generation(3.0))], ledger(), now=1))
+        return cursor
+
+    db.execute = execute_then_settle  # type: ignore[method-assign]
+    book = ledger()
+    book.load(await exposer.ledger_changes())
+    assert settled and book.value("zenmux_cost_usd") == 0.0  # committed after the read
+    book.load(await exposer.ledger_changes())
+    assert book.value("zenmux_cost_usd") == 3.0 and book.value("zenmux_generations") == 1
+
+
+async def test_label_values_are_admitted_for_the_fleet_up_to_the_cap(open_store: OpenStore) -> None:
+    """Resolvers asking at once for different new models never name more than the cap between them, and each
+    gets the same answer for the same value."""
+    stores = [await open_store(f"resolver-{i}") for i in range(4)]
+    answers = await asyncio.gather(*(
+        store.admit_labels([("model", f"m{i}", 2), ("model", f"m{i + 1}", 2), ("protocol", "chat", 5)])
+        for i, store in enumerate(stores)
+    ))
+    named = {value for answer in answers for label, value in answer if label == "model"}
+    assert len(named) == 2 and all(("protocol", "chat") in answer for answer in answers)
+    for i, answer in enumerate(answers):
+        assert {v for label, v in answer if label == "model"} == named & {f"m{i}", f"m{i + 1}"}
+    again = await stores[0].admit_labels([("model", value, 2) for value in ["m0", "m1", "m2", "m3", "m4"]])
+    assert {value for _, value in again} == named
+
+
 async def test_the_rate_limit_and_a_pause_are_shared(open_store: OpenStore) -> None:
     a, b = await open_store("a"), await open_store("b")
     first = await a.take_tokens(4, rate=1.0, burst=5.0)
@@ -124,12 +279,53 @@ async def test_the_rate_limit_and_a_pause_are_shared(open_store: OpenStore) -> N
 
 async def test_one_exposer_leads_and_another_takes_over_when_it_goes(open_store: OpenStore) -> None:
     a, b = await open_store("a"), await open_store("b")
-    assert await a.try_lead() is True
-    assert await b.try_lead() is False
-    assert await a.try_lead() is True and await b.try_lead() is False
-    await a.close()  # the server releases the lock when it has ended a's session, a moment later
-    await wait_until(b.try_lead, timeout=5, what="b to lead")
-    assert await b.try_lead() is True
+    assert await a.try_lead(60) is True
+    assert await b.try_lead(60) is False
+    assert await a.try_lead(60) is True and await b.try_lead(60) is False
+    await a.close()  # a leader that stops hands over at once
+    assert await b.try_lead(60) is True
+
+
+async def test_a_leader_that_stops_renewing_loses_the_lead_and_does_not_take_it_back(open_store: OpenStore) -> None:
+    """The lead is a lease on the database's clock: a leader frozen (or cut off) past it is replaced, and when
+    it comes back it follows; at no instant do two hold it."""
+    a, b = await open_store("a"), await open_store("b")
+    assert await a.try_lead(1) is True
+    assert await b.try_lead(1) is False  # a's lease is live
+    await wait_until(lambda: b.try_lead(60), timeout=10, what="a's lease to run out")
+    assert await a.try_lead(1) is False  # back from its pause: b leads
+    async with await psycopg.AsyncConnection.connect(store_url(a), autocommit=True) as db:
+        rows = await (await db.execute("SELECT holder FROM leader")).fetchall()
+    assert rows == [("b",)]
+
+
+async def test_an_exposer_stops_leading_by_its_own_clock_when_its_lease_ran_out(open_store: OpenStore) -> None:
+    """Frozen past its lease, a leader must not serve the fleet's series when it wakes, before it asks again."""
+    clock = FakeTime()
+    exposer = Exposer(await open_store("a"), ledger(), monotonic=clock.monotonic)
+    stop = asyncio.Event()
+    running = asyncio.create_task(exposer.run(stop))
+    try:
+        await wait_until(lambda: exposer.leading, what="the lead")
+        clock.now += LEADER_LEASE_SECONDS  # frozen that long (its loop has not run meanwhile)
+        assert not exposer.leading
+    finally:
+        stop.set()
+        await running
+
+
+async def test_a_version_1_database_is_migrated_in_place(open_store: OpenStore, pg_url: str) -> None:
+    await open_store("a")
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as db:  # back to version 1
+        await db.execute("DROP TABLE leader, label_values")
+        await db.execute("DROP FUNCTION zenmux_now() CASCADE")
+        await db.execute("DELETE FROM schema_version")
+        await db.execute("INSERT INTO schema_version VALUES (1)")
+    b = await open_store("b")
+    assert await b.try_lead(60) is True
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as db:
+        row = await (await db.execute("SELECT max(version) FROM schema_version")).fetchone()
+    assert row == (SCHEMA_VERSION,)
 
 
 async def test_positions_of_the_first_schema_become_checkpoints(open_store: OpenStore, pg_url: str) -> None:

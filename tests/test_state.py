@@ -4,6 +4,7 @@ settlement with the ledger, the bounded dedupe memory, file checkpoints."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,14 @@ from exporter.store import (
     Abandon,
     Checkpoint,
     FileHistory,
+    PendingId,
     Resolved,
     Retry,
     StateError,
     Store,
 )
 from tests.pg import OpenState
-from tests.support import one_generation
+from tests.support import one_generation, wait_until
 
 
 def ledger() -> Ledger:
@@ -56,7 +58,7 @@ async def test_an_id_seen_again_after_it_was_resolved_is_a_duplicate(open_state:
     # A file read again after a crash: finished ids, new ids and repeats, under several label sets.
     again = [Sighting("done", chat), Sighting("new1", chat), Sighting("gone", search), Sighting("new2", search),
              Sighting("new1", chat), Sighting("new3")]
-    result = await state.enqueue("src", again, now=2, due=3)
+    result = await state.enqueue("src", again, now=2, due=2)
     assert (result.accepted, result.duplicates, result.rejected) == (3, 3, 0)
     assert state.pending == 3
     assert sorted((p.id, p.labels) for p in await state.due(now=3, limit=10, exclude=set())) == [
@@ -101,12 +103,21 @@ async def test_settlements_add_up_in_the_ledger(open_state: OpenState) -> None:
 async def test_retry_and_abandon(open_state: OpenState) -> None:
     state = await open_state()
     book = ledger()
-    await state.enqueue("src", [Sighting("a"), Sighting("b")], now=0, due=0)
-    await state.settle([Retry("a", due=50, attempts=1), Abandon("b", "not_ready")], book, now=1)
-    assert [p.id for p in await state.due(now=10, limit=10, exclude=set())] == []
-    due = await state.due(now=50, limit=10, exclude=set())
+    # The real clock: PostgreSQL holds due times on its own clock, which tests cannot move.
+    start = time.time()
+    await state.enqueue("src", [Sighting("a"), Sighting("b")], now=start, due=start)
+    await state.settle([Retry("a", due=start + 1, attempts=1), Abandon("b", "not_ready")], book, now=start)
+    assert [p.id for p in await state.due(now=start, limit=10, exclude=set())] == []
+    assert await state.next_due(start, set()) == pytest.approx(start + 1, abs=0.5)
+    due: list[PendingId] = []
+
+    async def retried() -> bool:
+        due.extend(await state.due(now=time.time(), limit=10, exclude=set()))
+        return bool(due)
+
+    await wait_until(retried, what="the retry to be due")
     assert [(p.id, p.attempts) for p in due] == [("a", 1)]
-    assert await state.due(now=50, limit=10, exclude={"a"}) == []
+    assert await state.due(now=time.time(), limit=10, exclude={"a"}) == []
     assert await state.status("b") == ABANDONED and state.pending == 1
     assert (await persisted(state)).value("zenmux_generations") == 0
 
@@ -150,9 +161,12 @@ async def test_labels_and_checkpoints_round_trip(open_state: OpenState, tmp_path
 async def test_next_due_and_oldest_pending(open_state: OpenState) -> None:
     state = await open_state()
     assert await state.next_due(0, set()) is None and await state.oldest_pending() is None
-    await state.enqueue("src", [Sighting("a")], now=5, due=9)
-    await state.enqueue("src", [Sighting("b")], now=7, due=11)
-    assert await state.next_due(6, set()) == 9 and await state.oldest_pending() == 5
+    # The real clock: PostgreSQL holds times on its own clock, and answers on the caller's.
+    start = time.time()
+    await state.enqueue("src", [Sighting("a")], now=start, due=start + 4)
+    await state.enqueue("src", [Sighting("b")], now=start, due=start + 6)
+    assert await state.next_due(start, set()) == pytest.approx(start + 4, abs=0.5)
+    assert await state.oldest_pending() == pytest.approx(start, abs=0.5)
 
 
 async def test_one_state_file_is_used_by_one_process(tmp_path: Path) -> None:
