@@ -610,6 +610,18 @@ def exporter_health() -> Json:
                              "[$__interval]))", "{{source}} {{kind}}"),
                       target(f"sum by (source) (increase(zenmux_exporter_file_recovered_lines_total{{{SEL}}}"
                              "[$__interval]))", "{{source}} lines from copies", ref="B")], "short"), 8, 8)
+    L.add(timeseries("File generations", "Checkpoints kept per file source (one per generation of the log "
+                     "not yet expired), and per interval: checkpoints expired, rotated files skipped as history "
+                     "(older than what the source has read), files that begin as a known generation but differ "
+                     "(read as new ones: raise sources[].fingerprint_bytes if every file has a long fixed header).",
+                     [target(f"sum by (instance, source) (zenmux_exporter_file_checkpoints{{{SEL}}})",
+                             "{{instance}} {{source}} kept"),
+                      target(f"sum by (source) (increase(zenmux_exporter_file_checkpoints_expired_total{{{SEL}}}"
+                             "[$__interval]))", "{{source}} expired", ref="B"),
+                      target(f"sum by (source) (increase(zenmux_exporter_file_history_skipped_total{{{SEL}}}"
+                             "[$__interval]))", "{{source}} history skipped", ref="C"),
+                      target(f"sum by (source) (increase(zenmux_exporter_file_identity_conflicts_total{{{SEL}}}"
+                             "[$__interval]))", "{{source}} identity conflicts", ref="D")], "short"), 8, 8)
     L.add(timeseries("Label values folded into 'other'", "Values folded by a cardinality cap, by label. "
                      "Non-zero means a label (model, feature...) has more values than allowed.",
                      [target(f"sum by (label) (increase(zenmux_exporter_label_overflow_total{{{SEL}}}"
