@@ -317,8 +317,9 @@ async def test_an_exposer_stops_leading_by_its_own_clock_when_its_lease_ran_out(
 async def test_a_version_1_database_is_migrated_in_place(open_store: OpenStore, pg_url: str) -> None:
     await open_store("a")
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as db:  # back to version 1
-        await db.execute("DROP TABLE leader, label_values")
+        await db.execute("DROP TABLE leader, label_values, checkpoints, file_horizons, instances")
         await db.execute("DROP FUNCTION zenmux_now() CASCADE")
+        await db.execute(SCHEMA[SCHEMA.index("CREATE TABLE positions") : SCHEMA.index("CREATE TABLE ledger")])
         await db.execute("DELETE FROM schema_version")
         await db.execute("INSERT INTO schema_version VALUES (1)")
     b = await open_store("b")
