@@ -1,6 +1,7 @@
 """`make bench`: runs every workload, prints one table and writes the results as JSON under bench/results/.
 
-    python -m bench [--against REV] [--quick] [--only NAME ...] [--repeats N] [--results-dir DIR] [--keep]
+    python -m bench [--against REV] [--profile DIR] [--quick] [--only NAME ...] [--repeats N]
+                    [--results-dir DIR] [--keep]
 
 With `--against REV` every workload also runs on REV (a git worktree with its own venv, see bench/against.py)
 in the same run, interleaved: the workloads whose figure is a median of repetitions (file, resolve) alternate
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.against import Build, against, this_build
-from bench.common import Row, median
+from bench.common import PROFILE_ENV, Row, median
 from bench.workloads import REPEATED_OUTSIDE, THIS_ONLY, WORKLOADS, Context, ensure_mtail
 
 RESULTS = Path(__file__).parent / "results"
@@ -161,7 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (logs, state)")
     parser.add_argument("--against", metavar="REV", help="also run every workload on git revision REV, side by side")
+    parser.add_argument("--profile", metavar="DIR", type=Path,
+                        help="sample every exporter with py-spy from ready to exit: collapsed stacks in DIR")
     args = parser.parse_args(argv)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        os.environ[PROFILE_ENV] = str(args.profile.resolve())
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so every workload stops the processes it started.
         signal.signal(signal.SIGTERM, _interrupt)

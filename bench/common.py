@@ -8,6 +8,7 @@ import re
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import yaml
 from bench.against import Build, this_build
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROFILE_ENV = "ZENMUX_BENCH_PROFILE"  # set by `--profile DIR`: every exporter started is sampled by py-spy
 API_KEY = "sk-ai-v1-demo"
 
 
@@ -72,9 +74,24 @@ class Proc:
             argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
         )
         self.pid = self.popen.pid
+        self.profiler: subprocess.Popen[bytes] | None = None
+
+    def profile(self, output: Path) -> None:
+        """Samples this process with py-spy (without stopping it) until it exits; collapsed stacks to `output`."""
+        py_spy = Path(sys.executable).parent / "py-spy"
+        self.profiler = subprocess.Popen(
+            [str(py_spy), "record", "--pid", str(self.pid), "--rate", "200", "--nonblocking", "--format", "raw",
+             "--output", str(output)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
 
     def cpu_seconds(self) -> float:
         return process_cpu_seconds(self.pid)
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
     def tree_cpu_seconds(self) -> float:
         """This process's CPU plus its live children's (and the reaped children's it waited for)."""
@@ -102,6 +119,11 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        if self.profiler is not None:
+            try:
+                self.profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                self.profiler.kill()
         self._log.close()
         return int(self.popen.returncode)
 
@@ -224,6 +246,9 @@ def start_exporter(
         metrics.close()
     if not proc.alive():
         raise RuntimeError(f"exporter exited at start:\n{proc.tail()}")
+    profiles = os.environ.get(PROFILE_ENV)
+    if profiles:  # --profile: from ready to exit, so start-up is not in it
+        proc.profile(Path(profiles) / f"{build.name}-{log.parent.name}-{proc.pid}.txt")
     return proc
 
 

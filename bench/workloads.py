@@ -386,7 +386,7 @@ def resolve(ctx: Context) -> list[Row]:
             proc = start_exporter(config, directory / "exporter.log", env, build=ctx.build)
             metrics = Metrics(port)
             try:
-                cpu0, api_cpu0 = proc.cpu_seconds(), api.tree_cpu_seconds()
+                cpu0, api_cpu0, split0 = proc.cpu_seconds(), api.tree_cpu_seconds(), proc.cpu_split()
                 started = time.monotonic()
                 append(log, data)
                 # Settled ids are counted in the database (read-only, costs the exporter nothing); the ledger
@@ -394,6 +394,7 @@ def resolve(ctx: Context) -> list[Row]:
                 finished = wait_for(partial(_finished, directory / "state.db", count), 600, "lookups", 0.05)
                 seconds = finished - started
                 cpu = proc.cpu_seconds() - cpu0
+                user, system = (b - a for a, b in zip(split0, proc.cpu_split(), strict=True))
                 api_cpu = api.tree_cpu_seconds() - api_cpu0
                 text = metrics.text()
                 if metrics.sum("zenmux_generations_total", text=text) != count:
@@ -403,6 +404,8 @@ def resolve(ctx: Context) -> list[Row]:
                     "seconds": seconds,
                     "exporter_cpu_ms_per_generation": cpu / count * 1000,
                     "exporter_cpu_utilisation": cpu / seconds,
+                    "exporter_user_ms_per_generation": user / count * 1000,
+                    "exporter_system_ms_per_generation": system / count * 1000,
                     "api_cpu_utilisation": api_cpu / seconds,
                     "api_cpu_us_per_lookup": api_cpu / count * 1e6,
                     "lookup_ms_mean_seen_by_exporter": 1000 * metrics.sum(
