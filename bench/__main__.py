@@ -182,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = Context(work, args.quick, repeats)
     results: dict[str, list[Row]] = {build.name: [] for build in builds}
     errors: dict[str, str] = {}
+    their_errors: dict[str, str] = {}
     started = time.time()
     try:
         for index, name in enumerate(names):
@@ -199,9 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     try:
                         runs[build.name].append(WORKLOADS[name](context))
                     except Exception:
-                        key = name if build.name == "this" else f"{name} on {build.name}"
-                        errors[key] = traceback.format_exc()
-                        print(f"{key} failed:\n{errors[key]}", file=sys.stderr, flush=True)
+                        # A workload the other revision cannot run (a feature it lacks) is its n/a, not a failure.
+                        failed = errors if build.name == "this" else their_errors
+                        failed[name] = traceback.format_exc()
+                        print(f"{name} on {build.name} failed:\n{failed[name]}", file=sys.stderr, flush=True)
             for build in builds:
                 results[build.name].extend(combine(runs[build.name]))
             print(f"  {name}: {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
@@ -221,7 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "rows": [dataclasses.asdict(row) for row in rows],
         "against": None if theirs is None else {
-            "rev": args.against, "commit": str(builds[1].name), "rows": [dataclasses.asdict(r) for r in theirs.values()]
+            "rev": args.against, "commit": str(builds[1].name),
+            "rows": [dataclasses.asdict(r) for r in theirs.values()],
+            "errors": their_errors,
         },
         "errors": errors,
     }
