@@ -500,7 +500,9 @@ class _H11Connection:
                 try:
                     layers = _layers(headers.get("content-encoding", ""), limit)
                 except BodyEncodingError as err:
-                    answer.problem = err
+                    # Without its traceback: this frame (and the connection's buffers) would be kept by a cycle
+                    # (error -> traceback -> frame -> answer -> error) until a full garbage collection.
+                    answer.problem = err.with_traceback(None)
                     return answer  # the connection is dropped: its body was not read
             elif isinstance(event, h11.Data):
                 assert answer is not None
@@ -515,7 +517,7 @@ class _H11Connection:
                     if len(body) > limit:
                         raise BodyTooLarge("decoded body over the limit")
                 except (BodyTooLarge, BodyEncodingError) as err:
-                    answer.problem = err
+                    answer.problem = err.with_traceback(None)  # no cycle through this frame, as above
                     return answer
             elif isinstance(event, h11.EndOfMessage):
                 assert answer is not None
