@@ -64,15 +64,15 @@ def checkout(rev: str, cache: Path) -> tuple[str, Path]:
     return commit, path
 
 
-def venv(root: Path, cache: Path) -> Path:
-    """A venv with `root`'s runtime dependencies (from its pyproject.toml), keyed by that file's hash."""
+def venv(root: Path, cache: Path, extra: tuple[str, ...] = ()) -> Path:
+    """A venv with `root`'s runtime dependencies (from its pyproject.toml) and `extra`, keyed by their hash."""
     pyproject = (root / "pyproject.toml").read_bytes()
-    key = hashlib.sha256(pyproject + sys.version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(pyproject + sys.version.encode() + repr(extra).encode()).hexdigest()[:16]
     path = cache / "venvs" / key
     python = path / "bin" / "python"
     marker = path / ".installed"
     if not marker.exists():
-        dependencies = tomllib.loads(pyproject.decode())["project"]["dependencies"]
+        dependencies = [*tomllib.loads(pyproject.decode())["project"]["dependencies"], *extra]
         _log(f"venv {path} ({len(dependencies)} dependencies)")
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(path)], check=True)
         # The benchmark's own helpers that run inside the revision (its bench/ and tests/support.py) need pytest
@@ -86,3 +86,12 @@ def against(rev: str) -> Build:
     cache = cache_dir()
     commit, root = checkout(rev, cache)
     return Build(commit[:7], str(venv(root, cache)), root)
+
+
+# The API peer's server (bench/fakeapi.py): kept out of the project's venv, where google-genai would use it.
+PEER_PACKAGES = ("aiohttp>=3.9,<4",)
+
+
+def peer_build() -> Build:
+    """This checkout's code with aiohttp beside its dependencies: what runs the benchmark's API peer."""
+    return Build("peer", str(venv(ROOT, cache_dir(), PEER_PACKAGES)), ROOT)

@@ -1,6 +1,6 @@
 """The benchmark's ZenMux API peer: the simulated API's answers served fast enough not to bound the exporter.
 
-    python -m bench.fakeapi --port P --preload N --ids-out FILE [--workers W] [--stats-dir DIR]
+    <peer venv>/bin/python -m bench.fakeapi --port P --preload N --ids-out FILE [--workers W] [--stats-dir DIR]
 
 The simulated API (exporter/simulate/) creates N billed generations; the answer to each one's lookup with the
 demo key (`GET /api/v1/generation?id=` and `/api/v1/management/generation?id=`) is computed once by the
@@ -26,8 +26,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-
-from aiohttp import web
+from typing import Any
 
 from exporter.simulate.api import GENERATION_PATH, MANAGEMENT_PATH, REQUEST_ID_HEADER, SimConfig, SimulatedZenMux
 from exporter.web import Request, Response
@@ -51,8 +50,11 @@ class Peer:
         self.handled = 0  # not a kept answer: the simulator's handler ran
         self.samples: list[float] = []
         self.auth = f"Bearer {DEMO_KEY}"
+        from aiohttp import web  # type: ignore[import-not-found, unused-ignore]  # only in the peer's venv
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self._response = web.Response
+
+    async def handle(self, request: Any) -> Any:  # aiohttp's BaseRequest and Response
         started = time.perf_counter()
         self.served += 1
         kept = self.answers.get((request.path, request.query.get("id", "")))
@@ -65,7 +67,7 @@ class Peer:
             answer_headers = dict(kept.headers)
         else:
             answer_headers = {**kept.headers, REQUEST_ID_HEADER: f"{self.prefix}{self.served}"}
-        response = web.Response(
+        response = self._response(
             status=kept.status, body=kept.body, headers={"Content-Type": kept.content_type, **answer_headers}
         )
         if len(self.samples) < MAX_SAMPLES:
@@ -74,6 +76,8 @@ class Peer:
 
 
 def _worker(sock: socket.socket, peer: Peer, stats_dir: Path | None) -> None:
+    from aiohttp import web  # type: ignore[import-not-found, unused-ignore]
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         runner = web.ServerRunner(web.Server(peer.handle, access_log=None), handle_signals=False)

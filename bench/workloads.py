@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from bench.against import Build, this_build
+from bench.against import Build, peer_build, this_build
 from bench.common import (
     API_KEY,
     Metrics,
@@ -337,10 +337,13 @@ def start_fake_api(directory: Path, preload: int) -> tuple[Proc, int, list[str]]
     ids_file = directory / "ids.txt"
     stats = directory / "peer-stats"
     stats.mkdir()
+    peer = peer_build()
     proc = Proc(
-        [sys.executable, "-m", "bench.fakeapi", "--port", str(port), "--preload", str(preload),
+        [peer.python, "-m", "bench.fakeapi", "--port", str(port), "--preload", str(preload),
          "--ids-out", str(ids_file), "--stats-dir", str(stats), "--workers", os.environ.get("BENCH_PEER_WORKERS", "2")],
         directory / "fakeapi.log",
+        peer.env(),
+        cwd=peer.root,
     )
     wait_for(lambda: "ready" in proc.log_path.read_text() or not proc.alive(), 120, "the simulated API")
     if not proc.alive():
