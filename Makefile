@@ -40,8 +40,12 @@ lint: $(BIN)/.installed
 test: $(BIN)/.installed $(SDK_PREV)/.installed tools js lint
 	$(BIN)/pytest -q
 
+# Every workload on this checkout and on BENCH_AGAINST (the previous release by default) side by side, with their
+# ratio: `make bench BENCH_AGAINST=<rev>` compares with another revision, `make bench BENCH_AGAINST=` runs this
+# checkout alone.
+BENCH_AGAINST ?= 14996f1
 bench: $(BIN)/.installed tools
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(if $(BENCH_AGAINST),--against $(BENCH_AGAINST))
 
 clean:
 	rm -rf $(VENV) $(SDK_PREV) $(JS)/node_modules .mypy_cache .pytest_cache .ruff_cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,8 +18,28 @@ from typing import Any
 import httpx
 import yaml
 
+from bench.against import Build, this_build
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROFILE_ENV = "ZENMUX_BENCH_PROFILE"  # set by `--profile DIR`: every exporter started is sampled by py-spy
 API_KEY = "sk-ai-v1-demo"
+
+
+def process_cpu_seconds(pid: int, children: bool = False) -> float:
+    """utime + stime from /proc (plus cutime + cstime, the reaped children's, with `children`)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / CLOCK_TICKS
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            out += [int(child) for child in (task / "children").read_text().split()]
+    return out
 
 
 @dataclass
@@ -43,18 +64,40 @@ def median(values: Sequence[float]) -> float:
 class Proc:
     """A child process with its CPU time and memory read from /proc."""
 
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
         self.log_path = log
         self._log = log.open("ab")
         self.started = time.monotonic()
         self.popen = subprocess.Popen(
-            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd
         )
         self.pid = self.popen.pid
+        self.profiler: subprocess.Popen[bytes] | None = None
+
+    def profile(self, output: Path) -> None:
+        """Samples this process with py-spy (without stopping it) until it exits; collapsed stacks to `output`."""
+        py_spy = Path(sys.executable).parent / "py-spy"
+        self.profiler = subprocess.Popen(
+            [str(py_spy), "record", "--pid", str(self.pid), "--rate", "200", "--nonblocking", "--format", "raw",
+             "--output", str(output)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
 
     def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.pid)
+
+    def cpu_split(self) -> tuple[float, float]:
+        """(user, system) CPU seconds."""
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+    def tree_cpu_seconds(self) -> float:
+        """This process's CPU plus its live children's (and the reaped children's it waited for)."""
+        return process_cpu_seconds(self.pid, children=True) + sum(
+            process_cpu_seconds(child) for child in children(self.pid)
+        )
 
     def memory_mb(self) -> dict[str, float]:
         """VmRSS (now) and VmHWM (peak) in MiB."""
@@ -76,6 +119,11 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+        if self.profiler is not None:
+            try:
+                self.profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                self.profiler.kill()
         self._log.close()
         return int(self.popen.returncode)
 
@@ -182,9 +230,16 @@ def exporter_config(
     return path
 
 
-def start_exporter(config: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 60.0) -> Proc:
-    """Runs `zenmux-exporter run` as production does and waits for /readyz."""
-    proc = Proc([sys.executable, "-m", "exporter", "run", "--config", str(config)], log, env)
+def start_exporter(
+    config: Path, log: Path, env: dict[str, str] | None = None, timeout: float = 60.0, build: Build | None = None
+) -> Proc:
+    """Runs `zenmux-exporter run` of `build` (this checkout by default) as production does and waits for
+    /readyz."""
+    build = build or this_build()
+    proc = Proc(
+        [build.python, "-m", "exporter", "run", "--config", str(config)], log, {**build.env(), **(env or {})},
+        cwd=build.root,
+    )
     port = int(yaml.safe_load(config.read_text())["metrics"]["listen"].rsplit(":", 1)[1])
     metrics = Metrics(port)
     try:
@@ -193,6 +248,9 @@ def start_exporter(config: Path, log: Path, env: dict[str, str] | None = None, t
         metrics.close()
     if not proc.alive():
         raise RuntimeError(f"exporter exited at start:\n{proc.tail()}")
+    profiles = os.environ.get(PROFILE_ENV)
+    if profiles:  # --profile: from ready to exit, so start-up is not in it
+        proc.profile(Path(profiles) / f"{build.name}-{log.parent.name}-{proc.pid}.txt")
     return proc
 
 

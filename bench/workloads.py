@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import os
 import random
 import shutil
 import sqlite3
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from bench.against import Build, peer_build, this_build
 from bench.common import (
     API_KEY,
     Metrics,
@@ -35,6 +37,7 @@ from bench.common import (
     udp_source,
     wait_for,
 )
+from bench.fakeapi import service_times
 from exporter.simulate.api import GENERATION_PATH, SimConfig, SimulatedZenMux
 from exporter.web import Request
 from tests.support import free_port  # one helper; bench runs from a checkout, as for tests.pg
@@ -56,6 +59,7 @@ class Context:
     work: Path
     quick: bool
     repeats: int
+    build: Build = field(default_factory=this_build)
     _serial: int = 0
 
     def fresh_dir(self, name: str) -> Path:
@@ -118,7 +122,7 @@ def _exporter_file_run(ctx: Context, data: bytes, count: int) -> dict[str, float
     log.touch()
     port = free_port()
     config = exporter_config(directory, api_url=ctx.dead_api, metrics_port=port, sources=[file_source(log)])
-    proc = start_exporter(config, directory / "exporter.log")
+    proc = start_exporter(config, directory / "exporter.log", build=ctx.build)
     metrics = Metrics(port)
     try:
         cpu0 = proc.cpu_seconds()
@@ -210,10 +214,10 @@ def file_ingest(ctx: Context) -> list[Row]:
             "file ingest",
             figure,
             "lines/s",
-            ">= 200000 and > mtail",
+            ">= 200000 and >= 2x mtail",
             reference,
             figure / reference,
-            figure >= 200_000 and figure > reference,
+            figure >= 200_000 and figure >= 2 * reference,
             [r["lines_per_second"] for r in ours],
             {
                 "lines": count,
@@ -235,7 +239,7 @@ def udp_trial(ctx: Context, rate: float, seconds: float, per: int) -> dict[str, 
     port = free_port()
     udp_port = free_port()
     config = exporter_config(directory, api_url=ctx.dead_api, metrics_port=port, sources=[udp_source(udp_port)])
-    proc = start_exporter(config, directory / "exporter.log")
+    proc = start_exporter(config, directory / "exporter.log", build=ctx.build)
     metrics = Metrics(port)
     try:
         cpu0 = proc.cpu_seconds()
@@ -302,7 +306,7 @@ def udp_ingest(ctx: Context) -> list[Row]:
     one, one_trials = _udp_search(ctx, 1, one_rates, seconds)
     many, many_trials = _udp_search(ctx, 20, many_rates, seconds)
     return [
-        Row("udp ingest, 1 id/datagram", one, "datagrams/s", ">= 50000", None, None, one >= 50_000, [one],
+        Row("udp ingest, 1 id/datagram", one, "datagrams/s", ">= 100000", None, None, one >= 100_000, [one],
             {"seconds": seconds, "trials": one_trials}),
         Row("udp ingest, 20 ids/datagram", many, "datagrams/s", "", None, None, None, [many],
             {"seconds": seconds, "ids_per_second": many * 20, "trials": many_trials}),
@@ -328,12 +332,18 @@ class _OtlpSink(BaseHTTPRequestHandler):
 
 
 def start_fake_api(directory: Path, preload: int) -> tuple[Proc, int, list[str]]:
+    """The API peer (bench/fakeapi.py: the simulator's answers, h11, two worker processes), preloaded."""
     port = free_port()
     ids_file = directory / "ids.txt"
+    stats = directory / "peer-stats"
+    stats.mkdir()
+    peer = peer_build()
     proc = Proc(
-        [sys.executable, "-m", "bench.fakeapi", "--port", str(port), "--preload", str(preload),
-         "--ids-out", str(ids_file)],
+        [peer.python, "-m", "bench.fakeapi", "--port", str(port), "--preload", str(preload),
+         "--ids-out", str(ids_file), "--stats-dir", str(stats), "--workers", os.environ.get("BENCH_PEER_WORKERS", "2")],
         directory / "fakeapi.log",
+        peer.env(),
+        cwd=peer.root,
     )
     wait_for(lambda: "ready" in proc.log_path.read_text() or not proc.alive(), 120, "the simulated API")
     if not proc.alive():
@@ -376,10 +386,10 @@ def resolve(ctx: Context) -> list[Row]:
                 max_rps=100_000.0,
                 tracing="otlp",
             )
-            proc = start_exporter(config, directory / "exporter.log", env)
+            proc = start_exporter(config, directory / "exporter.log", env, build=ctx.build)
             metrics = Metrics(port)
             try:
-                cpu0, api_cpu0 = proc.cpu_seconds(), api.cpu_seconds()
+                cpu0, api_cpu0, split0 = proc.cpu_seconds(), api.tree_cpu_seconds(), proc.cpu_split()
                 started = time.monotonic()
                 append(log, data)
                 # Settled ids are counted in the database (read-only, costs the exporter nothing); the ledger
@@ -387,6 +397,8 @@ def resolve(ctx: Context) -> list[Row]:
                 finished = wait_for(partial(_finished, directory / "state.db", count), 600, "lookups", 0.05)
                 seconds = finished - started
                 cpu = proc.cpu_seconds() - cpu0
+                user, system = (b - a for a, b in zip(split0, proc.cpu_split(), strict=True))
+                api_cpu = api.tree_cpu_seconds() - api_cpu0
                 text = metrics.text()
                 if metrics.sum("zenmux_generations_total", text=text) != count:
                     raise RuntimeError("settled generations are not all on /metrics")
@@ -395,7 +407,13 @@ def resolve(ctx: Context) -> list[Row]:
                     "seconds": seconds,
                     "exporter_cpu_ms_per_generation": cpu / count * 1000,
                     "exporter_cpu_utilisation": cpu / seconds,
-                    "api_cpu_utilisation": (api.cpu_seconds() - api_cpu0) / seconds,
+                    "exporter_user_ms_per_generation": user / count * 1000,
+                    "exporter_system_ms_per_generation": system / count * 1000,
+                    "api_cpu_utilisation": api_cpu / seconds,
+                    "api_cpu_us_per_lookup": api_cpu / count * 1e6,
+                    "lookup_ms_mean_seen_by_exporter": 1000 * metrics.sum(
+                        "zenmux_exporter_lookup_duration_seconds_sum", text=text
+                    ) / max(1.0, metrics.sum("zenmux_exporter_lookup_duration_seconds_count", text=text)),
                     "lookups_not_resolved": metrics.sum("zenmux_exporter_lookups_total", text=text)
                     - metrics.sum("zenmux_exporter_lookups_total", 'outcome="resolved"', text=text),
                     "peak_rss_mb": proc.memory_mb()["VmHWM"],
@@ -406,15 +424,25 @@ def resolve(ctx: Context) -> list[Row]:
     finally:
         api.stop()
         sink.shutdown()
+    peer = service_times(api_dir / "peer-stats")
     rate = median([r["lookups_per_second"] for r in runs])
     cpu_ms = median([r["exporter_cpu_ms_per_generation"] for r in runs])
+    api_share = median([r["api_cpu_utilisation"] for r in runs])
     details = {"generations": count, "concurrency": 64, "tracing": "otlp, sample ratio 1", "runs": runs,
-               "api_cpu_utilisation_median": median([r["api_cpu_utilisation"] for r in runs])}
+               "api_cpu_utilisation_median": api_share, "peer": peer}
     return [
-        Row("resolve: end-to-end lookups", rate, "lookups/s", ">= 1000", None, None, rate >= 1000,
+        Row("resolve: end-to-end lookups", rate, "lookups/s", ">= 2500", None, None, rate >= 2500,
             [r["lookups_per_second"] for r in runs], details),
-        Row("resolve: exporter CPU per generation", cpu_ms, "ms", "<= 0.5", None, None, cpu_ms <= 0.5,
+        Row("resolve: exporter CPU per generation", cpu_ms, "ms", "<= 0.25", None, None, cpu_ms <= 0.25,
             [r["exporter_cpu_ms_per_generation"] for r in runs], {}),
+        # The peer is not the limit when it has CPU to spare (its share of a core, all workers) and answers in
+        # microseconds (service time: request parsed to answer written).
+        Row("resolve: API peer CPU", api_share * 100, "% of a core", "", None, None, None,
+            [r["api_cpu_utilisation"] * 100 for r in runs],
+            {"cpu_us_per_lookup": median([r["api_cpu_us_per_lookup"] for r in runs]), **peer}),
+        Row("resolve: API peer service time p99", peer.get("service_us_p99", float("nan")), "us", "", None, None,
+            None, [], {"p50": peer.get("service_us_p50"), "lookup_ms_mean_seen_by_exporter": median(
+                [r["lookup_ms_mean_seen_by_exporter"] for r in runs])}),
     ]
 
 
@@ -471,7 +499,7 @@ def fleet(ctx: Context) -> list[Row]:
                     del text["state"]["path"]
                     text["roles"] = ["ingest", "resolve", "expose"] if i == 0 else ["resolve"]
                     config.write_text(yaml.safe_dump(text, sort_keys=False))
-                procs.append(start_exporter(config, member / "exporter.log"))
+                procs.append(start_exporter(config, member / "exporter.log", build=ctx.build))
                 ports.append(port)
             try:
                 cpu0 = sum(p.cpu_seconds() for p in procs)
@@ -514,11 +542,11 @@ def fleet(ctx: Context) -> list[Row]:
             Row(f"fleet: PostgreSQL, {resolvers} resolver(s), settled", r["generations_per_second"], "generations/s",
                 "-", None, None, None, [], r),
             Row(f"fleet: PostgreSQL, {resolvers} resolver(s), exporter CPU per generation vs SQLite",
-                r["exporter_cpu_ms_per_generation"] / sqlite_cpu, "x", "<= 1.5", None, None,
-                r["exporter_cpu_ms_per_generation"] <= 1.5 * sqlite_cpu, [], {}),
+                r["exporter_cpu_ms_per_generation"] / sqlite_cpu, "x", "<= 1.0", None, None,
+                r["exporter_cpu_ms_per_generation"] <= 1.0 * sqlite_cpu, [], {}),
             Row(f"fleet: PostgreSQL, {resolvers} resolver(s), PostgreSQL CPU per generation",
-                r["postgres_cpu_ms_per_generation"], "ms", "<= 0.5", None, None,
-                r["postgres_cpu_ms_per_generation"] <= 0.5, [], {}),
+                r["postgres_cpu_ms_per_generation"], "ms", "<= 0.15", None, None,
+                r["postgres_cpu_ms_per_generation"] <= 0.15, [], {}),
             Row(f"fleet: PostgreSQL, {resolvers} resolver(s), transactions per generation",
                 r["transactions_per_generation"], "", "< 1", None, None, r["transactions_per_generation"] < 1,
                 [], {}),
@@ -539,7 +567,7 @@ def backlog(ctx: Context) -> list[Row]:
     config = exporter_config(
         directory, api_url=ctx.dead_api, metrics_port=port, sources=[file_source(log)], billing_delay=3600.0
     )
-    proc = start_exporter(config, directory / "exporter.log")
+    proc = start_exporter(config, directory / "exporter.log", build=ctx.build)
     metrics = Metrics(port)
     peaks: list[float] = []
     rss: list[float] = []
@@ -554,7 +582,7 @@ def backlog(ctx: Context) -> list[Row]:
         proc.stop()
         for _ in range(max(ctx.repeats, 1)):
             started = time.monotonic()
-            proc = start_exporter(config, directory / "exporter.log")
+            proc = start_exporter(config, directory / "exporter.log", build=ctx.build)
             restarts.append(time.monotonic() - started)
             pending = metrics.sum("zenmux_exporter_pending_ids")
             time.sleep(1.0)
@@ -571,7 +599,7 @@ def backlog(ctx: Context) -> list[Row]:
         Row("backlog: peak RSS, 1M pending" if not ctx.quick else "backlog: peak RSS, 100k pending", peak, "MB",
             "<= 150", None, None, peak <= 150, peaks,
             {"pending": count, "rss_mb": rss, "pending_after_restart": pending, "state_db_mb": _db_size(directory)}),
-        Row("backlog: restart to ready", restart, "s", "<= 5", None, None, restart <= 5, restarts, {}),
+        Row("backlog: restart to ready", restart, "s", "<= 1", None, None, restart <= 1, restarts, {}),
     ]
 
 
@@ -627,14 +655,23 @@ def _scrape_loop(metrics: Metrics, stop: threading.Event, latencies: list[float]
 
 def scrape(ctx: Context) -> list[Row]:
     directory = ctx.fresh_dir("scrape")
-    combos = build_ledger_state(directory / "state.db", 300, 4, 3)
+    # The state is written by the build's own code (its schema), in a process of its own.
+    script = (
+        "import sys; from pathlib import Path; from bench.workloads import build_ledger_state; "
+        "print(build_ledger_state(Path(sys.argv[1]), 300, 4, 3))"
+    )
+    built = subprocess.run(
+        [ctx.build.python, "-c", script, str(directory / "state.db")], cwd=ctx.build.root,
+        env={**os.environ, **ctx.build.env()}, capture_output=True, text=True, check=True,
+    )
+    combos = int(built.stdout.split()[-1])
     port = free_port()
     udp_port = free_port()
     config = exporter_config(
         directory, api_url=ctx.dead_api, metrics_port=port, sources=[udp_source(udp_port)],
         extra={"metrics": {"max_models": 1000}},
     )
-    proc = start_exporter(config, directory / "exporter.log")
+    proc = start_exporter(config, directory / "exporter.log", build=ctx.build)
     metrics = Metrics(port)
     scrapes = 3 if ctx.quick else 10
 
@@ -725,7 +762,7 @@ def idle(ctx: Context) -> list[Row]:
     config = exporter_config(
         directory, api_url=ctx.dead_api, metrics_port=port, sources=[file_source(log), udp_source(free_port())]
     )
-    proc = start_exporter(config, directory / "exporter.log")
+    proc = start_exporter(config, directory / "exporter.log", build=ctx.build)
     try:
         time.sleep(1.0 if ctx.quick else 3.0)
         seconds = 3.0 if ctx.quick else 30.0
@@ -760,7 +797,7 @@ def storm(ctx: Context) -> list[Row]:
         extra={"zenmux": {"max_response_bytes": 64 * 1024},
                "resolve": {"retry_initial_seconds": 0.05, "retry_max_seconds": 0.2}},
     )
-    proc = start_exporter(config, directory / "exporter.log")
+    proc = start_exporter(config, directory / "exporter.log", build=ctx.build)
     metrics = Metrics(port)
     latencies: list[float] = []
     try:
@@ -814,6 +851,12 @@ def simulator(ctx: Context) -> list[Row]:
     rate = median(rates)
     return [Row("simulator: handle()", rate, "requests/s", "> 20000", None, None, rate > 20_000, rates, {})]
 
+
+# With --against, these are called once per repetition on each build (alternating order); the others repeat
+# inside one call per build.
+REPEATED_OUTSIDE = frozenset({"file", "resolve"})
+# Measures the benchmark's own peer, not the exporter: run on this checkout only.
+THIS_ONLY = frozenset({"simulator"})
 
 WORKLOADS: dict[str, Callable[[Context], list[Row]]] = {
     "file": file_ingest,

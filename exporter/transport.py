@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 import typing
 import zlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import partial
 
+import h11
 import httpcore
 import httpx
 
@@ -27,6 +30,9 @@ from exporter.netio import Receiver
 # A response is read as it arrives; past this much unread data the socket stops being read (resumed below a
 # quarter of it), so a peer cannot make a connection buffer without bound.
 HIGH_WATER_BYTES = 256 * 1024
+# As httpcore's HTTP/1.1 connection: the most a response's status line and headers may take, and a read's size.
+MAX_HEADER_BYTES = 100 * 1024
+READ_BYTES = 64 * 1024
 
 
 # httpcore's errors as httpx's (most specific first), so callers see the same exceptions as with httpx's own
@@ -64,6 +70,13 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
     def __init__(self, transport: asyncio.Transport, receiver: Receiver) -> None:
         self._transport = transport
         self._receiver = receiver
+
+    @property
+    def receiver(self) -> Receiver:
+        return self._receiver
+
+    def close(self) -> None:
+        self._transport.close()
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         receiver = self._receiver
@@ -180,6 +193,9 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[httpcore.AsyncHTTP11Connection] = []  # most recently used last
         self._connections: set[httpcore.AsyncHTTP11Connection] = set()
+        # `get`'s own connections (the lookup's path), under the same bound.
+        self._lean_idle: list[_H11Connection] = []
+        self._lean: set[_H11Connection] = set()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -263,12 +279,89 @@ class PooledTransport(httpx.AsyncBaseTransport):
 
     def idle_connections_closed_by_peer(self) -> bool:
         """Whether every idle connection has seen its server close it (so the next request opens a new one)."""
-        return all(connection.has_expired() for connection in self._idle)
+        now = time.monotonic()
+        return all(connection.has_expired() for connection in self._idle) and not any(
+            connection.reusable(now) for connection in self._lean_idle
+        )
 
     async def aclose(self) -> None:
         connections, self._connections, self._idle = self._connections, set(), []
+        lean, self._lean, self._lean_idle = self._lean, set(), []
         for connection in connections:
             await connection.aclose()
+        for h11_connection in lean:
+            h11_connection.close()
+
+    # -- the lookup's path ------------------------------------------------------------------------------------
+
+    async def get(
+        self,
+        origin: tuple[bytes, bytes, int],
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        timeouts: dict[str, float | None],
+        limit: int,
+    ) -> Answer:
+        """GET `target` (path and query) from `origin` (scheme, host, port) with exactly `headers` (Host
+        included), the body read and decoded within `limit` bytes, on a connection of this pool (within the same
+        `max_connections`). What a lookup needs without httpx's and httpcore's request and response models.
+        Raises httpx's transport errors, as `handle_async_request` does."""
+        await self._slots.acquire()
+        try:
+            request = h11.Request(method="GET", target=target, headers=headers)
+            connection = self._lean_checkout(origin)
+            if connection is not None:
+                try:
+                    return await self._lean_exchange(connection, request, timeouts, limit)
+                except _STALE_CONNECTION:
+                    pass  # closed by the server as the request went out: sent once more, on a new connection
+            connection = await self._lean_connect(origin, timeouts.get("connect"))
+            return await self._lean_exchange(connection, request, timeouts, limit)
+        except _CORE_ERRORS as err:
+            raise as_httpx_error(err) from err
+        finally:
+            self._slots.release()
+
+    async def _lean_exchange(
+        self, connection: _H11Connection, request: h11.Request, timeouts: dict[str, float | None], limit: int
+    ) -> Answer:
+        try:
+            answer = await connection.exchange(request, timeouts, limit)
+        except BaseException:
+            self._lean_discard(connection)
+            raise
+        if answer.problem is None and connection.done(time.monotonic()):
+            self._lean_idle.append(connection)
+        else:
+            self._lean_discard(connection)  # a body not read to its end leaves the connection unusable
+        return answer
+
+    def _lean_checkout(self, origin: tuple[bytes, bytes, int]) -> _H11Connection | None:
+        idle = self._lean_idle
+        now = time.monotonic()
+        while idle:
+            connection = idle.pop()
+            if connection.key == origin and connection.reusable(now):
+                return connection
+            self._lean_discard(connection)  # expired, closed by the server, or for another origin
+        return None
+
+    async def _lean_connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _H11Connection:
+        scheme, host, port = origin
+        name = host.decode("ascii")
+        stream = await connect_tcp(name, port, timeout)
+        if scheme == b"https":
+            self._ssl_context.set_alpn_protocols(["http/1.1"])
+            secure = await stream.start_tls(self._ssl_context, server_hostname=name, timeout=timeout)
+            assert isinstance(secure, AsyncioStream)
+            stream = secure
+        connection = _H11Connection(origin, stream, self._keepalive_expiry)
+        self._lean.add(connection)
+        return connection
+
+    def _lean_discard(self, connection: _H11Connection) -> None:
+        self._lean.discard(connection)
+        connection.close()
 
 
 # -- reading a response body within a bound ------------------------------------------------------------------
@@ -341,3 +434,115 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
         if len(body) > limit:
             raise BodyTooLarge("decoded body over the limit")
     return bytes(body)
+
+
+# -- the lookup's own path: one GET on an h11 connection of the pool, read within a bound ---------------------
+
+
+@dataclass
+class Answer:
+    """A response read by `PooledTransport.get`: the body decoded, or why it was not (`problem`)."""
+
+    status: int
+    headers: dict[str, str]  # names lower-cased; a repeated header keeps its last value
+    body: bytes = b""
+    problem: BodyTooLarge | BodyEncodingError | None = None
+
+
+class _H11Connection:
+    """One kept-alive HTTP/1.1 connection driven with h11 directly: what a GET needs, no more.
+
+    httpcore's connection around the same h11 costs about as much again per request (an anyio lock and
+    cancel-shielded checkpoints, request and response models, byte-stream wrappers); a lookup has one fixed
+    GET with no body, so it writes h11's bytes and reads h11's events itself.
+    """
+
+    def __init__(self, key: tuple[bytes, bytes, int], stream: AsyncioStream, keepalive_expiry: float) -> None:
+        self.key = key
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self._keepalive_expiry = keepalive_expiry
+        self._expires = float("inf")
+
+    def reusable(self, now: float) -> bool:
+        """Idle, not past its keep-alive and not closed (or being closed) by the server."""
+        receiver = self.stream.receiver
+        return now < self._expires and not receiver.closed and not receiver.buffer
+
+    async def exchange(self, request: h11.Request, timeouts: dict[str, float | None], limit: int) -> Answer:
+        """Sends `request`, reads the answer within `limit` decoded bytes. Raises httpcore's errors."""
+        connection = self.h11
+        stream = self.stream
+        try:
+            data = connection.send(request) or b""
+            data += connection.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError as err:
+            raise httpcore.LocalProtocolError(str(err)) from None
+        await stream.write(data, timeouts.get("write"))
+        read_timeout = timeouts.get("read")
+        answer: Answer | None = None
+        layers: list[_Inflate] = []
+        body = bytearray()
+        received = 0
+        while True:
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError as err:
+                raise httpcore.RemoteProtocolError(str(err)) from None
+            if event is h11.NEED_DATA:
+                chunk = await stream.read(READ_BYTES, read_timeout)
+                if not chunk and connection.their_state is h11.SEND_RESPONSE:
+                    raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+                connection.receive_data(chunk)
+            elif isinstance(event, h11.Response):
+                headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
+                answer = Answer(event.status_code, headers)
+                try:
+                    layers = _layers(headers.get("content-encoding", ""), limit)
+                except BodyEncodingError as err:
+                    # Without its traceback: this frame (and the connection's buffers) would be kept by a cycle
+                    # (error -> traceback -> frame -> answer -> error) until a full garbage collection.
+                    answer.problem = err.with_traceback(None)
+                    return answer  # the connection is dropped: its body was not read
+            elif isinstance(event, h11.Data):
+                assert answer is not None
+                received += len(event.data)
+                try:
+                    if received > limit:
+                        raise BodyTooLarge("body over the limit as received")
+                    chunk = bytes(event.data)
+                    for layer in layers:
+                        chunk = layer.feed(chunk)
+                    body += chunk
+                    if len(body) > limit:
+                        raise BodyTooLarge("decoded body over the limit")
+                except (BodyTooLarge, BodyEncodingError) as err:
+                    answer.problem = err.with_traceback(None)  # no cycle through this frame, as above
+                    return answer
+            elif isinstance(event, h11.EndOfMessage):
+                assert answer is not None
+                answer.body = bytes(body)
+                return answer
+            elif isinstance(event, h11.ConnectionClosed):
+                raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+            # an InformationalResponse (1xx) is read past
+
+    def done(self, now: float) -> bool:
+        """After a whole exchange: whether the connection may carry another request (then it is readied)."""
+        connection = self.h11
+        if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
+            connection.start_next_cycle()
+            self._expires = now + self._keepalive_expiry
+            return True
+        return False
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def _layers(content_encoding: str, limit: int) -> list[_Inflate]:
+    codings = [c.strip().lower() for c in content_encoding.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if len(codings) > MAX_CONTENT_CODINGS:
+        raise BodyEncodingError(f"{len(codings)} content codings")
+    return [_Inflate(coding, limit) for coding in reversed(codings)]  # the last applied is undone first

@@ -88,6 +88,13 @@ class ZenMuxClient:
                 else httpx.AsyncHTTPTransport(verify=ssl_context, proxy=proxy, limits=limits)
             )
         self._transport = transport
+        # The pool's own GET (no httpx request and response models) when the transport is ours.
+        self._pooled = transport if isinstance(transport, PooledTransport) else None
+        url = httpx.URL(self._url)
+        self._origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.scheme == "https" else 80))
+        self._target = url.raw_path
+        self._raw_headers = list(self._headers.raw)
+        self._timeouts: dict[str, float | None] = timeout.as_dict()
 
     @property
     def billing_expected(self) -> bool:
@@ -133,6 +140,8 @@ class ZenMuxClient:
         return dataclasses.replace(result, request_id=request_id, detail=redact(result.detail), record=record)
 
     async def _exchange(self, generation_id: str) -> LookupResult:
+        if self._pooled is not None:
+            return await self._get(self._pooled, generation_id)
         request = httpx.Request(
             "GET",
             self._url + urllib.parse.quote(generation_id, safe=""),
@@ -165,6 +174,30 @@ class ZenMuxClient:
         except (httpx.TransportError, httpx.DecodingError) as err:
             return LookupResult(Outcome.CONNECTION_ERROR, detail=type(err).__name__)
         return classify(response.status_code, body, headers, self.billing_expected, self._clock.time())
+
+    async def _get(self, pool: PooledTransport, generation_id: str) -> LookupResult:
+        """`_exchange` on the pool's own GET: the same request, bounds and outcomes."""
+        limit = self._config.max_response_bytes
+        target = self._target + urllib.parse.quote(generation_id, safe="").encode("ascii")
+        try:
+            answer = await pool.get(self._origin, target, self._raw_headers, self._timeouts, limit)
+        except httpx.TimeoutException as err:
+            return LookupResult(Outcome.TIMEOUT, detail=type(err).__name__)
+        except httpx.TransportError as err:
+            return LookupResult(Outcome.CONNECTION_ERROR, detail=type(err).__name__)
+        headers = answer.headers
+        if isinstance(answer.problem, BodyTooLarge):
+            return LookupResult(
+                Outcome.TOO_LARGE,
+                answer.status,
+                headers.get("x-zenmux-requestid"),
+                detail=f"body over {limit} bytes (decoded)",
+            )
+        if answer.problem is not None:
+            return LookupResult(
+                Outcome.MALFORMED, answer.status, headers.get("x-zenmux-requestid"), detail=str(answer.problem)
+            )
+        return classify(answer.status, answer.body, headers, self.billing_expected, self._clock.time())
 
     async def aclose(self) -> None:
         await self._transport.aclose()

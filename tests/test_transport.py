@@ -1,4 +1,7 @@
-"""The asyncio transport under httpcore: TLS, keep-alive, timeouts, peers that close or reset, big bodies."""
+"""The asyncio transport under httpcore: TLS, keep-alive, timeouts, peers that close or reset, big bodies.
+
+Every request goes both ways the pool offers: httpx's interface (httpcore's connections) and `get`, the lookup's
+own h11 path."""
 
 from __future__ import annotations
 
@@ -56,7 +59,20 @@ async def transport(ssl_context: ssl.SSLContext | None = None, connections: int 
         await client.aclose()
 
 
+VIA = ["httpx"]
+
+
+@pytest.fixture(autouse=True, params=["httpx", "lean"])
+def via(request: pytest.FixtureRequest) -> None:
+    VIA[0] = request.param
+
+
 async def get(client: PooledTransport, url: str, timeouts: dict[str, float | None] = TIMEOUTS) -> tuple[int, bytes]:
+    if VIA[0] == "lean":
+        parsed = httpx.URL(url)
+        origin = (parsed.raw_scheme, parsed.raw_host, parsed.port or (443 if parsed.scheme == "https" else 80))
+        got = await client.get(origin, parsed.raw_path, [(b"Host", parsed.netloc)], timeouts, 2**31)
+        return got.status, got.body
     answer = await client.handle_async_request(httpx.Request("GET", url, extensions={"timeout": timeouts}))
     try:
         body = b"".join([chunk async for chunk in answer.aiter_bytes()])
