@@ -150,7 +150,10 @@ def _read_to(state: Path, offset: int) -> bool:
     try:
         db = sqlite3.connect(f"file:{state}?mode=ro", uri=True, timeout=5)
         try:
-            row = db.execute("SELECT max(offset) FROM checkpoints WHERE source = 'bench-log'").fetchone()
+            try:
+                row = db.execute("SELECT max(offset) FROM checkpoints WHERE source = 'bench-log'").fetchone()
+            except sqlite3.OperationalError:  # a revision from before checkpoints (--against): one position
+                row = db.execute("SELECT offset FROM positions WHERE source = 'bench-log'").fetchone()
         finally:
             db.close()
     except sqlite3.OperationalError:
