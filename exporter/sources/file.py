@@ -238,7 +238,7 @@ class FileSource:
             await self._tell_partial(target, found)
         if not found.deferred:  # (a file left for later may hold an unfinished generation)
             await self._tell_gone(found, truncated)
-        found.targets.sort(key=lambda t: (t.file.live, t.file.stat.st_mtime_ns, str(t.file.path)))
+        found.order()  # a partial file taken for a new generation joined the targets
         await self._retain(found)
         if truncated is not None:
             self._report_truncation(truncated, found, maybe)
@@ -331,36 +331,36 @@ class FileSource:
     async def _next_target(self, *, at_end: bool = False) -> None:
         """Opens the next file the scan found; the log itself, last, stays open (a generation never seen from
         its start, or `at_end` from its end)."""
-        while self._targets:
-            target = self._targets.pop(0)
-            file = target.file
-            checkpoint = target.checkpoint
-            head = file.head[: self._fingerprint]
-            if checkpoint is not None:
-                generation, offset, tail = checkpoint.generation, checkpoint.offset, target.tail
-            else:
-                generation, offset, tail = self._next_generation, 0, b""
-                self._next_generation += 1
-                if file.live and at_end:
-                    offset = _end_of_last_line(file.handle, file.stat.st_size)
-                    tail = read_tail(file.handle, file.head, offset)
-            # Not where the generation was read before: a copy (nobody writes to it).
-            moved = checkpoint is not None and file.place != (checkpoint.device, checkpoint.inode)
-            self._current = _Open(
-                file.path, file.handle, file.stat.st_dev, file.stat.st_ino, generation, offset, head, tail,
-                file.live, file.stat.st_mtime_ns, copy=file.compressed or moved,
-            )
-            self._skipping = False
-            self._rotated_size, self._rotated_quiet_polls = -1, 0
-            if file.live:
-                if checkpoint is None and offset:
-                    await self._state.save_checkpoint(self.name, self._checkpoint())
-                return
-            log.info(
-                "%s: reading %s from byte %d to its end (%s)", self.name, file.path, offset,
-                "a generation of the log not read to its end" if checkpoint else "a generation of the log never read",
-            )
+        if not self._targets:
             return
+        target = self._targets.pop(0)
+        file = target.file
+        checkpoint = target.checkpoint
+        head = file.head[: self._fingerprint]
+        if checkpoint is not None:
+            generation, offset, tail = checkpoint.generation, checkpoint.offset, target.tail
+        else:
+            generation, offset, tail = self._next_generation, 0, b""
+            self._next_generation += 1
+            if file.live and at_end:
+                offset = _end_of_last_line(file.handle, file.stat.st_size)
+                tail = read_tail(file.handle, file.head, offset)
+        # Not where the generation was read before: a copy (nobody writes to it).
+        moved = checkpoint is not None and file.place != (checkpoint.device, checkpoint.inode)
+        self._current = _Open(
+            file.path, file.handle, file.stat.st_dev, file.stat.st_ino, generation, offset, head, tail,
+            file.live, file.stat.st_mtime_ns, copy=file.compressed or moved,
+        )
+        self._skipping = False
+        self._rotated_size, self._rotated_quiet_polls = -1, 0
+        if file.live:
+            if checkpoint is None and offset:
+                await self._state.save_checkpoint(self.name, self._checkpoint())
+            return
+        log.info(
+            "%s: reading %s from byte %d to its end (%s)", self.name, file.path, offset,
+            "a generation of the log not read to its end" if checkpoint else "a generation of the log never read",
+        )
 
     def _checkpoint(self, *, finished: bool = False) -> Checkpoint:
         current = self._current

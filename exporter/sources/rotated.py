@@ -4,6 +4,7 @@ where, so that each generation is read once whatever its name or compression is 
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import glob
 import gzip
 import hashlib
@@ -139,6 +140,10 @@ class Scan:
     partials: list[Target] = field(default_factory=list)
     more_candidates: int = 0
 
+    def order(self) -> None:
+        """Rotated files oldest first, the log itself last."""
+        self.targets.sort(key=lambda t: (t.file.live, t.file.stat.st_mtime_ns, str(t.file.path)))
+
 
 def scan(
     live: Path,
@@ -184,7 +189,7 @@ def scan(
     for generation, members in by_generation.items():
         _assign_known(checkpoints[generation], members, result)
     _assign_unknown(unknown, fingerprint_bytes, result)
-    result.targets.sort(key=lambda t: (t.file.live, t.file.stat.st_mtime_ns, str(t.file.path)))
+    result.order()
     return result
 
 
@@ -267,9 +272,9 @@ def last_bytes(handle: BinaryIO, size: int) -> tuple[int, bytes]:
 
 
 def _moved(checkpoint: Checkpoint, file: Found) -> Checkpoint:
-    return Checkpoint(
-        checkpoint.generation, checkpoint.head, checkpoint.tail, checkpoint.offset, checkpoint.finished,
-        file.stat.st_dev, file.stat.st_ino, max(checkpoint.mtime_ns, file.stat.st_mtime_ns),
+    return dataclasses.replace(
+        checkpoint, device=file.stat.st_dev, inode=file.stat.st_ino,
+        mtime_ns=max(checkpoint.mtime_ns, file.stat.st_mtime_ns),
     )
 
 
