@@ -31,7 +31,7 @@ from exporter.contribution import LabelLimiter, LedgerShape
 from exporter.endpoints import Endpoints
 from exporter.exposition import LedgerExposition
 from exporter.fleet import Exposer
-from exporter.ids import lines_parser_for, parser_for
+from exporter.ids import datagrams_parser_for, lines_parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
 from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler, days_window, prune_days
@@ -211,7 +211,7 @@ class Exporter:
             await self._connect()
         for source in config.sources if "ingest" in roles else ():
             if isinstance(source, UdpSourceConfig):
-                udp = UdpSource(source, parser_for(source), ingest, self.metrics)
+                udp = UdpSource(source, datagrams_parser_for(source), ingest, self.metrics)
                 await udp.start()
                 self.udp_sources.append(udp)
                 self._source_tasks.append(self._watch(udp.serve(self._stop_sources), f"source {source.name}"))

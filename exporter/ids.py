@@ -7,7 +7,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
-from exporter.config import FileSourceConfig, SourceConfig
+from exporter.config import FileSourceConfig, SourceConfig, UdpSourceConfig
 
 # What ZenMux ids look like (see the API reference); zenmux_emit.emit.ID_PATTERN, the app-side copy, must equal it.
 ID_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"
@@ -273,13 +273,45 @@ def flat_json_lines(id_field: str, labels: dict[str, str], line_by_line: LinesPa
     return parse_lines
 
 
-def lines_parser_for(source: FileSourceConfig) -> LinesParser:
-    """How a file source parses what it reads: flat JSON in bulk where it can, any format line by line."""
-    line_by_line = lines_parser(parser_for(source), source.max_line_bytes)
+# Whole lines, each a valid id and nothing else: what a buffer of plain ids looks like (one pass of the regex
+# engine; an id holds no newline, so it never backtracks).
+PLAIN_LINES = re.compile(rb"(?:" + ID_PATTERN.encode() + rb"\n)+")
+
+
+def plain_lines(line_by_line: LinesParser) -> LinesParser:
+    """Whole buffers of plain ids in one C-level pass when every line is a bare valid id (no blank line, no
+    whitespace, no CR): then each line is its own id, as `plain_parser` says; any other buffer line by line."""
+
+    def parse_lines(data: bytes) -> list[Sighting | str]:
+        if PLAIN_LINES.fullmatch(data) is None:
+            return line_by_line(data)
+        ids = data.decode("ascii").split("\n")
+        ids.pop()  # the empty string after the last newline
+        return [new_sighting(Sighting, (generation_id, ())) for generation_id in ids]
+
+    return parse_lines
+
+
+def bulk_lines_parser(source: SourceConfig, max_line_bytes: int) -> LinesParser:
+    """Buffers of whole lines: flat JSON and plain ids in bulk where they can, any format line by line."""
+    line_by_line = lines_parser(parser_for(source), max_line_bytes)
     flat = source.format == "json" and "." not in source.id_field and not any("." in o for o in source.labels.values())
     if flat:
-        return flat_json_lines(source.id_field, dict(source.labels), line_by_line, source.max_line_bytes)
+        return flat_json_lines(source.id_field, dict(source.labels), line_by_line, max_line_bytes)
+    if source.format == "plain":
+        return plain_lines(line_by_line)
     return line_by_line
+
+
+def lines_parser_for(source: FileSourceConfig) -> LinesParser:
+    """How a file source parses what it reads."""
+    return bulk_lines_parser(source, source.max_line_bytes)
+
+
+def datagrams_parser_for(source: UdpSourceConfig) -> LinesParser:
+    """How a UDP source parses datagrams (each within max_datagram_bytes), one or many joined by newlines: a
+    datagram is a buffer of lines (the last one may lack its newline), so no line is over the datagram limit."""
+    return bulk_lines_parser(source, source.max_datagram_bytes)
 
 
 def split_lines(data: bytes) -> Iterator[bytes]:

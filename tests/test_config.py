@@ -24,7 +24,7 @@ from exporter.config import (
     redacted,
     setting,
 )
-from exporter.ids import parser_for
+from exporter.ids import datagrams_parser_for
 from exporter.ingest import Ingest
 from exporter.sources.udp import UdpSource
 from exporter.state import StateStore
@@ -434,7 +434,7 @@ async def test_udp_bind_error_names_the_source_and_the_address(tmp_path: Path) -
         config = UdpSourceConfig(name="edge", format="plain", listen=listen)
         state = StateStore(tmp_path / "state.db", max_pending=10)
         metrics = SelfMetrics(CollectorRegistry())
-        source = UdpSource(config, parser_for(config), Ingest(state, metrics, ManualClock(), 0), metrics)
+        source = UdpSource(config, datagrams_parser_for(config), Ingest(state, metrics, ManualClock(), 0), metrics)
         try:
             with pytest.raises(OSError, match=f"source edge: cannot listen on udp {listen}: Address already in use"):
                 await source.start()
