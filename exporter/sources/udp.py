@@ -26,13 +26,15 @@ class UdpSource:
     The buffer is the durability boundary of UDP: ids in it for up to FLUSH_INTERVAL_SECONDS are lost
     if the process dies, like datagrams in flight.
 
-    The socket is drained on each readiness event (up to READS_PER_WAKEUP datagrams), not read one datagram
-    per event loop iteration as asyncio's datagram transport does: at tens of thousands of datagrams a
-    second, the loop iteration, not the id, was the cost. The datagrams of one readiness event are parsed
-    together, as one buffer of lines: parsing them one by one cost as much as receiving them.
+    The socket is drained in batches (up to READS_PER_WAKEUP datagrams), not read one datagram per event
+    loop iteration as asyncio's datagram transport does: at tens of thousands of datagrams a second, the
+    loop iteration, not the id, was the cost. While datagrams keep coming it is read on a timer (every
+    POLL_SECONDS), not on each readiness event; idle, it waits for readiness. The datagrams of one batch
+    are parsed together, as one buffer of lines: parsing them one by one cost as much as receiving them.
     """
 
     READS_PER_WAKEUP = 256
+    POLL_SECONDS = 0.001
 
     def __init__(self, config: UdpSourceConfig, parse: LinesParser, ingest: Ingest, metrics: SelfMetrics) -> None:
         self.name = config.name
@@ -44,6 +46,7 @@ class UdpSource:
         self._datagrams = metrics.udp_datagrams.labels(self.name)
         self._dropped = metrics.udp_dropped.labels(self.name)
         self._sock: socket.socket | None = None
+        self._next_poll: asyncio.Handle | None = None
         self._has_data = asyncio.Event()
         self._batch_full = asyncio.Event()
         self._failing = False
@@ -64,11 +67,39 @@ class UdpSource:
             ) from None
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._read_ready)
         self._sock = sock
+        self._wait_readable()
         log.info("%s: listening for ids on udp %s:%d", self.name, host, self.port)
 
+    def _wait_readable(self) -> None:
+        assert self._sock is not None
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        """Datagrams arrive: from now on the socket is read every POLL_SECONDS while it has any, not on each
+        readiness event. Woken per event, the loop woke for every few datagrams, and each wakeup cost more
+        CPU than the datagrams it read; the kernel's buffer holds a poll interval's datagrams many times over."""
+        assert self._sock is not None
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._poll()
+
+    def _poll(self) -> None:
+        self._next_poll = None
+        if self._sock is None:
+            return
+        received = self._read_ready()
+        loop = asyncio.get_running_loop()
+        if received == self.READS_PER_WAKEUP:
+            self._next_poll = loop.call_soon(self._poll)  # a backlog: the rest after the loop's other work
+        elif received:
+            self._next_poll = loop.call_later(self.POLL_SECONDS, self._poll)
+        else:
+            self._wait_readable()  # idle: no wakeups until the next datagram
+
     def stop_receiving(self) -> None:
+        if self._next_poll is not None:
+            self._next_poll.cancel()
+            self._next_poll = None
         if self._sock is not None:
             asyncio.get_running_loop().remove_reader(self._sock.fileno())
             # What the kernel already holds was sent before we stopped: take it (the buffer's bound applies).
