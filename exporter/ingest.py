@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import cast
 
 from exporter.clock import Clock
 from exporter.ids import QUEUE_FULL, Sighting
@@ -45,13 +46,12 @@ class Ingest:
         Raises StateError when the database cannot be written (disk full, read-only): then nothing of the
         batch was recorded or counted, and the source must keep it (or its checkpoint) to submit again.
         """
-        sightings: list[Sighting] = []
-        rejected: Counter[str] = Counter()
-        for item in parsed:
-            if isinstance(item, Sighting):
-                sightings.append(item)
-            else:
-                rejected[item] += 1
+        items = parsed if isinstance(parsed, list) else list(parsed)
+        # Two comprehensions (the second only when something was rejected) rather than a loop with a branch.
+        rejections = [item for item in items if type(item) is str]
+        # (mypy cannot narrow `type(item) is not str`: what is not a reason is a Sighting)
+        sightings = cast(list[Sighting], [item for item in items if type(item) is not str] if rejections else items)
+        rejected = Counter(rejections)
         now = self._clock.time()
         try:
             result = await self._state.enqueue(source, sightings, now, now + self._delay, checkpoint, bounded=bounded)
