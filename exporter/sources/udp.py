@@ -87,14 +87,17 @@ class UdpSource:
         self._next_poll = None
         if self._sock is None:
             return
-        received = self._read_ready()
-        loop = asyncio.get_running_loop()
-        if received == self.READS_PER_WAKEUP:
-            self._next_poll = loop.call_soon(self._poll)  # a backlog: the rest after the loop's other work
-        elif received:
-            self._next_poll = loop.call_later(self.POLL_SECONDS, self._poll)
-        else:
-            self._wait_readable()  # idle: no wakeups until the next datagram
+        received = 0
+        try:
+            received = self._read_ready()
+        finally:  # whatever happened, the socket stays watched (an error propagates to the loop's handler)
+            loop = asyncio.get_running_loop()
+            if received == self.READS_PER_WAKEUP:
+                self._next_poll = loop.call_soon(self._poll)  # a backlog: the rest after the loop's other work
+            elif received:
+                self._next_poll = loop.call_later(self.POLL_SECONDS, self._poll)
+            else:
+                self._wait_readable()  # idle: no wakeups until the next datagram
 
     def stop_receiving(self) -> None:
         if self._next_poll is not None:
