@@ -112,6 +112,9 @@ class Resolver:
         self._children: dict[Outcome, tuple[Any, Any]] = {}
         self._admission = self._coordination.label_admission
         self._labels_seeded = False
+        # The lookups that finish first all find the labels unseeded: one seeds, the others wait for it (each
+        # read the whole ledger and asked the fleet about every value in it: 64 reads at concurrency 64).
+        self._seeding = asyncio.Lock()
 
     def wake(self) -> None:
         self._wake.set()
@@ -281,10 +284,12 @@ class Resolver:
         limiter = self._ledger.limiter
         try:
             if not self._labels_seeded:
-                # What the ledger already names is named for good (a database from before the fleet's caps).
-                Ledger(self._ledger.shape, limiter).load(await self._state.ledger_rows())
-                await self._admission([(label, value, SEEDED_CAP) for label, value in limiter.known()])
-                self._labels_seeded = True
+                async with self._seeding:
+                    if not self._labels_seeded:
+                        # What the ledger already names is named for good (a database from before the fleet's caps).
+                        Ledger(self._ledger.shape, limiter).load(await self._state.ledger_rows())
+                        await self._admission([(label, value, SEEDED_CAP) for label, value in limiter.known()])
+                        self._labels_seeded = True
             undecided = {
                 (label, value[: limiter.max_length])
                 for label, value in labels_asked(record, dict(pending.labels), self._ledger.shape)
