@@ -226,14 +226,12 @@ SELECT due - zenmux_now() FROM queue WHERE (lease_until <= zenmux_now() OR claim
 AND id <> ALL(%(exclude)s::text[]) ORDER BY due LIMIT 1
 """
 # Deltas are added in the database (rows locked in key order, so two settlements never deadlock each other).
-# The rows come as typed columns (no JSON to encode here and parse there); a histogram's buckets are a slice of
-# one flat array (start, from 1; 0 for a counter), as arrays of arrays must all be the same length.
+# One JSON document: psycopg dumps a list parameter element by element in Python (~30 ms for a batch's ~900 rows
+# as typed columns, 10x the JSON); the bucket sum (a subquery) runs for histograms only.
 ADD_TO_LEDGER = """
 INSERT INTO ledger AS l (metric, labels, counter, buckets, total)
-SELECT r.metric, r.labels, r.counter,
-       CASE WHEN r.start > 0 THEN (%(flat)s::float8[])[r.start:r.start + r.width - 1] END, r.total
-FROM unnest(%(metric)s::text[], %(labels)s::text[], %(counter)s::float8[], %(start)s::int4[], %(width)s::int4[],
-            %(total)s::float8[]) AS r(metric, labels, counter, start, width, total)
+SELECT r.metric, r.labels, r.counter, r.buckets, r.total
+FROM jsonb_to_recordset(%s::jsonb) AS r(metric text, labels text, counter float8, buckets float8[], total float8)
 ORDER BY r.metric, r.labels
 ON CONFLICT (metric, labels) DO UPDATE SET
     counter = l.counter + excluded.counter,
@@ -317,34 +315,6 @@ def _labels_text(labels: Labels) -> str:
 @lru_cache(maxsize=4096)
 def _labels_value(text: str) -> Labels:
     return tuple((str(k), str(v)) for k, v in json.loads(text)) if text else ()
-
-
-class _LedgerDeltas:
-    """ADD_TO_LEDGER's parameters, a row at a time: a counter's value, or a histogram's buckets and sum."""
-
-    def __init__(self) -> None:
-        self.params: dict[str, list[Any]] = {
-            "metric": [], "labels": [], "counter": [], "start": [], "width": [], "total": [], "flat": []
-        }
-
-    def add(self, metric: str, labels: str, counter: float | None, buckets: Sequence[float] | None,
-            total: float | None) -> None:
-        p = self.params
-        p["metric"].append(metric)
-        p["labels"].append(labels)
-        p["counter"].append(counter)
-        p["total"].append(total)
-        flat = p["flat"]
-        if buckets is None:
-            p["start"].append(0)
-            p["width"].append(0)
-        else:
-            p["start"].append(len(flat) + 1)  # SQL arrays count from 1
-            p["width"].append(len(buckets))
-            flat.extend(buckets)
-
-    def __bool__(self) -> bool:
-        return bool(self.params["metric"])
 
 
 def _row(
@@ -757,7 +727,7 @@ class PostgresStore:
             # ledger rows (which every resolver updates) are locked last: their update and the COMMIT go out
             # together, so no round trip, and no pause of this process, falls while they are held.
             async with db.pipeline(), db.transaction():
-                deltas_rows = _LedgerDeltas()
+                deltas_rows: list[dict[str, Any]] = []
                 if ending:
                     ids = list(ending)
                     cursor = await db.execute(
@@ -779,10 +749,15 @@ class PostgresStore:
                             applied.append(ended)
                             if ended.contribution is not None:
                                 deltas.add(overlay, ended.contribution)
-                    for (m, labels), v in itertools.chain(overlay.counters.items(), overlay.daily.items()):
-                        deltas_rows.add(m, json.dumps(labels), v, None, None)
-                    for (m, labels), h in overlay.histograms.items():
-                        deltas_rows.add(m, json.dumps(labels), None, h.buckets, h.sum)
+                    deltas_rows = [
+                        {"metric": m, "labels": json.dumps(labels), "counter": v, "buckets": None, "total": None}
+                        for (m, labels), v in itertools.chain(overlay.counters.items(), overlay.daily.items())
+                    ]
+                    deltas_rows += [
+                        {"metric": m, "labels": json.dumps(labels), "counter": None, "buckets": h.buckets,
+                         "total": h.sum}
+                        for (m, labels), h in overlay.histograms.items()
+                    ]
                 if retries:
                     ids = list(retries)
                     retried = await db.execute(
@@ -795,7 +770,7 @@ class PostgresStore:
                         },
                     )
                 if deltas_rows:
-                    await db.execute(ADD_TO_LEDGER, deltas_rows.params)
+                    await db.execute(ADD_TO_LEDGER, (json.dumps(deltas_rows),))
             if retried is not None:  # read once committed: reading it inside would hold the ledger rows a round trip
                 applied.extend(retries[row[0]] for row in await retried.fetchall())
             return applied, removed
@@ -843,15 +818,17 @@ class PostgresStore:
                         await db.execute(SAVE_CHECKPOINT, self._checkpoint_params(source, checkpoint))
                     if history.horizon_ns is not None:
                         await self._forget_checkpoints(db, self.instance, source, (), history.horizon_ns)
-                rows = _LedgerDeltas()
+                rows: list[dict[str, Any]] = []
                 for metric, labels, value_json in dump.ledger:
                     value = json.loads(value_json)
                     if isinstance(value, dict):
-                        rows.add(metric, labels, None, value["b"], value["s"])
+                        rows.append({"metric": metric, "labels": labels, "counter": None, "buckets": value["b"],
+                                     "total": value["s"]})
                     else:
-                        rows.add(metric, labels, value, None, None)
+                        rows.append({"metric": metric, "labels": labels, "counter": value, "buckets": None,
+                                     "total": None})
                 if rows:
-                    await db.execute(ADD_TO_LEDGER, rows.params)
+                    await db.execute(ADD_TO_LEDGER, (json.dumps(rows),))
 
         await self._call("import", work)
         await self.refresh()
