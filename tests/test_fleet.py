@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import yaml
 
@@ -339,6 +340,33 @@ async def test_the_model_cap_holds_for_the_fleet_not_per_resolver(
     text = await scrape(exposer.metrics_port)
     named_models = {labels["model"] for name, labels, _ in samples(text) if name == "zenmux_generations_total"}
     assert named_models == {*models[:2], "other"}
+
+
+async def test_a_resolver_seeds_the_fleet_label_values_from_the_ledger_once(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, pg_url: str
+) -> None:
+    """The lookups a resolver finishes first all find its label values unseeded: one reads the ledger (and asks
+    the fleet about every value in it), the others wait for it instead of each reading it again."""
+    worker = await start_exporter(parse_config(fleet_data(tmp_path, fake_api.url, pg_url, ["ingest", "resolve"]), "w"))
+    state = worker.state
+    reads = 0
+    ledger_rows = state.ledger_rows
+
+    async def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        return await ledger_rows()
+
+    state.ledger_rows = counted  # type: ignore[method-assign]
+    append_lines(tmp_path / "app.log", [json_line(fake_api.create()) for _ in range(40)])
+    await wait_until(lambda: state.pending == 0 and _counted(pg_url) == 40, timeout=30, what="40 generations settled")
+    assert reads == 1
+
+
+def _counted(pg_url: str) -> int:
+    with psycopg.connect(pg_url) as db:
+        row = db.execute("SELECT count(*) FROM finished").fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def fleet_relabelling() -> list[dict[str, Any]]:

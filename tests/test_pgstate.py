@@ -4,6 +4,7 @@ replicas, the ledger followed incrementally, one rate limit, one leader, migrati
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from exporter.contribution import LabelLimiter, LedgerShape
+from exporter.contribution import Contribution, Increment, LabelLimiter, LedgerShape
 from exporter.fleet import LEADER_LEASE_SECONDS, Exposer
 from exporter.ids import Sighting
 from exporter.ledger import Ledger
@@ -166,6 +167,38 @@ async def test_an_exposer_follows_every_replicas_settlements_incrementally(open_
     await a.settle([Resolved("id3", one_generation(1.0))], ledger(), now=2)
     book.load(await exposer.ledger_changes())
     assert book.value("zenmux_generations") == 4 and book.value("zenmux_cost_usd") == 2.0
+
+
+async def test_histograms_and_counters_add_up_in_the_shared_ledger(open_store: OpenStore) -> None:
+    """Settlements of two replicas, in three batches, leave the ledger the in-memory Ledger computes from the
+    same contributions: counters summed, histogram buckets added element by element, sums summed."""
+    exposer, a, b = await open_store("exposer"), await open_store("a"), await open_store("b")
+    labels = ("m", "chat.completions")
+
+    def generation(cost: float, tokens: float) -> Contribution:
+        return Contribution((
+            Increment("zenmux_cost_usd", labels, cost),
+            Increment("zenmux_generation_cost_usd", labels, cost),
+            Increment("zenmux_generation_tokens", (*labels, "prompt"), tokens),
+            Increment("zenmux_generation_tokens", (*labels, "completion"), tokens / 2),
+        ), {})
+
+    # Costs sum exactly in binary: the database adds batch sums, the Ledger one value at a time.
+    batches = [(a, [generation(0.0625, 10), generation(0.25, 300)]), (b, [generation(0.0625, 5000)]),
+               (a, [generation(7.0, 10), generation(0.5, 1)])]
+    expected = ledger()
+    overlay = expected.overlay()
+    serial = 0
+    for store, items in batches:
+        ids = [f"id{serial + i}" for i in range(len(items))]
+        serial += len(items)
+        await store.enqueue("src", [Sighting(i) for i in ids], now=0, due=0)
+        await store.settle([Resolved(i, item) for i, item in zip(ids, items, strict=True)], ledger(), now=1)
+        for item in items:
+            expected.add(overlay, item)
+    stored = {(metric, labels): json.loads(value) for metric, labels, value in await exposer.ledger_rows()}
+    assert stored == {(metric, labels): json.loads(value) for metric, labels, value in overlay.rows()}
+    assert len(stored) == 4
 
 
 # A resolver process frozen (SIGSTOP) inside a settle, with the ledger rows every settle updates locked.
