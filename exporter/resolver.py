@@ -364,9 +364,11 @@ class Resolver:
             return
         finally:
             self._unsettled.difference_update(item.id for item in batch)  # written or not, they may go out again
+            # The run loop left these ids out of its next due time: it may be asleep for MAX_WAIT_SECONDS while
+            # they are due again (retries; all of them after a failed write, once its pause is over).
+            self._wake.set()
         self._warned.discard("state")
         self.settled.set()
-        self._wake.set()  # their ids may be due again (retries)
         for item in applied:
             if isinstance(item, Resolved) and not _has_cost(item.contribution):
                 self._metrics.billing_unavailable.labels("subscription_key").inc()
