@@ -34,10 +34,9 @@ EXEMPLAR_MAX_CHARS = 128
 # about as much as several lookups, so one per loop iteration (a few results) was ~20 % of the CPU per lookup.
 # An id stays out of dispatch until its result is written, so batching never re-sends a lookup. At 50 ms a
 # batch's fixed part (the commit, a ledger row per touched series) was still ~7 % of the CPU per lookup at
-# ~500 lookups/s. A 0.2 s window quartered it, but left an id past its give-up horizon unabandoned for more
-# than 10 s in 4 runs of 10 (test_prometheus_live, a failed settle among them; the cause is not located):
-# back to 50 ms until it is.
-SETTLE_WINDOW_SECONDS = 0.05
+# ~500 lookups/s; 0.2 s quarters it, and a generation is counted at most 0.2 s later. (A failed write once left
+# the run loop asleep for MAX_WAIT_SECONDS with the batch's ids due again: `_flush` wakes it either way.)
+SETTLE_WINDOW_SECONDS = 0.2
 # A shared database is a network round trip away and serves the whole fleet: results wait longer to be written
 # in bigger batches (an id's billing delay is minutes; a second more before it is counted is nothing, and an
 # exposer reads the ledger once a second anyway). A batch writes one ledger row per series it touches, and at a
@@ -372,9 +371,11 @@ class Resolver:
             return
         finally:
             self._unsettled.difference_update(item.id for item in batch)  # written or not, they may go out again
+            # The run loop left these ids out of its next due time: it may be asleep for MAX_WAIT_SECONDS while
+            # they are due again (retries; all of them after a failed write, once its pause is over).
+            self._wake.set()
         self._warned.discard("state")
         self.settled.set()
-        self._wake.set()  # their ids may be due again (retries)
         for item in applied:
             if isinstance(item, Resolved) and not _has_cost(item.contribution):
                 self._metrics.billing_unavailable.labels("subscription_key").inc()

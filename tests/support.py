@@ -147,6 +147,23 @@ def value(text: str, name: str, **labels: str) -> float:
     return sum(v for n, lbls, v in samples(text) if n == name and all(lbls.get(k) == w for k, w in labels.items()))
 
 
+def fail_next_settle(exporter: Exporter) -> None:
+    """The next write of lookup results to the state database fails once (as a locked/full disk would)."""
+    state = exporter.state
+    assert state is not None
+    original = state.settle
+    failed = False
+
+    def settle(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failed
+        if not failed:
+            failed = True
+            raise OSError("injected: disk I/O error")
+        return original(*args, **kwargs)
+
+    state.settle = settle  # type: ignore[method-assign]
+
+
 def append_lines(path: Path, lines: list[str]) -> None:
     with path.open("a", encoding="utf-8") as handle:
         handle.write("".join(line + "\n" for line in lines))

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from exporter.contribution import OTHER, LabelLimiter, LedgerShape, contribution, labels_asked
+from exporter.contribution import (
+    DAILY_COST,
+    DAILY_GENERATIONS,
+    OTHER,
+    Contribution,
+    Increment,
+    LabelLimiter,
+    LedgerShape,
+    contribution,
+    labels_asked,
+)
 from exporter.ledger import Ledger
 from exporter.records import Billing, FeeItem, GenerationRecord
 from tests.exposition_oracle import LedgerCollector
@@ -145,3 +158,123 @@ def test_labels_asked_lists_what_contribution_asks_the_limiter() -> None:
         limiter = AskedLimiter()
         contribution(generation, extra, shape, limiter, {})
         assert sorted(limiter.asked) == sorted(labels_asked(generation, extra, shape))
+
+
+# --------------------------------------------------------------------------- the hot path against plain references
+
+
+def reference_increments(
+    record: GenerationRecord, extra: dict[str, str], shape: LedgerShape, limiter: LabelLimiter
+) -> list[tuple[str, tuple[str, ...], float]]:
+    """What `contribution` must add, written plainly (its code before it was made fast), limiter calls in order."""
+    base = (limiter.value("model", record.model), limiter.value("protocol", record.protocol))
+    tail = tuple(limiter.value(name, extra.get(name, "")) if extra.get(name) else "" for name in shape.extra_labels)
+    out: list[tuple[str, tuple[str, ...], float]] = []
+
+    def put(metric: str, value: float | None, *labels: str) -> None:
+        if value is not None:
+            out.append((metric, (*base, *labels, *tail), value))
+
+    streamed = "unknown" if record.streamed is None else str(record.streamed).lower()
+    put("zenmux_generations", 1.0, streamed, limiter.value("finish_reason", record.finish_reason))
+    for token_type, count in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens),
+                              ("reasoning", record.reasoning_tokens), ("cached", record.cached_tokens)):
+        put("zenmux_tokens", float(count), token_type)
+        put("zenmux_generation_tokens", float(count), token_type)
+    put("zenmux_first_token_latency_seconds", record.latency_seconds)
+    put("zenmux_generation_duration_seconds", record.generation_seconds)
+    put("zenmux_upstream_retries", float(record.upstream_retries))
+    put("zenmux_generation_upstream_retries", float(record.upstream_retries))
+    if record.day:
+        out.append((DAILY_GENERATIONS, (record.day, base[0]), 1.0))
+        if record.billing is not None:
+            out.append((DAILY_COST, (record.day, base[0]), float(round(record.billing.bill_usd * 10**10))))
+    if record.billing is not None:
+        b = record.billing
+        for metric, amount in (("zenmux_cost_usd", b.bill_usd), ("zenmux_cost_origin_usd", b.origin_usd),
+                               ("zenmux_cost_discount_usd", b.discount_usd), ("zenmux_credits", b.credits),
+                               ("zenmux_generation_cost_usd", b.bill_usd)):
+            put(metric, amount)
+        for item in b.fee_items:
+            put("zenmux_cost_by_fee_item_usd", item.bill_usd, limiter.value("fee_item", item.code))
+    return out
+
+
+amounts = st.floats(0, 10, allow_nan=False)
+seconds = st.one_of(st.none(), st.floats(0, 700, allow_nan=False))
+names = st.sampled_from(["a", "b", "c", "d", "e", "x" * 30])
+records = st.builds(
+    GenerationRecord,
+    generation_id=st.just("g"),
+    model=names,
+    protocol=names,
+    latency_seconds=seconds,
+    generation_seconds=seconds,
+    prompt_tokens=st.integers(0, 10**7),
+    completion_tokens=st.integers(0, 10**7),
+    reasoning_tokens=st.integers(0, 10**7),
+    cached_tokens=st.integers(0, 10**7),
+    streamed=st.one_of(st.none(), st.booleans()),
+    finish_reason=names,
+    upstream_retries=st.integers(0, 20),
+    billing=st.one_of(st.none(), st.builds(
+        Billing, amounts, amounts, amounts, amounts,
+        st.lists(st.builds(FeeItem, names, amounts, amounts, amounts), max_size=3).map(tuple),
+    )),
+    day=st.sampled_from(["", "20261207", "20261208"]),
+)
+extras = st.fixed_dictionaries({"feature": st.sampled_from(["", "chat", "search", "y" * 30])})
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch=st.lists(st.tuples(records, extras), min_size=1, max_size=8), caps=st.integers(1, 4))
+def test_contributions_and_the_rows_written_match_the_plain_reference(
+    batch: list[tuple[GenerationRecord, dict[str, str]]], caps: int
+) -> None:
+    """The increments (labels capped and truncated, in the limiter's order), the ledger they make and the rows
+    written for it are those of the plain reference: json.dumps of every value, as the rows always were."""
+    shape = LedgerShape(("feature",))
+    limiter, twin = LabelLimiter(caps, caps, 20), LabelLimiter(caps, caps, 20)
+    ledger = Ledger(shape, limiter)
+    overlay = ledger.overlay()
+    for generation, extra in batch:
+        item = contribution(generation, extra, shape, limiter, {"generation_id": "g"})
+        assert [tuple(inc) for inc in item.increments] == reference_increments(generation, extra, shape, twin)
+        ledger.add(overlay, item)
+    assert limiter.overflows == twin.overflows
+    expected = [(m, json.dumps(labels), json.dumps(v)) for (m, labels), v in overlay.counters.items()]
+    expected += [(m, json.dumps(labels), json.dumps(v)) for (m, labels), v in overlay.daily.items()]
+    expected += [(m, json.dumps(labels), json.dumps({"b": h.buckets, "s": h.sum}))
+                 for (m, labels), h in overlay.histograms.items()]
+    assert list(overlay.rows()) == expected
+    # the rows load back into the same values, and a second batch on top of them writes what it adds
+    ledger.apply(overlay)
+    again = Ledger(shape, LabelLimiter(caps, caps, 20))
+    again.load(overlay.rows())
+    assert again.snapshot()[:2] == ledger.snapshot()[:2]
+
+
+def test_a_histogram_loaded_with_whole_numbers_is_written_as_json_writes_it() -> None:
+    """Rows written by older exporters may hold integers and a non-finite sum reads back as it was written."""
+    ledger, _ = book()
+    key = '["m", "p", ""]'
+    ledger.load([("zenmux_generation_cost_usd", key, json.dumps({"b": [0, 2] + [0] * 12, "s": 0.5}))])
+    overlay = ledger.overlay()
+    ledger.add(overlay, Contribution((Increment("zenmux_generation_cost_usd", ("m", "p", ""), 2e-6),), {}))
+    ledger.add(overlay, Contribution((Increment("zenmux_cost_usd", ("m", "p", ""), math.inf),), {}))
+    rows = {metric: value for metric, _labels, value in overlay.rows()}
+    assert rows["zenmux_generation_cost_usd"] == json.dumps({"b": [0, 3] + [0] * 12, "s": 0.500002})
+    assert rows["zenmux_cost_usd"] == json.dumps(math.inf)
+
+
+def test_the_exemplars_of_one_generation_carry_its_labels() -> None:
+    ledger, _ = book()
+    overlay = ledger.overlay()
+    ledger.add(overlay, contribution(record(), {}, ledger.shape, ledger.limiter, {"generation_id": "g1"}))
+    ledger.add(overlay, contribution(record(latency=9.0), {}, ledger.shape, ledger.limiter, {"generation_id": "g2"}))
+    # each bucket's exemplar is its last generation's: g2's everywhere but g1's latency bucket (0.7 s, g2's 9 s)
+    by_series = {key: e.labels for key, e in overlay.exemplars.items()}
+    assert len(by_series) == 9  # four token types, latency, duration, retries, cost; then g2's latency
+    assert [key[0][0] for key, labels in by_series.items() if labels == {"generation_id": "g1"}] == [
+        "zenmux_first_token_latency_seconds"
+    ]

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+import exporter.resolver as resolver_module
 from exporter.app import Exporter
+from exporter.clock import ManualClock
 from exporter.simulate.api import totals
 from exporter.state import StateError, StateStore
 from tests.support import (
@@ -24,6 +26,7 @@ from tests.support import (
     StartExporter,
     append_lines,
     config_data,
+    fail_next_settle,
     json_line,
     make_config,
     scrape,
@@ -202,3 +205,34 @@ async def test_state_write_failures_lose_nothing_and_recover(
         assert value(text, "zenmux_cost_usd_total") == pytest.approx(truth["billAmount"], rel=1e-12)
         assert value(text, "zenmux_exporter_ids_received_total", source="udp") == len(during_udp)
         await exporter.stop(drain_seconds=0)
+
+
+async def test_after_a_failed_settle_its_ids_go_out_again_when_the_pause_ends(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write of results that fails pauses lookups; its ids, pending again, go out once the pause is over. The
+    resolver slept while their results waited to be written (they were not due for it), so the failure must wake
+    it: with no wake, an idle resolver slept MAX_WAIT_SECONDS (here an hour) with the ids due. On a clock only the
+    test moves, and no wake from the test."""
+    monkeypatch.setattr(resolver_module, "MAX_WAIT_SECONDS", 3600.0)
+    clock = ManualClock()
+    config = make_config(tmp_path, fake_api.url, resolve={"billing_delay_seconds": 0})
+    exporter = await start_exporter(config, clock=clock)
+    fail_next_settle(exporter)
+    append_lines(tmp_path / "app.log", [json_line(fake_api.create())])
+
+    async def metric(name: str) -> float:
+        return value(await scrape(exporter.metrics_port), name)
+
+    async def failed() -> bool:
+        return await metric("zenmux_exporter_state_errors_total") == 1
+
+    await wait_until(failed, what="the failed settle counted")
+    assert await metric("zenmux_exporter_lookups_total") == 1
+    clock.advance(resolver_module.STATE_ERROR_PAUSE_SECONDS)
+
+    async def resolved() -> bool:
+        return await metric("zenmux_generations_total") == 1
+
+    await wait_until(resolved, what="the id looked up again after the pause")
+    assert await metric("zenmux_exporter_lookups_total") == 2
