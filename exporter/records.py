@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import orjson
+
 
 class Outcome(enum.StrEnum):
     """The `outcome` label of zenmux_exporter_lookups_total."""
@@ -228,6 +230,17 @@ def parse_generation(payload: Any) -> GenerationRecord:
     )
 
 
+def decode_json(body: bytes) -> Any:
+    """`json.loads(body)`, by orjson (C, ~4x less CPU) where it accepts the body; what it refuses (NaN, UTF-16,
+    a byte-order mark, lone surrogates, nesting past 1024) goes to json.loads, so the result, or the error, is
+    json.loads' (but for an integer past 64 bits, which orjson gives as a float: `_number` makes every number
+    a float anyway). Raises ValueError or RecursionError as json.loads does."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped at an hour."""
     if not value:
@@ -267,7 +280,7 @@ def classify(
 
     if status == 200:
         try:
-            record = parse_generation(json.loads(body))
+            record = parse_generation(decode_json(body))
         except (ValueError, RecursionError) as err:
             message = str(err) if isinstance(err, MalformedResponse) else "body is not valid JSON"
             return result(Outcome.MALFORMED, detail=message)
