@@ -440,19 +440,31 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
         if len(response.content) > limit:
             raise BodyTooLarge("decoded body over the limit")
         return response.content
-    layers = [_Inflate(coding, limit) for coding in reversed(codings)]  # the last applied is undone first
-    body = bytearray()
-    received = 0
+    body = _Body([_Inflate(coding, limit) for coding in reversed(codings)], limit)  # the last applied undone first
     async for chunk in response.aiter_raw():
-        received += len(chunk)
-        if received > limit:
+        body.add(chunk)
+    return bytes(body.decoded)
+
+
+class _Body:
+    """A body as it arrives, through its content codings' inflaters: bounded as received and once decoded."""
+
+    def __init__(self, layers: list[_Inflate], limit: int) -> None:
+        self._layers = layers
+        self._limit = limit
+        self._received = 0
+        self.decoded = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        """Raises BodyTooLarge or BodyEncodingError."""
+        self._received += len(chunk)
+        if self._received > self._limit:
             raise BodyTooLarge("body over the limit as received")
-        for layer in layers:
+        for layer in self._layers:
             chunk = layer.feed(chunk)
-        body += chunk
-        if len(body) > limit:
+        self.decoded += chunk
+        if len(self.decoded) > self._limit:
             raise BodyTooLarge("decoded body over the limit")
-    return bytes(body)
 
 
 # -- the lookup's own path: one GET on a connection of the pool, parsed by httptools, read within a bound ----------
@@ -549,9 +561,7 @@ class _LeanConnection:
         response = _Response()
         parser = response.parser
         answer: Answer | None = None
-        layers: list[_Inflate] = []
-        body = bytearray()
-        received = 0
+        body = _Body([], limit)
         head_bytes = 0
         while not response.complete:
             chunk = await stream.read(READ_BYTES, read_timeout)
@@ -560,7 +570,7 @@ class _LeanConnection:
                     raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
                 if "content-length" in answer.headers or "transfer-encoding" in answer.headers:
                     raise httpcore.RemoteProtocolError("Server disconnected without sending the whole body.")
-                answer.body = bytes(body)  # framed by the connection's end: all of it arrived
+                answer.body = bytes(body.decoded)  # framed by the connection's end: all of it arrived
                 return answer
             try:
                 parser.feed_data(chunk)
@@ -576,7 +586,7 @@ class _LeanConnection:
             if answer is None:
                 answer = Answer(response.status, response.headers)
                 try:
-                    layers = _layers(answer.headers.get("content-encoding", ""), limit)
+                    body = _Body(_layers(answer.headers.get("content-encoding", ""), limit), limit)
                 except BodyEncodingError as err:
                     # Without its traceback: this frame (and the connection's buffers) would be kept by a cycle
                     # (error -> traceback -> frame -> answer -> error) until a full garbage collection.
@@ -586,19 +596,12 @@ class _LeanConnection:
                 pieces, response.pieces = response.pieces, []
                 try:
                     for piece in pieces:
-                        received += len(piece)
-                        if received > limit:
-                            raise BodyTooLarge("body over the limit as received")
-                        for layer in layers:
-                            piece = layer.feed(piece)
-                        body += piece
-                        if len(body) > limit:
-                            raise BodyTooLarge("decoded body over the limit")
+                        body.add(piece)
                 except (BodyTooLarge, BodyEncodingError) as err:
                     answer.problem = err.with_traceback(None)  # no cycle through this frame, as above
                     return answer
         assert answer is not None
-        answer.body = bytes(body)
+        answer.body = bytes(body.decoded)
         self._reusable = response.keep_alive and not response.more
         return answer
 
