@@ -78,6 +78,9 @@ MAX_MILLISECONDS = 1e9  # 11.6 days
 
 
 def _number(value: Any, where: str, *, optional: bool = True, maximum: float = MAX_COUNT) -> float | None:
+    kind = type(value)
+    if (kind is float or kind is int) and 0 <= value <= maximum:  # nearly every value (NaN fails both tests)
+        return float(value)
     if value is None:
         if optional:
             return None
@@ -116,6 +119,17 @@ def _text(value: Any, where: str, default: str = "") -> str:
     return value
 
 
+def _fee_item(detail: Any) -> FeeItem:
+    """A ratingDetails entry; a MalformedResponse's message continues the entry's place (its caller's)."""
+    detail = _mapping(detail, "")
+    return FeeItem(
+        code=_text(detail.get("feeItemCode"), ".feeItemCode", "unknown") or "unknown",
+        bill_usd=_amount(detail.get("billAmount"), ".billAmount"),
+        origin_usd=_amount(detail.get("originAmount"), ".originAmount"),
+        discount_usd=_amount(detail.get("discountAmount"), ".discountAmount"),
+    )
+
+
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     if value is None:
         return {}
@@ -152,16 +166,11 @@ def _billing(record: Mapping[str, Any]) -> Billing | None:
         raise MalformedResponse("ratingResponses.ratingDetails is not a list")
     items = []
     for i, detail in enumerate(details):
-        where = f"ratingResponses.ratingDetails[{i}]"
-        detail = _mapping(detail, where)
-        items.append(
-            FeeItem(
-                code=_text(detail.get("feeItemCode"), f"{where}.feeItemCode", "unknown") or "unknown",
-                bill_usd=_amount(detail.get("billAmount"), f"{where}.billAmount"),
-                origin_usd=_amount(detail.get("originAmount"), f"{where}.originAmount"),
-                discount_usd=_amount(detail.get("discountAmount"), f"{where}.discountAmount"),
-            )
-        )
+        # The entry's place is written only into a message (not five strings per entry and record).
+        try:
+            items.append(_fee_item(detail))
+        except MalformedResponse as err:
+            raise MalformedResponse(f"ratingResponses.ratingDetails[{i}]{err}") from None
     return Billing(
         bill_usd=bill,
         origin_usd=bill + discount if origin is None else origin,

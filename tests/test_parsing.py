@@ -169,6 +169,16 @@ def test_known_variations_parse_the_same(payload: dict[str, Any]) -> None:
     assert record.billing is not None and record.billing.credits == pytest.approx(0.00885)
 
 
+def _with_details(details: list[Any]) -> dict[str, Any]:
+    return {**EXAMPLE, "ratingResponses": {**EXAMPLE["ratingResponses"], "ratingDetails": details}}
+
+
+def test_numbers_at_their_bounds() -> None:
+    record = parse_generation({**EXAMPLE, "usage": 1e6, "latency": -0.0, "requestRetryTimes": "2"})
+    assert record.billing is not None and record.billing.credits == 1e6
+    assert record.latency_seconds == 0.0 and record.upstream_retries == 2
+
+
 def test_missing_billing_is_none_not_zero() -> None:
     metering = {k: v for k, v in EXAMPLE.items() if k not in ("usage", "ratingResponses")}
     assert parse_generation(metering).billing is None
@@ -186,6 +196,15 @@ def test_missing_billing_is_none_not_zero() -> None:
         ({**EXAMPLE, "nativeTokens": "many"}, "nativeTokens has type str"),
         ({**EXAMPLE, "nativeTokens": {"prompt_tokens": 1e20}}, "implausibly large"),
         ({**EXAMPLE, "streamed": "maybe"}, "streamed is not a boolean"),
+        ({**EXAMPLE, "latency": True}, "latency is a boolean"),
+        ({**EXAMPLE, "latency": float("inf")}, "latency is negative or not finite"),
+        ({**EXAMPLE, "usage": 1e6 + 1}, "usage is implausibly large"),
+        ({**EXAMPLE, "requestRetryTimes": -1}, "requestRetryTimes is negative"),
+        (_with_details([{"billAmount": 1}, 7]), r"ratingResponses\.ratingDetails\[1\] has type int, not an object"),
+        (_with_details([{"billAmount": -0.5}]), r"ratingResponses\.ratingDetails\[0\]\.billAmount is negative"),
+        (_with_details([{"originAmount": "x"}]), r"ratingResponses\.ratingDetails\[0\]\.originAmount is not numeric"),
+        (_with_details([{"feeItemCode": 3}]), r"ratingResponses\.ratingDetails\[0\]\.feeItemCode has type int"),
+        (_with_details([{"discountAmount": float("nan")}]), r"ratingDetails\[0\]\.discountAmount is negative or not"),
     ],
 )
 def test_what_cannot_be_a_record_is_malformed(payload: Any, reason: str) -> None:
