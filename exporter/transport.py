@@ -488,7 +488,7 @@ class _Response:
     )
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser: httptools.HttpResponseParser | None = None
         self.status = 0
         self.headers: dict[str, str] = {}  # names lower-cased; a repeated header keeps its last value
         self.head_done = False
@@ -506,7 +506,9 @@ class _Response:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip(" \t")
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        parser = self.parser
+        assert parser is not None
+        status = parser.get_status_code()
         if 100 <= status < 200:  # an informational (1xx) response is read past, as h11 does
             self.informational = True
             self.headers = {}
@@ -514,7 +516,7 @@ class _Response:
         self.status = status
         self.head_done = True
         # Asked here: once the message is complete, llhttp has reset what it says for the next one.
-        self.keep_alive = self.parser.should_keep_alive()
+        self.keep_alive = parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.pieces.append(body)
@@ -559,51 +561,54 @@ class _LeanConnection:
         await stream.write(request, timeouts.get("write"))
         read_timeout = timeouts.get("read")
         response = _Response()
-        parser = response.parser
-        answer: Answer | None = None
-        body = _Body([], limit)
-        head_bytes = 0
-        while not response.complete:
-            chunk = await stream.read(READ_BYTES, read_timeout)
-            if not chunk:
-                if answer is None:
-                    raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
-                if "content-length" in answer.headers or "transfer-encoding" in answer.headers:
-                    raise httpcore.RemoteProtocolError("Server disconnected without sending the whole body.")
-                answer.body = bytes(body.decoded)  # framed by the connection's end: all of it arrived
-                return answer
-            try:
-                parser.feed_data(chunk)
-            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as err:
-                if not response.complete:
-                    raise httpcore.RemoteProtocolError(f"invalid response: {err}") from None
-                response.more = True  # garbage after a whole response: the answer stands, the connection goes
-            if not response.head_done:
-                head_bytes += len(chunk)
-                if head_bytes > MAX_HEADER_BYTES:
-                    raise httpcore.RemoteProtocolError("the response's head is too large")
-                continue
-            if answer is None:
-                answer = Answer(response.status, response.headers)
-                try:
-                    body = _Body(_layers(answer.headers.get("content-encoding", ""), limit), limit)
-                except BodyEncodingError as err:
-                    # Without its traceback: this frame (and the connection's buffers) would be kept by a cycle
-                    # (error -> traceback -> frame -> answer -> error) until a full garbage collection.
-                    answer.problem = err.with_traceback(None)
-                    return answer  # the connection is dropped: its body was not read
-            if response.pieces:
-                pieces, response.pieces = response.pieces, []
-                try:
-                    for piece in pieces:
-                        body.add(piece)
-                except (BodyTooLarge, BodyEncodingError) as err:
-                    answer.problem = err.with_traceback(None)  # no cycle through this frame, as above
+        parser = response.parser = httptools.HttpResponseParser(response)
+        try:
+            answer: Answer | None = None
+            body = _Body([], limit)
+            head_bytes = 0
+            while not response.complete:
+                chunk = await stream.read(READ_BYTES, read_timeout)
+                if not chunk:
+                    if answer is None:
+                        raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+                    if "content-length" in answer.headers or "transfer-encoding" in answer.headers:
+                        raise httpcore.RemoteProtocolError("Server disconnected without sending the whole body.")
+                    answer.body = bytes(body.decoded)  # framed by the connection's end: all of it arrived
                     return answer
-        assert answer is not None
-        answer.body = bytes(body.decoded)
-        self._reusable = response.keep_alive and not response.more
-        return answer
+                try:
+                    parser.feed_data(chunk)
+                except (httptools.HttpParserError, httptools.HttpParserUpgrade) as err:
+                    if not response.complete:
+                        raise httpcore.RemoteProtocolError(f"invalid response: {err}") from None
+                    response.more = True  # garbage after a whole response: the answer stands, the connection goes
+                if not response.head_done:
+                    head_bytes += len(chunk)
+                    if head_bytes > MAX_HEADER_BYTES:
+                        raise httpcore.RemoteProtocolError("the response's head is too large")
+                    continue
+                if answer is None:
+                    answer = Answer(response.status, response.headers)
+                    try:
+                        body = _Body(_layers(answer.headers.get("content-encoding", ""), limit), limit)
+                    except BodyEncodingError as err:
+                        # Without its traceback: this frame (and the connection's buffers) would be kept by a cycle
+                        # (error -> traceback -> frame -> answer -> error) until a full garbage collection.
+                        answer.problem = err.with_traceback(None)
+                        return answer  # the connection is dropped: its body was not read
+                if response.pieces:
+                    pieces, response.pieces = response.pieces, []
+                    try:
+                        for piece in pieces:
+                            body.add(piece)
+                    except (BodyTooLarge, BodyEncodingError) as err:
+                        answer.problem = err.with_traceback(None)  # no cycle through this frame, as above
+                        return answer
+            assert answer is not None
+            answer.body = bytes(body.decoded)
+            self._reusable = response.keep_alive and not response.more
+            return answer
+        finally:
+            response.parser = None  # it refers to `response`: no cycle left to the garbage collector
 
     def done(self, now: float) -> bool:
         """After a whole exchange: whether the connection may carry another request (then it is readied)."""

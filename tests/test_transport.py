@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.transport import HIGH_WATER_BYTES, PooledTransport
+from exporter.transport import HIGH_WATER_BYTES, PooledTransport, _Response
 from exporter.zenmux import environment_proxy
 from tests.support import make_cert
 
@@ -414,3 +415,17 @@ async def test_lean_headers_request_and_its_validation() -> None:
         with pytest.raises(httpx.LocalProtocolError):
             await client.get(origin, b"/g", [*headers, (b"X-Bad", b"a\r\nInjected: 1")], TIMEOUTS, 100)
         assert len(seen) == 1
+
+
+async def test_a_lookup_leaves_no_cycle_for_the_garbage_collector() -> None:
+    """The parser and the object its callbacks reach refer to each other: the link is cut after each answer."""
+    handle, _ = await answer_each_request_with(response(b"ok"))
+    async with server(handle) as port, transport() as client:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"ok")
+            assert not [o for o in gc.get_objects() if isinstance(o, _Response)]
+        finally:
+            gc.enable()
