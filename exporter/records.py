@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import orjson
+
 
 class Outcome(enum.StrEnum):
     """The `outcome` label of zenmux_exporter_lookups_total."""
@@ -76,6 +78,9 @@ MAX_MILLISECONDS = 1e9  # 11.6 days
 
 
 def _number(value: Any, where: str, *, optional: bool = True, maximum: float = MAX_COUNT) -> float | None:
+    kind = type(value)
+    if (kind is float or kind is int) and 0 <= value <= maximum:  # nearly every value (NaN fails both tests)
+        return float(value)
     if value is None:
         if optional:
             return None
@@ -114,6 +119,17 @@ def _text(value: Any, where: str, default: str = "") -> str:
     return value
 
 
+def _fee_item(detail: Any) -> FeeItem:
+    """A ratingDetails entry; a MalformedResponse's message continues the entry's place (its caller's)."""
+    detail = _mapping(detail, "")
+    return FeeItem(
+        code=_text(detail.get("feeItemCode"), ".feeItemCode", "unknown") or "unknown",
+        bill_usd=_amount(detail.get("billAmount"), ".billAmount"),
+        origin_usd=_amount(detail.get("originAmount"), ".originAmount"),
+        discount_usd=_amount(detail.get("discountAmount"), ".discountAmount"),
+    )
+
+
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
     if value is None:
         return {}
@@ -150,16 +166,11 @@ def _billing(record: Mapping[str, Any]) -> Billing | None:
         raise MalformedResponse("ratingResponses.ratingDetails is not a list")
     items = []
     for i, detail in enumerate(details):
-        where = f"ratingResponses.ratingDetails[{i}]"
-        detail = _mapping(detail, where)
-        items.append(
-            FeeItem(
-                code=_text(detail.get("feeItemCode"), f"{where}.feeItemCode", "unknown") or "unknown",
-                bill_usd=_amount(detail.get("billAmount"), f"{where}.billAmount"),
-                origin_usd=_amount(detail.get("originAmount"), f"{where}.originAmount"),
-                discount_usd=_amount(detail.get("discountAmount"), f"{where}.discountAmount"),
-            )
-        )
+        # The entry's place is written only into a message (not five strings per entry and record).
+        try:
+            items.append(_fee_item(detail))
+        except MalformedResponse as err:
+            raise MalformedResponse(f"ratingResponses.ratingDetails[{i}]{err}") from None
     return Billing(
         bill_usd=bill,
         origin_usd=bill + discount if origin is None else origin,
@@ -228,6 +239,17 @@ def parse_generation(payload: Any) -> GenerationRecord:
     )
 
 
+def decode_json(body: bytes) -> Any:
+    """`json.loads(body)`, by orjson (C, ~4x less CPU) where it accepts the body; what it refuses (NaN, UTF-16,
+    a byte-order mark, lone surrogates, nesting past 1024) goes to json.loads, so the result, or the error, is
+    json.loads' (but for an integer past 64 bits, which orjson gives as a float: `_number` makes every number
+    a float anyway). Raises ValueError or RecursionError as json.loads does."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped at an hour."""
     if not value:
@@ -267,7 +289,7 @@ def classify(
 
     if status == 200:
         try:
-            record = parse_generation(json.loads(body))
+            record = parse_generation(decode_json(body))
         except (ValueError, RecursionError) as err:
             message = str(err) if isinstance(err, MalformedResponse) else "body is not valid JSON"
             return result(Outcome.MALFORMED, detail=message)

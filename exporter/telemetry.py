@@ -258,9 +258,9 @@ def tracer_provider(config: TracingConfig, exporter: SpanExporter | None = None)
     )
     if exporter is None:
         if config.exporter == "otlp":
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            from exporter.otlp import OtlpSpanExporter
 
-            exporter = OTLPSpanExporter()
+            exporter = OtlpSpanExporter()
         elif config.exporter == "console":
             exporter = ConsoleSpanExporter(out=sys.stderr)
     if exporter is not None:

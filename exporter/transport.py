@@ -6,13 +6,15 @@ health check builds anyio's attribute table and polls the socket. That was ~40 %
 lookup. Here a plain asyncio protocol buffers what arrives; a read takes from the buffer or waits on one
 future with one timer, and an idle connection knows it was closed by its peer without a syscall. HTTP
 itself (h11, keep-alive, timeouts) is still httpcore's `AsyncHTTP11Connection` (which keeps its own anyio
-lock), requests and responses are httpx's; the pool and its bound are `PooledTransport`'s.
+lock), requests and responses are httpx's; the pool and its bound are `PooledTransport`'s. A lookup's own
+GET (`PooledTransport.get`) parses its response with httptools (llhttp, C) instead.
 """
 
 # ruff: noqa: ASYNC109 -- httpcore's network interface passes timeouts as arguments
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 import typing
@@ -23,6 +25,7 @@ from functools import partial
 
 import h11
 import httpcore
+import httptools
 import httpx
 
 from exporter.netio import Receiver
@@ -33,6 +36,8 @@ HIGH_WATER_BYTES = 256 * 1024
 # As httpcore's HTTP/1.1 connection: the most a response's status line and headers may take, and a read's size.
 MAX_HEADER_BYTES = 100 * 1024
 READ_BYTES = 64 * 1024
+# `get`'s serialized request heads kept (one per distinct header list; a client has one).
+MAX_REQUEST_HEADS = 8
 
 
 # httpcore's errors as httpx's (most specific first), so callers see the same exceptions as with httpx's own
@@ -194,8 +199,10 @@ class PooledTransport(httpx.AsyncBaseTransport):
         self._idle: list[httpcore.AsyncHTTP11Connection] = []  # most recently used last
         self._connections: set[httpcore.AsyncHTTP11Connection] = set()
         # `get`'s own connections (the lookup's path), under the same bound.
-        self._lean_idle: list[_H11Connection] = []
-        self._lean: set[_H11Connection] = set()
+        self._lean_idle: list[_LeanConnection] = []
+        self._lean: set[_LeanConnection] = set()
+        # Each header list's serialized request head (`request_head`): one, in practice.
+        self._heads: dict[tuple[tuple[bytes, bytes], ...], bytes] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -289,8 +296,8 @@ class PooledTransport(httpx.AsyncBaseTransport):
         lean, self._lean, self._lean_idle = self._lean, set(), []
         for connection in connections:
             await connection.aclose()
-        for h11_connection in lean:
-            h11_connection.close()
+        for lean_connection in lean:
+            lean_connection.close()
 
     # -- the lookup's path ------------------------------------------------------------------------------------
 
@@ -308,7 +315,9 @@ class PooledTransport(httpx.AsyncBaseTransport):
         Raises httpx's transport errors, as `handle_async_request` does."""
         await self._slots.acquire()
         try:
-            request = h11.Request(method="GET", target=target, headers=headers)
+            if _TARGET.fullmatch(target) is None:
+                raise httpcore.LocalProtocolError("the request target is not visible ASCII")
+            request = b"GET " + target + self._head(headers)
             connection = self._lean_checkout(origin)
             if connection is not None:
                 try:
@@ -322,8 +331,18 @@ class PooledTransport(httpx.AsyncBaseTransport):
         finally:
             self._slots.release()
 
+    def _head(self, headers: list[tuple[bytes, bytes]]) -> bytes:
+        key = tuple(headers)
+        head = self._heads.get(key)
+        if head is None:
+            head = request_head(headers)
+            if len(self._heads) >= MAX_REQUEST_HEADS:
+                self._heads.clear()
+            self._heads[key] = head
+        return head
+
     async def _lean_exchange(
-        self, connection: _H11Connection, request: h11.Request, timeouts: dict[str, float | None], limit: int
+        self, connection: _LeanConnection, request: bytes, timeouts: dict[str, float | None], limit: int
     ) -> Answer:
         try:
             answer = await connection.exchange(request, timeouts, limit)
@@ -336,7 +355,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
             self._lean_discard(connection)  # a body not read to its end leaves the connection unusable
         return answer
 
-    def _lean_checkout(self, origin: tuple[bytes, bytes, int]) -> _H11Connection | None:
+    def _lean_checkout(self, origin: tuple[bytes, bytes, int]) -> _LeanConnection | None:
         idle = self._lean_idle
         now = time.monotonic()
         while idle:
@@ -346,7 +365,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
             self._lean_discard(connection)  # expired, closed by the server, or for another origin
         return None
 
-    async def _lean_connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _H11Connection:
+    async def _lean_connect(self, origin: tuple[bytes, bytes, int], timeout: float | None) -> _LeanConnection:
         scheme, host, port = origin
         name = host.decode("ascii")
         stream = await connect_tcp(name, port, timeout)
@@ -355,11 +374,11 @@ class PooledTransport(httpx.AsyncBaseTransport):
             secure = await stream.start_tls(self._ssl_context, server_hostname=name, timeout=timeout)
             assert isinstance(secure, AsyncioStream)
             stream = secure
-        connection = _H11Connection(origin, stream, self._keepalive_expiry)
+        connection = _LeanConnection(origin, stream, self._keepalive_expiry)
         self._lean.add(connection)
         return connection
 
-    def _lean_discard(self, connection: _H11Connection) -> None:
+    def _lean_discard(self, connection: _LeanConnection) -> None:
         self._lean.discard(connection)
         connection.close()
 
@@ -421,22 +440,34 @@ async def read_bounded(response: httpx.Response, limit: int) -> bytes:
         if len(response.content) > limit:
             raise BodyTooLarge("decoded body over the limit")
         return response.content
-    layers = [_Inflate(coding, limit) for coding in reversed(codings)]  # the last applied is undone first
-    body = bytearray()
-    received = 0
+    body = _Body([_Inflate(coding, limit) for coding in reversed(codings)], limit)  # the last applied undone first
     async for chunk in response.aiter_raw():
-        received += len(chunk)
-        if received > limit:
+        body.add(chunk)
+    return bytes(body.decoded)
+
+
+class _Body:
+    """A body as it arrives, through its content codings' inflaters: bounded as received and once decoded."""
+
+    def __init__(self, layers: list[_Inflate], limit: int) -> None:
+        self._layers = layers
+        self._limit = limit
+        self._received = 0
+        self.decoded = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        """Raises BodyTooLarge or BodyEncodingError."""
+        self._received += len(chunk)
+        if self._received > self._limit:
             raise BodyTooLarge("body over the limit as received")
-        for layer in layers:
+        for layer in self._layers:
             chunk = layer.feed(chunk)
-        body += chunk
-        if len(body) > limit:
+        self.decoded += chunk
+        if len(self.decoded) > self._limit:
             raise BodyTooLarge("decoded body over the limit")
-    return bytes(body)
 
 
-# -- the lookup's own path: one GET on an h11 connection of the pool, read within a bound ---------------------
+# -- the lookup's own path: one GET on a connection of the pool, parsed by httptools, read within a bound ----------
 
 
 @dataclass
@@ -449,95 +480,156 @@ class Answer:
     problem: BodyTooLarge | BodyEncodingError | None = None
 
 
-class _H11Connection:
-    """One kept-alive HTTP/1.1 connection driven with h11 directly: what a GET needs, no more.
+class _Response:
+    """httptools' callbacks for one response: its status and headers, raw body pieces as they are parsed."""
 
-    httpcore's connection around the same h11 costs about as much again per request (an anyio lock and
-    cancel-shielded checkpoints, request and response models, byte-stream wrappers); a lookup has one fixed
-    GET with no body, so it writes h11's bytes and reads h11's events itself.
+    __slots__ = (
+        "complete", "head_done", "headers", "informational", "keep_alive", "more", "parser", "pieces", "status"
+    )
+
+    def __init__(self) -> None:
+        self.parser: httptools.HttpResponseParser | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}  # names lower-cased; a repeated header keeps its last value
+        self.head_done = False
+        self.informational = False
+        self.pieces: list[bytes] = []
+        self.complete = False
+        self.keep_alive = False
+        self.more = False  # bytes came after the response: the connection is not reused
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.more = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip(" \t")
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        status = parser.get_status_code()
+        if 100 <= status < 200:  # an informational (1xx) response is read past, as h11 does
+            self.informational = True
+            self.headers = {}
+            return
+        self.status = status
+        self.head_done = True
+        # Asked here: once the message is complete, llhttp has reset what it says for the next one.
+        self.keep_alive = parser.should_keep_alive()
+
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+        else:
+            self.complete = True
+
+
+# h11's request-target: visible ASCII, no spaces.
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+
+class _LeanConnection:
+    """One kept-alive HTTP/1.1 connection for a GET with no body: what a lookup needs, no more.
+
+    The response is parsed by httptools (llhttp, the C parser uvicorn uses): h11's pure-Python parser, its
+    events and its state machine were ~70 % of an exchange's CPU. The request's bytes are h11's (`request_head`
+    serializes and validates the headers once). llhttp frames the body (Content-Length, chunked); a body
+    framed by neither ends with the connection, as RFC 9112 says, which httptools cannot be told: that end is
+    seen here.
     """
 
     def __init__(self, key: tuple[bytes, bytes, int], stream: AsyncioStream, keepalive_expiry: float) -> None:
         self.key = key
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._keepalive_expiry = keepalive_expiry
         self._expires = float("inf")
+        self._reusable = False
 
     def reusable(self, now: float) -> bool:
         """Idle, not past its keep-alive and not closed (or being closed) by the server."""
         receiver = self.stream.receiver
         return now < self._expires and not receiver.closed and not receiver.buffer
 
-    async def exchange(self, request: h11.Request, timeouts: dict[str, float | None], limit: int) -> Answer:
+    async def exchange(self, request: bytes, timeouts: dict[str, float | None], limit: int) -> Answer:
         """Sends `request`, reads the answer within `limit` decoded bytes. Raises httpcore's errors."""
-        connection = self.h11
+        self._reusable = False
         stream = self.stream
-        try:
-            data = connection.send(request) or b""
-            data += connection.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError as err:
-            raise httpcore.LocalProtocolError(str(err)) from None
-        await stream.write(data, timeouts.get("write"))
+        await stream.write(request, timeouts.get("write"))
         read_timeout = timeouts.get("read")
-        answer: Answer | None = None
-        layers: list[_Inflate] = []
-        body = bytearray()
-        received = 0
-        while True:
-            try:
-                event = connection.next_event()
-            except h11.RemoteProtocolError as err:
-                raise httpcore.RemoteProtocolError(str(err)) from None
-            if event is h11.NEED_DATA:
+        response = _Response()
+        parser = response.parser = httptools.HttpResponseParser(response)
+        try:
+            answer: Answer | None = None
+            body = _Body([], limit)
+            head_bytes = 0
+            while not response.complete:
                 chunk = await stream.read(READ_BYTES, read_timeout)
-                if not chunk and connection.their_state is h11.SEND_RESPONSE:
-                    raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
-                connection.receive_data(chunk)
-            elif isinstance(event, h11.Response):
-                headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in event.headers}
-                answer = Answer(event.status_code, headers)
-                try:
-                    layers = _layers(headers.get("content-encoding", ""), limit)
-                except BodyEncodingError as err:
-                    # Without its traceback: this frame (and the connection's buffers) would be kept by a cycle
-                    # (error -> traceback -> frame -> answer -> error) until a full garbage collection.
-                    answer.problem = err.with_traceback(None)
-                    return answer  # the connection is dropped: its body was not read
-            elif isinstance(event, h11.Data):
-                assert answer is not None
-                received += len(event.data)
-                try:
-                    if received > limit:
-                        raise BodyTooLarge("body over the limit as received")
-                    chunk = bytes(event.data)
-                    for layer in layers:
-                        chunk = layer.feed(chunk)
-                    body += chunk
-                    if len(body) > limit:
-                        raise BodyTooLarge("decoded body over the limit")
-                except (BodyTooLarge, BodyEncodingError) as err:
-                    answer.problem = err.with_traceback(None)  # no cycle through this frame, as above
+                if not chunk:
+                    if answer is None:
+                        raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
+                    if "content-length" in answer.headers or "transfer-encoding" in answer.headers:
+                        raise httpcore.RemoteProtocolError("Server disconnected without sending the whole body.")
+                    answer.body = bytes(body.decoded)  # framed by the connection's end: all of it arrived
                     return answer
-            elif isinstance(event, h11.EndOfMessage):
-                assert answer is not None
-                answer.body = bytes(body)
-                return answer
-            elif isinstance(event, h11.ConnectionClosed):
-                raise httpcore.RemoteProtocolError("Server disconnected without sending a response.")
-            # an InformationalResponse (1xx) is read past
+                try:
+                    parser.feed_data(chunk)
+                except (httptools.HttpParserError, httptools.HttpParserUpgrade) as err:
+                    if not response.complete:
+                        raise httpcore.RemoteProtocolError(f"invalid response: {err}") from None
+                    response.more = True  # garbage after a whole response: the answer stands, the connection goes
+                if not response.head_done:
+                    head_bytes += len(chunk)
+                    if head_bytes > MAX_HEADER_BYTES:
+                        raise httpcore.RemoteProtocolError("the response's head is too large")
+                    continue
+                if answer is None:
+                    answer = Answer(response.status, response.headers)
+                    try:
+                        body = _Body(_layers(answer.headers.get("content-encoding", ""), limit), limit)
+                    except BodyEncodingError as err:
+                        # Without its traceback: this frame (and the connection's buffers) would be kept by a cycle
+                        # (error -> traceback -> frame -> answer -> error) until a full garbage collection.
+                        answer.problem = err.with_traceback(None)
+                        return answer  # the connection is dropped: its body was not read
+                if response.pieces:
+                    pieces, response.pieces = response.pieces, []
+                    try:
+                        for piece in pieces:
+                            body.add(piece)
+                    except (BodyTooLarge, BodyEncodingError) as err:
+                        answer.problem = err.with_traceback(None)  # no cycle through this frame, as above
+                        return answer
+            assert answer is not None
+            answer.body = bytes(body.decoded)
+            self._reusable = response.keep_alive and not response.more
+            return answer
+        finally:
+            response.parser = None  # it refers to `response`: no cycle left to the garbage collector
 
     def done(self, now: float) -> bool:
         """After a whole exchange: whether the connection may carry another request (then it is readied)."""
-        connection = self.h11
-        if connection.our_state is h11.DONE and connection.their_state is h11.DONE:
-            connection.start_next_cycle()
+        if self._reusable:
             self._expires = now + self._keepalive_expiry
             return True
         return False
 
     def close(self) -> None:
         self.stream.close()
+
+
+def request_head(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """What follows a GET's target in its request: h11's serialization of the request line's end and the headers
+    (h11 validates them). Raises httpcore.LocalProtocolError."""
+    try:
+        data = h11.Connection(h11.CLIENT).send(h11.Request(method="GET", target=b"/", headers=headers))
+    except h11.LocalProtocolError as err:
+        raise httpcore.LocalProtocolError(str(err)) from None
+    assert data is not None and data.startswith(b"GET / ")
+    return data[len(b"GET /") :]
 
 
 def _layers(content_encoding: str, limit: int) -> list[_Inflate]:

@@ -94,7 +94,9 @@ class ZenMuxClient:
         self._origin = (url.raw_scheme, url.raw_host, url.port or (443 if url.scheme == "https" else 80))
         self._target = url.raw_path
         self._raw_headers = list(self._headers.raw)
-        self._timeouts: dict[str, float | None] = timeout.as_dict()
+        # The pool's GET is bounded as a whole by `lookup`'s timeout_seconds, which starts first and so always ends
+        # before a read or write timeout of the same length would: they are left out (no timer per read).
+        self._timeouts: dict[str, float | None] = {**timeout.as_dict(), "read": None, "write": None}
 
     @property
     def billing_expected(self) -> bool:

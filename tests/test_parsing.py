@@ -19,7 +19,7 @@ from exporter.ids import (
     plain_parser,
     regex_parser,
 )
-from exporter.records import MalformedResponse, Outcome, classify, parse_generation, parse_retry_after
+from exporter.records import MalformedResponse, Outcome, classify, decode_json, parse_generation, parse_retry_after
 
 EXAMPLE: dict[str, Any] = {
     "api": "chat.completions",
@@ -169,6 +169,16 @@ def test_known_variations_parse_the_same(payload: dict[str, Any]) -> None:
     assert record.billing is not None and record.billing.credits == pytest.approx(0.00885)
 
 
+def _with_details(details: list[Any]) -> dict[str, Any]:
+    return {**EXAMPLE, "ratingResponses": {**EXAMPLE["ratingResponses"], "ratingDetails": details}}
+
+
+def test_numbers_at_their_bounds() -> None:
+    record = parse_generation({**EXAMPLE, "usage": 1e6, "latency": -0.0, "requestRetryTimes": "2"})
+    assert record.billing is not None and record.billing.credits == 1e6
+    assert record.latency_seconds == 0.0 and record.upstream_retries == 2
+
+
 def test_missing_billing_is_none_not_zero() -> None:
     metering = {k: v for k, v in EXAMPLE.items() if k not in ("usage", "ratingResponses")}
     assert parse_generation(metering).billing is None
@@ -186,6 +196,15 @@ def test_missing_billing_is_none_not_zero() -> None:
         ({**EXAMPLE, "nativeTokens": "many"}, "nativeTokens has type str"),
         ({**EXAMPLE, "nativeTokens": {"prompt_tokens": 1e20}}, "implausibly large"),
         ({**EXAMPLE, "streamed": "maybe"}, "streamed is not a boolean"),
+        ({**EXAMPLE, "latency": True}, "latency is a boolean"),
+        ({**EXAMPLE, "latency": float("inf")}, "latency is negative or not finite"),
+        ({**EXAMPLE, "usage": 1e6 + 1}, "usage is implausibly large"),
+        ({**EXAMPLE, "requestRetryTimes": -1}, "requestRetryTimes is negative"),
+        (_with_details([{"billAmount": 1}, 7]), r"ratingResponses\.ratingDetails\[1\] has type int, not an object"),
+        (_with_details([{"billAmount": -0.5}]), r"ratingResponses\.ratingDetails\[0\]\.billAmount is negative"),
+        (_with_details([{"originAmount": "x"}]), r"ratingResponses\.ratingDetails\[0\]\.originAmount is not numeric"),
+        (_with_details([{"feeItemCode": 3}]), r"ratingResponses\.ratingDetails\[0\]\.feeItemCode has type int"),
+        (_with_details([{"discountAmount": float("nan")}]), r"ratingDetails\[0\]\.discountAmount is negative or not"),
     ],
 )
 def test_what_cannot_be_a_record_is_malformed(payload: Any, reason: str) -> None:
@@ -235,3 +254,38 @@ def test_classify(status: int, body: bytes, billing_expected: bool, outcome: Out
 def test_retry_after(header: str | None, seconds: float | None) -> None:
     now = 1445412480.0  # 2015-10-21 07:28:00 UTC
     assert parse_retry_after(header, now) == seconds
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        json.dumps({"success": True, "data": EXAMPLE}).encode(),
+        b'{"a": 1, "a": 2}',  # a repeated key: the last
+        b'{"n": NaN, "i": Infinity, "m": -Infinity}',
+        b'{"big": 123456789012345678901234567890, "neg": -9223372036854775809}',
+        b'{"f": 1e400, "g": -0.0, "h": 5e-324, "k": 0.1}',
+        '{"utf16": "é"}'.encode("utf-16"),
+        b'\xef\xbb\xbf{"bom": 1}',
+        b'{"lone": "\\ud800"}',
+        b'{"bad utf-8": "\xff"}',
+        '{"s": "日本 \\u00e9 \\n"}'.encode(),
+        b"[" * 100_000 + b"]" * 100_000,
+        b"",
+        b"{} trailing",
+        b'{"open": ',
+        b"  [1, 2.5, true, false, null]  ",
+    ],
+)
+def test_json_decoding_is_json_loads(body: bytes) -> None:
+    """orjson where it accepts the body, json.loads otherwise: the value, or the kind of error, json.loads'."""
+    try:
+        expected: Any = json.loads(body)
+    except (ValueError, RecursionError) as err:
+        with pytest.raises(type(err)):
+            decode_json(body)
+        return
+    decoded = decode_json(body)
+    if b"big" in body:  # past 64 bits orjson gives a float: the record's parser makes every number one anyway
+        assert {k: float(v) for k, v in decoded.items()} == {k: float(v) for k, v in expected.items()}
+        return
+    assert repr(decoded) == repr(expected)  # repr: NaN equals itself, -0.0 is told from 0.0

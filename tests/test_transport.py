@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exporter.transport import HIGH_WATER_BYTES, PooledTransport
+from exporter.transport import HIGH_WATER_BYTES, PooledTransport, _Response
 from exporter.zenmux import environment_proxy
 from tests.support import make_cert
 
@@ -301,3 +302,130 @@ async def test_a_lookup_cancelled_while_waiting_for_a_connection_leaves_no_slot_
         assert await first == (200, b"ok")
         assert await get(client, url) == (200, b"ok")  # the slot the cancelled lookup waited for is free
         assert await get(client, url) == (200, b"ok")
+
+
+# -- framing: both ways (httpcore's h11 and `get`'s httptools) read the same answers the same way ------------------
+
+
+async def answer_each_request_with(raw: bytes) -> tuple[Handler, list[int]]:
+    """A server answering every request with `raw` (on the same connection while it stays open); the list counts
+    its connections."""
+    connections = [0]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections[0] += 1
+        async for _ in requests(reader):
+            writer.write(raw)
+            await writer.drain()
+        writer.close()
+
+    return handle, connections
+
+
+@pytest.mark.parametrize(
+    ("raw", "body", "reused"),
+    [
+        # chunked, with a chunk extension and a trailer
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n",
+         b"abcde", True),
+        # an informational answer read past
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", True),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b"", True),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b"", True),
+        # keep-alive refused: a new connection each time
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok", b"ok", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok", False),
+    ],
+)
+async def test_framings_and_keep_alive(raw: bytes, body: bytes, reused: bool) -> None:
+    handle, connections = await answer_each_request_with(raw)
+    async with server(handle) as port, transport() as client:
+        for _ in range(3):
+            assert await get(client, f"http://127.0.0.1:{port}/") == (200 if b" 204 " not in raw else 204, body)
+    assert connections[0] == (1 if reused else 3)
+
+
+async def test_a_body_framed_by_the_connection_end_is_read_to_it() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ")
+        await writer.drain()
+        writer.write(b"the end")
+        await writer.drain()
+        writer.close()
+
+    async with server(handle) as port, transport() as client:
+        for _ in range(2):
+            assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"until the end")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # cut short by the close
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc",  # a chunk cut short
+        b"HTTP/1.1 200 OK\r\nContent-Le",  # the head cut short
+        b"HTTP/1.1 200 OK\r\n\r\n"[:0],  # nothing at all
+        b"garbage that is no HTTP\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",  # a smuggling shape
+        b"HTTP/1.1 200 OK\r\nX: " + b"a" * (300 * 1024) + b"\r\n\r\n",  # a head over the limit (100 KB)
+    ],
+)
+async def test_broken_answers_are_protocol_errors(raw: bytes) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(raw)
+        await writer.drain()
+        writer.close()
+
+    async with server(handle) as port, transport() as client:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await get(client, f"http://127.0.0.1:{port}/")
+
+
+async def test_bytes_after_an_answer_cost_the_connection_not_the_answer() -> None:
+    handle, connections = await answer_each_request_with(response(b"ok") + b"HTTP/1.1 200 OK\r\nunasked")
+    async with server(handle) as port, transport() as client:
+        for _ in range(2):
+            assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"ok")
+    assert connections[0] == 2
+
+
+async def test_lean_headers_request_and_its_validation() -> None:
+    """`get` writes h11's request bytes and returns the headers lower-cased, trimmed, the last of a repeat."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for request in requests(reader):
+            seen.append(request)
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Zenmux-RequestId:  req-1 \r\nX-Twice: a\r\nX-Twice: b\r\n"
+                         b"Content-Length: 0\r\n\r\n")
+        writer.close()
+
+    async with server(handle) as port, transport() as client:
+        origin = (b"http", b"127.0.0.1", port)
+        headers = [(b"Host", f"127.0.0.1:{port}".encode()), (b"Authorization", b"Bearer k")]
+        answer = await client.get(origin, b"/g?id=a%20b", headers, TIMEOUTS, 100)
+        assert answer.headers["x-zenmux-requestid"] == "req-1"
+        assert answer.headers["x-twice"] == "b"
+        expected = f"GET /g?id=a%20b HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer k\r\n\r\n"
+        assert seen == [expected.encode()]
+        with pytest.raises(httpx.LocalProtocolError):
+            await client.get(origin, b"/g?id=a b", headers, TIMEOUTS, 100)
+        with pytest.raises(httpx.LocalProtocolError):
+            await client.get(origin, b"/g", [*headers, (b"X-Bad", b"a\r\nInjected: 1")], TIMEOUTS, 100)
+        assert len(seen) == 1
+
+
+async def test_a_lookup_leaves_no_cycle_for_the_garbage_collector() -> None:
+    """The parser and the object its callbacks reach refer to each other: the link is cut after each answer."""
+    handle, _ = await answer_each_request_with(response(b"ok"))
+    async with server(handle) as port, transport() as client:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"ok")
+            assert not [o for o in gc.get_objects() if isinstance(o, _Response)]
+        finally:
+            gc.enable()
