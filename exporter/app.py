@@ -105,6 +105,7 @@ class Exporter:
         self._stop_resolver = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._source_tasks: list[asyncio.Task[None]] = []
+        self._opening: asyncio.Task[None] | None = None
         self._oldest_age = 0.0
         self._next_count = 0.0  # an ingest-only process of a fleet: when to count the shared queue again
         self._last_forget = 0.0
@@ -112,6 +113,8 @@ class Exporter:
         self._draining = False
         # Set to cut a drain short (a second SIGTERM/SIGINT): what is pending stays in the state database.
         self.abort_drain = asyncio.Event()
+        # Set when the state file turns out damaged after /readyz (a large file's integrity check runs then).
+        self.damaged = asyncio.Event()
         self.stopped = False
         self.failure: str | None = None  # why a background task died, for /healthz
         self.udp_sources: list[UdpSource] = []
@@ -233,6 +236,9 @@ class Exporter:
                 log.warning("reconcile: the management key is not used here: only a process with the expose role "
                             "reconciles (in a fleet, the leading exposer)")
         self._started = True
+        if isinstance(self.state, StateStore):
+            self._opening = self._watch(self._complete_open(self.state), "state open")
+            self._tasks.append(self._opening)
         log.info(
             "zenmux-exporter (%s) serving /metrics on %s:%d; %s in %s",
             ", ".join(roles),
@@ -241,6 +247,21 @@ class Exporter:
             f"{self.state.pending} pending ids" if self.state.problem is None else "pending ids not counted yet",
             self.state.description,
         )
+
+    async def _complete_open(self, state: StateStore) -> None:
+        """What opening a SQLite state leaves until after /readyz (the dedupe memory, a large file's integrity
+        check). A damaged file ends the process as at start-up (`damaged` is set; the caller exits 1): /readyz
+        and /healthz say why until then."""
+        try:
+            await state.complete_open()
+        except StateError as err:
+            if err.operation:  # the check could not run (locked, unreadable): not a verdict on the file
+                log.warning("%s", err)
+                return
+            log.error("%s", err)
+            if self.failure is None:
+                self.failure = str(err)
+            self.damaged.set()
 
     async def _connect(self) -> None:
         """The first call to a shared state connects (and creates or checks the schema)."""
@@ -442,6 +463,8 @@ class Exporter:
                 for waiter in waiters:
                     waiter.cancel()
         self._stop_resolver.set()
+        if self._opening is not None:
+            self._opening.cancel()  # a check not finished is run again at the next start
         if resolver is not None:
             await resolver.finish(LOOKUP_GRACE_SECONDS)
         await asyncio.gather(*self._tasks, return_exceptions=True)
