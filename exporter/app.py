@@ -10,14 +10,11 @@ import random
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import prometheus_client
-from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from exporter.account import AccountClient
 from exporter.clock import Clock, SystemClock
 from exporter.config import (
     Config,
@@ -34,7 +31,6 @@ from exporter.fleet import Exposer
 from exporter.ids import lines_parser_for, parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
-from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler, days_window, prune_days
 from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
@@ -44,6 +40,12 @@ from exporter.telemetry import HttpCollector, QueueCollector, SelfMetrics, trace
 from exporter.web import REJECT_REASONS, HttpServer
 from exporter.webconfig import WebConfig, load_web_config
 from exporter.zenmux import ZenMuxClient
+
+if TYPE_CHECKING:  # the reconcile modules are imported where a management key is set, after /readyz
+    import httpx
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from exporter.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +310,9 @@ class Exporter:
         return self.exposer.leading if self.exposer is not None else not self.state.shared
 
     def _start_reconciler(self) -> None:
+        from exporter.account import AccountClient
+        from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler
+
         config = self.config
         self.account = AccountClient(
             config.zenmux.base_url,
@@ -390,6 +395,8 @@ class Exporter:
                     log.warning("%s", err)  # counted again next round: the store's backoff paces reconnecting
         # One forgetter per state: the process that resolves (in a fleet, every resolver; they take turns).
         if self.resolver is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
+            from exporter.reconcile import prune_days  # the per-day rows are reconcile's (imported after /readyz)
+
             forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
             if forgotten:
                 log.info("forgot %d resolved ids older than the dedupe window", forgotten)
@@ -401,6 +408,8 @@ class Exporter:
                     log.error("cannot drop old per-day ledger rows from the state database: %s", err)
             self._last_forget = now
         elif self.exposer is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
+            from exporter.reconcile import days_window
+
             # The resolvers drop old days from the database; an exposer's ledger forgets them (no row change
             # tells it).
             self.ledger.forget_daily_outside(*days_window(now, self.config.reconcile.days_kept))
