@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -335,8 +336,6 @@ def demo_config(api_url: str, directory: Path, listen: str) -> Config:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import tempfile
-
     from exporter.app import Exporter
     from exporter.simulate.api import SimConfig, SimulatedZenMux, serve
     from exporter.simulate.traffic import generate_traffic

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
@@ -125,7 +126,7 @@ class SelfMetrics:
             p + "state_errors", "State database writes that failed (retried).", ["operation"], registry=registry
         )
         build = Gauge(p + "build_info", "Build information.", ["version", "python_version"], registry=registry)
-        build.labels(__version__, sys.version.split()[0]).set(1)  # platform.python_version(), without its import
+        build.labels(__version__, platform.python_version()).set(1)
         self.give_up_after = Gauge(
             p + "give_up_after_seconds", "Configured resolve.give_up_after_seconds.", registry=exposing
         )
