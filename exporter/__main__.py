@@ -246,6 +246,7 @@ def cmd_import_state(args: argparse.Namespace) -> int:
     async def copy() -> str:
         sqlite = StateStore(source, max_pending=config.state.max_pending)
         try:
+            await sqlite.complete_open()  # the integrity check of a large file too: nothing damaged is copied
             dump = await sqlite.dump()
         finally:
             await sqlite.close()
