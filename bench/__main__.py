@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.against import Build, against, this_build
+from bench.against import Build, against, byte_compile, this_build
 from bench.common import PROFILE_ENV, Row, median
 from bench.workloads import REPEATED_OUTSIDE, THIS_ONLY, WORKLOADS, Context, ensure_mtail
 
@@ -178,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     builds: list[Build] = [this_build()]
     if args.against:
         builds.append(against(args.against))
+    for build in builds:
+        byte_compile(build)
     work = Path(tempfile.mkdtemp(prefix="zenmux-bench-"))
     context = Context(work, args.quick, repeats)
     results: dict[str, list[Row]] = {build.name: [] for build in builds}

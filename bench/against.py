@@ -82,6 +82,14 @@ def venv(root: Path, cache: Path, extra: tuple[str, ...] = ()) -> Path:
     return python
 
 
+def byte_compile(build: Build) -> None:
+    """Byte-compiles the build's `exporter` package, as the image's `pip install` does: with
+    PYTHONDONTWRITEBYTECODE set, every exporter start would otherwise compile it again, which no deployment does
+    (0.1-0.2 s of each restart)."""
+    subprocess.run([build.python, "-m", "compileall", "-q", str(build.root / "exporter")], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 def against(rev: str) -> Build:
     cache = cache_dir()
     commit, root = checkout(rev, cache)

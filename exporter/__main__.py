@@ -61,7 +61,13 @@ async def run_exporter(config: Config, api_key: str, management_key: str = "") -
         return 1
     stop = asyncio.Event()
     _stop_on_signals(stop)
-    await stop.wait()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(exporter.damaged.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for waiter in waits:
+        waiter.cancel()
+    if exporter.damaged.is_set():  # logged by the exporter: exit 1, as when it is found at start-up
+        await exporter.stop(drain_seconds=0)
+        return 1
     _stop_on_signals(exporter.abort_drain)
     log.info("stopping: draining for up to %.0fs (signal again to stop at once)", config.shutdown.drain_seconds)
     report = await exporter.stop()
@@ -240,6 +246,7 @@ def cmd_import_state(args: argparse.Namespace) -> int:
     async def copy() -> str:
         sqlite = StateStore(source, max_pending=config.state.max_pending)
         try:
+            await sqlite.complete_open()  # the integrity check of a large file too: nothing damaged is copied
             dump = await sqlite.dump()
         finally:
             await sqlite.close()

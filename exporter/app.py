@@ -10,14 +10,11 @@ import random
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import prometheus_client
-from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from exporter.account import AccountClient
 from exporter.clock import Clock, SystemClock
 from exporter.config import (
     Config,
@@ -34,7 +31,6 @@ from exporter.fleet import Exposer
 from exporter.ids import datagrams_parser_for, lines_parser_for
 from exporter.ingest import Ingest
 from exporter.ledger import Ledger
-from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler, days_window, prune_days
 from exporter.resolver import Resolver
 from exporter.sources.file import FileSource
 from exporter.sources.udp import UdpSource
@@ -44,6 +40,12 @@ from exporter.telemetry import HttpCollector, QueueCollector, SelfMetrics, trace
 from exporter.web import REJECT_REASONS, HttpServer
 from exporter.webconfig import WebConfig, load_web_config
 from exporter.zenmux import ZenMuxClient
+
+if TYPE_CHECKING:  # the reconcile modules are imported where a management key is set, after /readyz
+    import httpx
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from exporter.reconcile import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ class Exporter:
         self._stop_resolver = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._source_tasks: list[asyncio.Task[None]] = []
+        self._opening: asyncio.Task[None] | None = None
         self._oldest_age = 0.0
         self._next_count = 0.0  # an ingest-only process of a fleet: when to count the shared queue again
         self._last_forget = 0.0
@@ -112,6 +115,8 @@ class Exporter:
         self._draining = False
         # Set to cut a drain short (a second SIGTERM/SIGINT): what is pending stays in the state database.
         self.abort_drain = asyncio.Event()
+        # Set when the state file turns out damaged after /readyz (a large file's integrity check runs then).
+        self.damaged = asyncio.Event()
         self.stopped = False
         self.failure: str | None = None  # why a background task died, for /healthz
         self.udp_sources: list[UdpSource] = []
@@ -233,6 +238,9 @@ class Exporter:
                 log.warning("reconcile: the management key is not used here: only a process with the expose role "
                             "reconciles (in a fleet, the leading exposer)")
         self._started = True
+        if isinstance(self.state, StateStore):
+            self._opening = self._watch(self._complete_open(self.state), "state open")
+            self._tasks.append(self._opening)
         log.info(
             "zenmux-exporter (%s) serving /metrics on %s:%d; %s in %s",
             ", ".join(roles),
@@ -241,6 +249,21 @@ class Exporter:
             f"{self.state.pending} pending ids" if self.state.problem is None else "pending ids not counted yet",
             self.state.description,
         )
+
+    async def _complete_open(self, state: StateStore) -> None:
+        """What opening a SQLite state leaves until after /readyz (the dedupe memory, a large file's integrity
+        check). A damaged file ends the process as at start-up (`damaged` is set; the caller exits 1): /readyz
+        and /healthz say why until then."""
+        try:
+            await state.complete_open()
+        except StateError as err:
+            if err.operation:  # the check could not run (locked, unreadable): not a verdict on the file
+                log.warning("%s", err)
+                return
+            log.error("%s", err)
+            if self.failure is None:
+                self.failure = str(err)
+            self.damaged.set()
 
     async def _connect(self) -> None:
         """The first call to a shared state connects (and creates or checks the schema)."""
@@ -287,6 +310,9 @@ class Exporter:
         return self.exposer.leading if self.exposer is not None else not self.state.shared
 
     def _start_reconciler(self) -> None:
+        from exporter.account import AccountClient
+        from exporter.reconcile import EMPTY_SNAPSHOT, ReconcileCollector, Reconciler
+
         config = self.config
         self.account = AccountClient(
             config.zenmux.base_url,
@@ -369,6 +395,8 @@ class Exporter:
                     log.warning("%s", err)  # counted again next round: the store's backoff paces reconnecting
         # One forgetter per state: the process that resolves (in a fleet, every resolver; they take turns).
         if self.resolver is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
+            from exporter.reconcile import prune_days  # the per-day rows are reconcile's (imported after /readyz)
+
             forgotten = await self._forget(now - self.config.state.dedupe_window_seconds)
             if forgotten:
                 log.info("forgot %d resolved ids older than the dedupe window", forgotten)
@@ -380,6 +408,8 @@ class Exporter:
                     log.error("cannot drop old per-day ledger rows from the state database: %s", err)
             self._last_forget = now
         elif self.exposer is not None and now - self._last_forget >= FORGET_EVERY_SECONDS:
+            from exporter.reconcile import days_window
+
             # The resolvers drop old days from the database; an exposer's ledger forgets them (no row change
             # tells it).
             self.ledger.forget_daily_outside(*days_window(now, self.config.reconcile.days_kept))
@@ -442,6 +472,8 @@ class Exporter:
                 for waiter in waiters:
                     waiter.cancel()
         self._stop_resolver.set()
+        if self._opening is not None:
+            self._opening.cancel()  # a check not finished is run again at the next start
         if resolver is not None:
             await resolver.finish(LOOKUP_GRACE_SECONDS)
         await asyncio.gather(*self._tasks, return_exceptions=True)

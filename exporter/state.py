@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -112,6 +113,12 @@ DROP TABLE positions;
 """
 
 
+# A file up to this size is checked (PRAGMA quick_check, ~0.1 s at most) before the exporter starts; a larger
+# one right after /readyz, in the background (0.4-0.8 s at a million pending ids).
+CHECK_AT_OPEN_BYTES = 16 * 1024 * 1024
+# Pending ids' fingerprints read per step at start-up (a short stall of the event loop each).
+LOAD_CHUNK = 20_000
+
 SET_VERSION = f"INSERT OR REPLACE INTO meta VALUES ('schema_version', '{SCHEMA_VERSION:d}');"  # noqa: S608 (a constant int)
 
 
@@ -123,6 +130,16 @@ def _labels_text(labels: Labels) -> str:
 @lru_cache(maxsize=4096)
 def _labels_value(text: str) -> Labels:
     return tuple((str(k), str(v)) for k, v in json.loads(text)) if text else ()
+
+
+def _integrity(db: sqlite3.Connection, *, close: bool = False) -> None:
+    try:
+        check = db.execute("PRAGMA quick_check").fetchone()[0]
+    finally:
+        if close:
+            db.close()
+    if check != "ok":
+        raise sqlite3.DatabaseError(f"integrity check failed: {check}")
 
 
 def fingerprint(generation_id: str) -> int:
@@ -137,8 +154,10 @@ def fingerprint(generation_id: str) -> int:
 class StateStore:
     """The Store on one SQLite connection, used from the event loop thread only; each call is one transaction.
 
-    Its coroutines never wait: SQLite answers in microseconds, so they do their work at once (the interface is
-    async for PostgreSQL's round trips). Driver errors leave as StateError naming the file and the operation.
+    Its coroutines do not wait for the database: SQLite answers in microseconds, so they do their work at once
+    (the interface is async for PostgreSQL's round trips). The one exception is start-up: enqueue, settle and
+    status first finish reading the dedupe memory (`complete_open`), yielding to the event loop between chunks.
+    Driver errors leave as StateError naming the file and the operation.
     """
 
     shared = False
@@ -146,19 +165,22 @@ class StateStore:
     def __init__(self, path: str | Path, *, max_pending: int) -> None:
         self.path = Path(path)
         self.max_pending = max_pending
-        self.problem: str | None = None
+        self._problem: str | None = None
+        self._damage: str | None = None  # what the integrity check found: sticks until the file is moved aside
+        self._checked = False
         self._paused_until = 0.0
+        self.pending = 0  # counted by _open: this process is the queue's only writer, so it stays exact
         self._holder = self._hold()
         try:
             self._db = self._open()
         except BaseException:
             os.close(self._holder)
             raise
-        # Fingerprints of the pending ids (the in-memory half of the dedupe) and where the ids handed out by
-        # `due` sit in the queue.
-        self._pending_ids = {fingerprint(row[0]) for row in self._db.execute("SELECT id FROM queue")}
+        # Fingerprints of the pending ids (the in-memory half of the dedupe), read after /readyz by
+        # `complete_open` (a million take seconds); where the ids handed out by `due` sit in the queue.
+        self._pending_ids: set[int] = set()
+        self._loaded_upto: int | None = 0  # the last seq whose fingerprint is in _pending_ids; None: all are
         self._seq: dict[str, int] = {}
-        self.pending = len(self._pending_ids)
 
     def _hold(self) -> int:
         """An exclusive lock on the state file for as long as this process has it open (the kernel drops it with
@@ -188,9 +210,11 @@ class StateStore:
             # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash may lose the last commits.
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
-            check = db.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+            # A small file is checked before anything else reads it; a large one after /readyz (complete_open).
+            page_count, page_size = (db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "page_size"))
+            if page_count * page_size <= CHECK_AT_OPEN_BYTES:
+                _integrity(db)
+                self._checked = True
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = None if row is None else int(row[0])
@@ -201,25 +225,76 @@ class StateStore:
                 if version is not None:
                     script += MIGRATE_POSITIONS
                 db.executescript("BEGIN IMMEDIATE;" + script + SET_VERSION + "COMMIT;")
+            self.pending = int(db.execute("SELECT count(*) FROM queue").fetchone()[0])
             return db
         except sqlite3.OperationalError as err:
             # Full, read-only, unopenable or locked: the file is fine, its surroundings are not.
             raise StateError(f"{self.path}: cannot use the state database: {err}") from None
         except sqlite3.DatabaseError as err:
-            raise StateError(
-                f"{self.path}: not a usable state database ({err}). Move it aside (keep it: it holds the ledger) "
-                "and start again to begin with an empty state."
-            ) from None
+            raise self._unusable(err) from None
         except OSError as err:
             raise StateError(f"{self.path}: cannot open the state database: {err.strerror}") from None
+
+    def _unusable(self, err: sqlite3.DatabaseError) -> StateError:
+        return StateError(
+            f"{self.path}: not a usable state database ({err}). Move it aside (keep it: it holds the ledger) "
+            "and start again to begin with an empty state."
+        )
+
+    async def complete_open(self) -> None:
+        """The part of opening that may follow /readyz: the dedupe memory (enqueue, settle and status wait for
+        it), then, for a file too large to check at open, the integrity check.
+
+        A damaged file raises StateError, as at open, and `problem` says so from then on."""
+        await self._load_pending_ids()
+        if self._checked:
+            return
+        # On a read-only connection of its own, in a thread: SQLite releases the GIL while it reads, so the event
+        # loop keeps serving, and WAL lets it read while the main connection writes.
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        try:
+            await asyncio.to_thread(_integrity, db, close=True)
+        except asyncio.CancelledError:
+            db.interrupt()  # the thread stops at once and closes it
+            raise
+        except sqlite3.OperationalError as err:  # locked or unreadable: the file may well be fine
+            raise StateError(f"{self.path}: cannot check the state database: {err}", "status") from None
+        except sqlite3.DatabaseError as err:
+            error = self._unusable(err)
+            self._damage = str(error)
+            raise error from None
+        self._checked = True
+
+    async def _load_pending_ids(self) -> None:
+        """Reads the pending ids' fingerprints in chunks, yielding to the event loop between them. Callers may
+        run it side by side: each chunk is read and added in one step, so they share the work."""
+        while self._loaded_upto is not None:
+            try:
+                rows = self._db.execute(
+                    "SELECT seq, id FROM queue WHERE seq > ? ORDER BY seq LIMIT ?", (self._loaded_upto, LOAD_CHUNK)
+                ).fetchall()
+            except sqlite3.Error as err:
+                raise self._error("count", err) from None
+            self._pending_ids.update([fingerprint(generation_id) for _, generation_id in rows])
+            self._loaded_upto = rows[-1][0] if len(rows) == LOAD_CHUNK else None
+            if self._loaded_upto is not None:
+                await asyncio.sleep(0)
+
+    @property
+    def problem(self) -> str | None:
+        return self._damage or self._problem
+
+    @problem.setter
+    def problem(self, value: str | None) -> None:
+        self._problem = value
 
     @property
     def description(self) -> str:
         return str(self.path)
 
     def _error(self, operation: str, err: sqlite3.Error) -> StateError:
-        self.problem = f"{self.path}: {cannot(operation)}: {err}"
-        return StateError(self.problem, operation)
+        message = self.problem = f"{self.path}: {cannot(operation)}: {err}"
+        return StateError(message, operation)
 
     async def close(self) -> None:
         self._db.close()
@@ -238,6 +313,7 @@ class StateStore:
         bounded: bool = True,
     ) -> Enqueued:
         """Adds ids (deduplicated) and, in the same transaction, the source's checkpoint."""
+        await self._load_pending_ids()
         try:
             result = self._enqueue(source, sightings, now, due, checkpoint, bounded)
         except sqlite3.Error as err:
@@ -392,6 +468,7 @@ class StateStore:
         Returns the settlements that took effect. The ledger sees the new values only after the commit,
         so /metrics never shows a value the database does not hold.
         """
+        await self._load_pending_ids()
         try:
             applied = self._settle(settlements, ledger, now)
         except sqlite3.Error as err:
@@ -497,6 +574,7 @@ class StateStore:
         return cursor.rowcount
 
     async def status(self, generation_id: str) -> int | None:
+        await self._load_pending_ids()
         try:
             row = self._db.execute("SELECT status FROM finished WHERE id = ?", (generation_id,)).fetchone()
             if row is not None:

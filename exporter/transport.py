@@ -19,7 +19,7 @@ import ssl
 import time
 import typing
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -189,11 +189,13 @@ class PooledTransport(httpx.AsyncBaseTransport):
     def __init__(
         self,
         *,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | Callable[[], ssl.SSLContext],
         max_connections: int,
         keepalive_expiry: float = 5.0,
     ) -> None:
-        self._ssl_context = ssl_context
+        # A factory is called at the first TLS connection: loading the CA bundle is ~0.05 s of start-up otherwise.
+        self._make_ssl_context = ssl_context if callable(ssl_context) else lambda: ssl_context
+        self._ssl_context: ssl.SSLContext | None = None
         self._keepalive_expiry = keepalive_expiry
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[httpcore.AsyncHTTP11Connection] = []  # most recently used last
@@ -261,13 +263,18 @@ class PooledTransport(httpx.AsyncBaseTransport):
             await self._discard(connection)  # expired, closed by the server, or for another origin
         return None
 
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            self._ssl_context = self._make_ssl_context()
+            self._ssl_context.set_alpn_protocols(["http/1.1"])
+        return self._ssl_context
+
     async def _connect(self, origin: httpcore.Origin, request: httpcore.Request) -> httpcore.AsyncHTTP11Connection:
         timeout = request.extensions.get("timeout", {}).get("connect")
         host = origin.host.decode("ascii")
         stream: httpcore.AsyncNetworkStream = await connect_tcp(host, origin.port, timeout)
         if origin.scheme == b"https":
-            self._ssl_context.set_alpn_protocols(["http/1.1"])
-            stream = await stream.start_tls(self._ssl_context, server_hostname=host, timeout=timeout)
+            stream = await stream.start_tls(self._tls(), server_hostname=host, timeout=timeout)
         connection = httpcore.AsyncHTTP11Connection(origin, stream, keepalive_expiry=self._keepalive_expiry)
         self._connections.add(connection)
         return connection
@@ -370,8 +377,7 @@ class PooledTransport(httpx.AsyncBaseTransport):
         name = host.decode("ascii")
         stream = await connect_tcp(name, port, timeout)
         if scheme == b"https":
-            self._ssl_context.set_alpn_protocols(["http/1.1"])
-            secure = await stream.start_tls(self._ssl_context, server_hostname=name, timeout=timeout)
+            secure = await stream.start_tls(self._tls(), server_hostname=name, timeout=timeout)
             assert isinstance(secure, AsyncioStream)
             stream = secure
         connection = _LeanConnection(origin, stream, self._keepalive_expiry)

@@ -79,13 +79,13 @@ class ZenMuxClient:
         timeout = httpx.Timeout(config.timeout_seconds, connect=config.connect_timeout_seconds)
         self._extensions = {"timeout": timeout.as_dict()}
         if transport is None:
-            ssl_context = httpx.create_ssl_context()  # SSL_CERT_FILE/DIR honoured, as httpx does
             proxy = environment_proxy(self._url)
             limits = httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency)
             transport = (
-                PooledTransport(ssl_context=ssl_context, max_connections=config.concurrency)
+                # SSL_CERT_FILE/DIR honoured, as httpx does; made at the first TLS connection
+                PooledTransport(ssl_context=httpx.create_ssl_context, max_connections=config.concurrency)
                 if proxy is None
-                else httpx.AsyncHTTPTransport(verify=ssl_context, proxy=proxy, limits=limits)
+                else httpx.AsyncHTTPTransport(verify=httpx.create_ssl_context(), proxy=proxy, limits=limits)
             )
         self._transport = transport
         # The pool's own GET (no httpx request and response models) when the transport is ours.

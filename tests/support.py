@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -351,3 +352,15 @@ def fleet_data(tmp_path: Path, api_url: str, pg_url: str, roles: list[str], **ov
 def send_udp(port: int, ids: list[str]) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.sendto("\n".join(ids).encode(), ("127.0.0.1", port))
+
+
+def damage_finished_table(path: Path) -> None:
+    """Overwrites the cells of the finished table's root page: a file that opens and counts its queue, and
+    fails PRAGMA quick_check."""
+    with sqlite3.connect(path) as db:
+        root, page_size = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'finished'").fetchone()[0], \
+            db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with path.open("r+b") as handle:
+        handle.seek((root - 1) * page_size + 8)
+        handle.write(b"\xff" * (page_size - 8))

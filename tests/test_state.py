@@ -3,6 +3,7 @@ settlement with the ledger, the bounded dedupe memory, file checkpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from exporter.store import (
     Store,
 )
 from tests.pg import OpenState
-from tests.support import one_generation, wait_until
+from tests.support import damage_finished_table, one_generation, wait_until
 
 
 def ledger() -> Ledger:
@@ -177,3 +178,73 @@ async def test_one_state_file_is_used_by_one_process(tmp_path: Path) -> None:
     await first.close()
     again = StateStore(tmp_path / "state.db", max_pending=10)  # free once the holder is gone
     await again.close()
+
+
+async def test_a_reopened_state_counts_its_queue_at_once_and_dedupes_before_its_memory_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dedupe memory is read after opening (in chunks: several here); the pending count is exact at once, and
+    enqueue, status and settle wait for the memory, so nothing pending is taken again or missed."""
+    monkeypatch.setattr("exporter.state.LOAD_CHUNK", 7)
+    first = StateStore(tmp_path / "state.db", max_pending=1000)
+    await first.enqueue("src", [Sighting(f"id-{i}") for i in range(40)], now=0, due=100)
+    await first.settle([Abandon("id-3", "not_ready")], ledger(), now=1)
+    await first.close()
+    state = StateStore(tmp_path / "state.db", max_pending=1000)
+    assert state.pending == 39  # counted, not read
+    again = await state.enqueue("src", [Sighting("id-39"), Sighting("id-0"), Sighting("id-3"), Sighting("new")],
+                                now=2, due=100)
+    assert (again.accepted, again.duplicates) == (1, 3)
+    assert state.pending == 40
+    assert await state.status("id-38") == PENDING
+    # An id not handed out by `due` (not located yet) settles once.
+    assert [s.id for s in await state.settle([Resolved("id-20", one_generation(0.1))], ledger(), now=3)] == ["id-20"]
+    assert state.pending == 39
+    await state.complete_open()  # nothing left to read
+    assert (await state.enqueue("src", [Sighting("id-21"), Sighting("id-20")], now=4, due=100)).accepted == 0
+    await state.close()
+
+
+async def test_the_dedupe_memory_read_side_by_side_with_enqueue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("exporter.state.LOAD_CHUNK", 5)
+    first = StateStore(tmp_path / "state.db", max_pending=1000)
+    await first.enqueue("src", [Sighting(f"id-{i}") for i in range(60)], now=0, due=100)
+    await first.close()
+    state = StateStore(tmp_path / "state.db", max_pending=1000)
+    opening = asyncio.ensure_future(state.complete_open())
+    await asyncio.sleep(0)  # the first chunk is read
+    result = await state.enqueue("src", [Sighting(f"id-{i}") for i in range(55, 65)], now=1, due=100)
+    await opening
+    assert (result.accepted, result.duplicates) == (5, 5)
+    assert state.pending == 65
+    await state.close()
+
+
+async def test_a_large_damaged_file_is_reported_after_opening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file too large to check at open is checked by complete_open: the same error as at open, and the store's
+    problem says so from then on (a later successful call does not clear it)."""
+    path = tmp_path / "state.db"
+    first = StateStore(path, max_pending=1000)
+    await first.enqueue("src", [Sighting(f"id-{i}") for i in range(30)], now=0, due=0)
+    await first.settle([Abandon(f"id-{i}", "not_ready") for i in range(20)], ledger(), now=1)
+    await first.close()
+    damage_finished_table(path)
+    monkeypatch.setattr("exporter.state.CHECK_AT_OPEN_BYTES", 0)
+    state = StateStore(path, max_pending=1000)
+    assert state.pending == 10 and state.problem is None
+    with pytest.raises(StateError, match="not a usable state database") as caught:
+        await state.complete_open()
+    assert str(path) in str(caught.value) and "Move it aside" in str(caught.value)
+    assert state.problem == str(caught.value)
+    # A call that succeeds (the queue is intact) leaves the problem as it was.
+    assert [s.id for s in await state.settle([Retry("id-25", 5, 1)], ledger(), now=2)] == ["id-25"]
+    assert state.problem == str(caught.value)
+    with pytest.raises(StateError, match="malformed"):  # the damaged table itself
+        await state.enqueue("src", [Sighting("late")], now=2, due=100)
+    assert state.problem == str(caught.value)
+    await state.close()
+    monkeypatch.setattr("exporter.state.CHECK_AT_OPEN_BYTES", 1 << 30)  # a small file: refused at open
+    with pytest.raises(StateError, match="not a usable state database"):
+        StateStore(path, max_pending=1000)

@@ -4,6 +4,7 @@ nothing and counts nothing twice."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -13,10 +14,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
 import exporter.resolver as resolver_module
+from exporter.__main__ import run_exporter
 from exporter.app import Exporter
 from exporter.clock import ManualClock
 from exporter.simulate.api import totals
@@ -26,6 +29,7 @@ from tests.support import (
     StartExporter,
     append_lines,
     config_data,
+    damage_finished_table,
     fail_next_settle,
     json_line,
     make_config,
@@ -236,3 +240,25 @@ async def test_after_a_failed_settle_its_ids_go_out_again_when_the_pause_ends(
 
     await wait_until(resolved, what="the id looked up again after the pause")
     assert await metric("zenmux_exporter_lookups_total") == 2
+
+
+async def test_a_large_file_found_damaged_after_ready_is_reported_and_ends_the_process(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file too large to check before /readyz is checked right after: its damage is then said as at start-up
+    (/readyz, /healthz, the error log) and `run` exits 1."""
+    await resolve_some(tmp_path, fake_api, start_exporter, n=20)  # the finished table holds them
+    state = tmp_path / "state.db"
+    damage_finished_table(state)
+    monkeypatch.setattr("exporter.state.CHECK_AT_OPEN_BYTES", 0)
+    config = make_config(tmp_path, fake_api.url)
+    exporter = await start_exporter(config)
+    assert exporter.state.problem is None  # ready: the check runs after
+    await asyncio.wait_for(exporter.damaged.wait(), 20)
+    async with httpx.AsyncClient() as client:
+        for path in ("/readyz", "/healthz"):
+            response = await client.get(f"http://127.0.0.1:{exporter.metrics_port}{path}")
+            assert response.status_code == 503
+            assert str(state) in response.text and "not a usable state database" in response.text
+    await exporter.stop(drain_seconds=0)
+    assert await asyncio.wait_for(run_exporter(config, config.zenmux.api_key), 20) == 1

@@ -244,6 +244,36 @@ async def test_tls_verifies_the_server_and_keeps_the_connection(certificate: tup
     assert connections in (1, 2)  # one for the trusting client (the refused handshake may count as another)
 
 
+async def test_the_tls_context_is_made_at_the_first_tls_connection(certificate: tuple[Path, Path]) -> None:
+    """A factory given for the context is called once, when a TLS connection is first opened (loading a CA
+    bundle is start-up time otherwise); plain HTTP never calls it."""
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    made: list[ssl.SSLContext] = []
+
+    def factory() -> ssl.SSLContext:
+        made.append(ssl.create_default_context(cafile=str(cert)))
+        return made[-1]
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for _ in requests(reader):
+            writer.write(response(b"secret"))
+        writer.close()
+
+    client = PooledTransport(ssl_context=factory, max_connections=2)
+    try:
+        async with server(handle) as port:
+            assert await get(client, f"http://127.0.0.1:{port}/") == (200, b"secret")
+        assert made == []
+        async with server(handle, server_context) as port:
+            for _ in range(2):
+                assert await get(client, f"https://localhost:{port}/") == (200, b"secret")
+        assert len(made) == 1
+    finally:
+        await client.aclose()
+
+
 def test_environment_proxies_are_honoured(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
                  "NO_PROXY"):
