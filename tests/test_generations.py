@@ -303,3 +303,31 @@ async def test_an_upgrade_from_one_position_per_source_reads_nothing_twice_and_s
     assert tail.state.pending == expected
     assert await tail.state.status("read0") is None and await tail.state.status("old0-0") is None
     assert tail.metric("zenmux_exporter_file_history_skipped_total") == 3
+
+
+async def test_empty_rotated_files_hold_no_generation(tmp_path: Path) -> None:
+    """An empty log rotated (logrotate's default `ifempty`), plain or compressed, has nothing to read: the scan
+    passes over it. An empty .gz was once taken for a new generation at each scan, read (0 lines) and found again
+    by the scan that followed, ahead of the log (empty too, so of the same head): the source never settled."""
+    tail = await Tail.open(tmp_path)
+    logrotate = Logrotate(tail.log)
+    append_lines(tail.log, lines("first", 5))
+    await tail.drain()
+    logrotate.rotate("rename", "compress")
+    logrotate.rotate("rename", "compress")  # the log was empty: an empty .gz
+    logrotate.rotate("rename", "")  # and an empty plain file
+    tail = await reopen(tail, tmp_path)
+
+    async def settle() -> None:
+        polls = quiet = 0
+        while quiet <= file_source.ROTATION_GRACE_POLLS:
+            polls += 1
+            assert polls < 100, "the source never settles"
+            quiet = 0 if await tail.source.poll() else quiet + 1
+
+    await settle()
+    append_lines(tail.log, lines("live", 3))
+    await settle()
+    ids = [json.loads(line)["generation_id"] for line in lines("first", 5) + lines("live", 3)]
+    assert await statuses(tail, ids) == [0] * len(ids)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0

@@ -323,6 +323,14 @@ def _assign_unknown(unknown: list[Found], fingerprint_bytes: int, result: Scan) 
     read one at a time: the rest are looked at again once the first is read (then it is a known generation)."""
     groups: dict[bytes, list[Found]] = {}
     for file in unknown:
+        if not file.live and not file.head:
+            # Empty (logrotate rotates an empty log unless told `notifempty`): nothing to read, no generation to
+            # remember. Taken as one, it was read again after every scan, ahead of the log, for ever. A plain one
+            # may be the log renamed away, still appended to until its writer reopens the log: looked at later.
+            file.handle.close()
+            if not file.compressed:
+                result.deferred.append(file.path)
+            continue
         if not file.live and file.stat.st_mtime_ns <= result.horizon_ns:
             file.handle.close()
             result.history.append(file.path)
