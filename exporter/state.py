@@ -8,7 +8,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
@@ -35,6 +35,7 @@ from exporter.store import (
     cannot,
     checkpoint_from_row,
 )
+from exporter.walcheckpoint import WAL_LIMIT_PAGES, WalCheckpointer
 
 __all__ = [  # the records are the interface's (exporter.store); re-exported for the tests that import them here
     "ABANDONED", "DONE", "PENDING", "Abandon", "Checkpoint", "Enqueued", "FileHistory", "PendingId", "Resolved",
@@ -210,6 +211,8 @@ class StateStore:
             # NORMAL in WAL mode survives a process crash (kill -9); only an OS crash may lose the last commits.
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints run in WalCheckpointer's thread; this connection checkpoints only past the bound.
+            db.execute(f"PRAGMA wal_autocheckpoint={WAL_LIMIT_PAGES:d}")
             # A small file is checked before anything else reads it; a large one after /readyz (complete_open).
             page_count, page_size = (db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "page_size"))
             if page_count * page_size <= CHECK_AT_OPEN_BYTES:
@@ -226,6 +229,7 @@ class StateStore:
                     script += MIGRATE_POSITIONS
                 db.executescript("BEGIN IMMEDIATE;" + script + SET_VERSION + "COMMIT;")
             self.pending = int(db.execute("SELECT count(*) FROM queue").fetchone()[0])
+            self._checkpointer = WalCheckpointer(self.path)
             return db
         except sqlite3.OperationalError as err:
             # Full, read-only, unopenable or locked: the file is fine, its surroundings are not.
@@ -297,6 +301,7 @@ class StateStore:
         return StateError(message, operation)
 
     async def close(self) -> None:
+        self._checkpointer.close()
         self._db.close()
         os.close(self._holder)
 
@@ -595,14 +600,15 @@ class StateStore:
         return self._db.execute("SELECT 1 FROM queue WHERE id = ?", (generation_id,)).fetchone() is not None
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._checkpointer.committed)
 
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (the connection runs in autocommit mode)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, committed: Callable[[], None]) -> None:
         self._db = db
+        self._committed = committed
 
     def __enter__(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
@@ -616,6 +622,7 @@ class _Transaction:
                 # later BEGIN would fail too: end it so the next write can succeed once the disk recovers.
                 self._rollback()
                 raise
+            self._committed()
         else:
             self._rollback()
 

@@ -53,8 +53,13 @@ def test_close_stops_the_worker(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     db = _writer(path)
     checkpointer = WalCheckpointer(path)
+    before = set(threading.enumerate())
+    assert any(t.name == "sqlite-checkpoint" for t in before)
     checkpointer.close()
-    assert not any(t.name == "sqlite-checkpoint" and t.is_alive() for t in threading.enumerate())
+    assert not [t for t in before - set(threading.enumerate()) if t.is_alive()]
+    assert len([t for t in threading.enumerate() if t.name == "sqlite-checkpoint"]) == (
+        len([t for t in before if t.name == "sqlite-checkpoint"]) - 1
+    )
     db.close()
 
 
