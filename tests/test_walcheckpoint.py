@@ -64,11 +64,14 @@ def test_close_stops_the_worker(tmp_path: Path) -> None:
 
 
 async def test_the_state_checkpoints_inline_only_past_the_bound(tmp_path: Path) -> None:
+    def workers() -> int:
+        return len([t for t in threading.enumerate() if t.name == "sqlite-checkpoint"])
+
+    before = workers()
     store = StateStore(tmp_path / "state.db", max_pending=1000)
     try:
-        limit = store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
-        assert limit == WAL_LIMIT_PAGES
-        assert any(t.name == "sqlite-checkpoint" and t.is_alive() for t in threading.enumerate())
+        assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_LIMIT_PAGES
+        assert workers() == before + 1
     finally:
         await store.close()
-    assert not any(t.name == "sqlite-checkpoint" and t.is_alive() for t in threading.enumerate())
+    assert workers() == before
