@@ -8,7 +8,7 @@ import fcntl
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
@@ -149,7 +149,12 @@ def fingerprint(generation_id: str) -> int:
     64 bits would be expected to drop a real id as a "duplicate" about once a fleet-year at a million
     pending ids; at 128 bits a collision is far below the rate of undetected hardware errors.
     """
-    return hash(generation_id) & 0xFFFFFFFFFFFFFFFF | hash(generation_id + "\x00") << 64
+    return fingerprints((generation_id,))[0]
+
+
+def fingerprints(generation_ids: Iterable[str]) -> list[int]:
+    """`fingerprint` of each id, in one comprehension: a function call per id was a third of the dedupe's cost."""
+    return [hash(i) & 0xFFFFFFFFFFFFFFFF | hash(i + "\x00") << 64 for i in generation_ids]
 
 
 class StateStore:
@@ -279,7 +284,7 @@ class StateStore:
                 ).fetchall()
             except sqlite3.Error as err:
                 raise self._error("count", err) from None
-            self._pending_ids.update([fingerprint(generation_id) for _, generation_id in rows])
+            self._pending_ids.update(fingerprints(map(itemgetter(1), rows)))
             self._loaded_upto = rows[-1][0] if len(rows) == LOAD_CHUNK else None
             if self._loaded_upto is not None:
                 await asyncio.sleep(0)
@@ -371,8 +376,7 @@ class StateStore:
 
     def _fresh(self, sightings: Sequence[Sighting]) -> dict[int, Sighting]:
         """The sightings whose ids are not pending, once each, by fingerprint."""
-        # fingerprint(), inlined: a function call per id was a third of the dedupe's cost.
-        keys = [hash(i) & 0xFFFFFFFFFFFFFFFF | hash(i + "\x00") << 64 for i, _ in sightings]
+        keys = fingerprints(map(itemgetter(0), sightings))
         fresh = dict(zip(keys, sightings, strict=True))
         if len(fresh) == len(keys) and self._pending_ids.isdisjoint(keys):
             return fresh  # the usual batch: all new, no repeats (set operations in C, no loop here)
