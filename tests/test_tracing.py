@@ -161,3 +161,47 @@ async def test_otlp_http_exporter_delivers_spans(
     }
     assert service == {"zenmux-exporter-test"}
     await server.close()
+
+
+async def test_a_span_covers_its_whole_lookup(tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter) -> None:
+    """The span starts when the request goes out, not when the answer is in (it is made after the answer)."""
+    fake_api.sim.configure(dataclasses.replace(fake_api.sim.config, faults=Faults(slow=1.0, slow_seconds=0.3)))
+    spans = Spans()
+    exporter = await start_exporter(make_config(tmp_path, fake_api.url), tracing=spans.provider())
+    append_lines(tmp_path / "app.log", [json_line(fake_api.create())])
+
+    async def looked_up() -> bool:
+        return value(await scrape(exporter.metrics_port), "zenmux_exporter_lookups_total") >= 1
+
+    await wait_until(looked_up, what="a lookup")
+    span = spans.exporter.get_finished_spans()[0]
+    assert span.start_time is not None and span.end_time is not None
+    assert span.end_time - span.start_time >= 300_000_000  # the API's 0.3 s delay is inside the span
+    assert span.attributes is not None and "zenmux.outcome" in span.attributes
+
+
+async def test_a_lookup_cancelled_at_shutdown_is_an_error_span(
+    tmp_path: Path, fake_api: FakeApi, start_exporter: StartExporter
+) -> None:
+    """A lookup still running after the shutdown's grace is cancelled: its span records that, and says no outcome."""
+    fake_api.sim.configure(dataclasses.replace(fake_api.sim.config, faults=Faults(slow=1.0, slow_seconds=60.0)))
+    spans = Spans()
+    config = make_config(tmp_path, fake_api.url, zenmux={"timeout_seconds": 120})
+    exporter = await start_exporter(config, tracing=spans.provider())
+    generation_id = fake_api.create()
+    append_lines(tmp_path / "app.log", [json_line(generation_id)])
+
+    async def in_flight() -> bool:
+        return value(await scrape(exporter.metrics_port), "zenmux_exporter_inflight_lookups") == 1
+
+    await wait_until(in_flight, what="a lookup in flight")
+    await exporter.stop(drain_seconds=0)
+    [span] = [s for s in spans.exporter.get_finished_spans() if s.name == "zenmux.generation.lookup"]
+    assert span.status.status_code is StatusCode.ERROR
+    assert (span.status.description or "").startswith("CancelledError")
+    assert [event.name for event in span.events] == ["exception"]
+    event_attributes = span.events[0].attributes or {}
+    assert str(event_attributes["exception.type"]).endswith("CancelledError")
+    assert event_attributes["exception.escaped"] == "True"
+    attributes = dict(span.attributes or {})
+    assert attributes == {"zenmux.generation.id": generation_id, "zenmux.attempt": 1, "zenmux.source": "app-log"}
