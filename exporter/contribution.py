@@ -71,6 +71,9 @@ COST_UNITS_PER_USD = 10**10
 # Values a fleet refused (see LabelLimiter.refuse) are remembered up to this many per label; past it, an unknown
 # value is asked about again (a round trip) rather than remembered (memory).
 MAX_REFUSED_PER_LABEL = 10_000
+# Label tuples kept per combination of a record's label values (see `_labels`); past this many, they start again.
+MAX_LABEL_SETS = 4096
+MAX_FEE_ITEMS_PER_LABEL_SET = 64
 
 
 class LabelLimiter:
@@ -87,6 +90,10 @@ class LabelLimiter:
         self._known: dict[str, set[str]] = {}
         self._refused: dict[str, set[str]] = {}
         self.overflows: dict[str, int] = {}
+        self.folded = 0  # values folded into "other", all labels together
+        # `contribution`'s label tuples per combination of raw values, made while every value in it was named.
+        # Named values stay named (nothing is ever forgotten here), so such a combination's tuples never change.
+        self.label_sets: dict[tuple[str | bool | None, ...], LabelSet] = {}
 
     def cap(self, label: str) -> int:
         return self._caps.get(label, self._default_cap)
@@ -114,6 +121,7 @@ class LabelLimiter:
             return value
         if len(known) >= self._caps.get(label, self._default_cap) or value in self._refused.get(label, ()):
             self.overflows[label] = self.overflows.get(label, 0) + 1
+            self.folded += 1
             return OTHER
         known.add(value)
         return value
@@ -156,6 +164,51 @@ def labels_asked(record: GenerationRecord, extra: Mapping[str, str], shape: Ledg
     return asked
 
 
+class LabelSet:
+    """The label tuples of every increment of a generation with given label values (the fee items' as they come)."""
+
+    __slots__ = ("base", "fee_items", "generations", "plain", "tail", "tokens")
+
+    def __init__(self, base: LabelValues, tail: LabelValues, generations: LabelValues) -> None:
+        self.base = base
+        self.tail = tail
+        self.plain = base + tail  # the labels of a metric with none of its own
+        self.generations = generations
+        self.tokens = tuple((*base, token_type, *tail) for token_type in TOKEN_TYPES)
+        self.fee_items: dict[str, LabelValues] = {}
+
+    def fee_item(self, limiter: LabelLimiter, code: str) -> LabelValues:
+        labels = self.fee_items.get(code)
+        if labels is None:
+            folded = limiter.folded
+            labels = (*self.base, limiter.value("fee_item", code), *self.tail)
+            if limiter.folded == folded and len(self.fee_items) < MAX_FEE_ITEMS_PER_LABEL_SET:
+                self.fee_items[code] = labels
+        return labels
+
+
+def _labels(record: GenerationRecord, extra: Mapping[str, str], shape: LedgerShape, limiter: LabelLimiter) -> LabelSet:
+    """The label tuples of `record`'s increments, asking the limiter in the order it always was (model, protocol,
+    extra labels, finish reason): kept for the next generation with the same values unless one was folded into
+    "other" (each fold is counted, so such a generation asks again). Building them was a third of `contribution`."""
+    names = shape.extra_labels
+    key = (record.model, record.protocol, record.finish_reason, record.streamed, *(extra.get(n) or "" for n in names))
+    sets = limiter.label_sets
+    found = sets.get(key)
+    if found is not None:
+        return found
+    folded = limiter.folded
+    base = (limiter.value("model", record.model), limiter.value("protocol", record.protocol))
+    tail = tuple(limiter.value(name, extra.get(name, "")) if extra.get(name) else "" for name in names)
+    streamed = "unknown" if record.streamed is None else str(record.streamed).lower()
+    made = LabelSet(base, tail, (*base, streamed, limiter.value("finish_reason", record.finish_reason), *tail))
+    if limiter.folded == folded:
+        if len(sets) >= MAX_LABEL_SETS:
+            sets.clear()
+        sets[key] = made
+    return made
+
+
 def contribution(
     record: GenerationRecord,
     extra: Mapping[str, str],
@@ -164,26 +217,19 @@ def contribution(
     exemplar: Mapping[str, str],
 ) -> Contribution:
     """The increments one resolved generation makes (pure but for the limiter's memory of seen values)."""
-    model = limiter.value("model", record.model)
-    base = (model, limiter.value("protocol", record.protocol))
-    tail = tuple(limiter.value(name, extra.get(name, "")) if extra.get(name) else "" for name in shape.extra_labels)
-    plain = base + tail  # the labels of a metric with none of its own
-    streamed = "unknown" if record.streamed is None else str(record.streamed).lower()
-    out = [
-        Increment(
-            "zenmux_generations", (*base, streamed, limiter.value("finish_reason", record.finish_reason), *tail), 1.0
-        )
-    ]
+    labels = _labels(record, extra, shape, limiter)
+    plain = labels.plain
+    out = [Increment("zenmux_generations", labels.generations, 1.0)]
     append = out.append
-    for token_type, count in (
-        ("prompt", record.prompt_tokens),
-        ("completion", record.completion_tokens),
-        ("reasoning", record.reasoning_tokens),
-        ("cached", record.cached_tokens),
+    prompt, completion, reasoning, cached = labels.tokens
+    for token_labels, count in (
+        (prompt, float(record.prompt_tokens)),
+        (completion, float(record.completion_tokens)),
+        (reasoning, float(record.reasoning_tokens)),
+        (cached, float(record.cached_tokens)),
     ):
-        labels = (*base, token_type, *tail)
-        append(Increment("zenmux_tokens", labels, float(count)))
-        append(Increment("zenmux_generation_tokens", labels, float(count)))
+        append(Increment("zenmux_tokens", token_labels, count))
+        append(Increment("zenmux_generation_tokens", token_labels, count))
     if record.latency_seconds is not None:
         append(Increment("zenmux_first_token_latency_seconds", plain, record.latency_seconds))
     if record.generation_seconds is not None:
@@ -193,7 +239,7 @@ def contribution(
     append(Increment("zenmux_generation_upstream_retries", plain, retries))
     billing = record.billing
     if record.day:
-        daily = (record.day, model)
+        daily = (record.day, labels.base[0])
         append(Increment(DAILY_GENERATIONS, daily, 1.0))
         if billing is not None:
             # Amounts carry at most 10 decimals, so the nearest whole unit is the amount itself.
@@ -205,6 +251,5 @@ def contribution(
         append(Increment("zenmux_credits", plain, billing.credits))
         append(Increment("zenmux_generation_cost_usd", plain, billing.bill_usd))
         for item in billing.fee_items:
-            fee_item = limiter.value("fee_item", item.code)
-            append(Increment("zenmux_cost_by_fee_item_usd", (*base, fee_item, *tail), item.bill_usd))
+            append(Increment("zenmux_cost_by_fee_item_usd", labels.fee_item(limiter, item.code), item.bill_usd))
     return Contribution(tuple(out), exemplar)

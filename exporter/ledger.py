@@ -55,6 +55,8 @@ class Overlay:
             yield metric, _labels_json(labels), f'{{"b": [{buckets}], "s": {_number_json(hist.sum)}}}'
 
 
+_new_tuple = tuple.__new__
+
 # Each business metric's buckets (empty for a counter); the DAILY_* rows are not in it.
 _BUCKETS = {name: spec.buckets for name, spec in SPECS.items()}
 
@@ -116,7 +118,10 @@ class Ledger:
         # A settle's hottest loop (~20 increments a generation): each dict is read once, names bound once.
         counters = overlay.counters
         histograms = overlay.histograms
+        exemplars = overlay.exemplars
+        stored_counters = self._counters
         exemplar: dict[str, str] | None = None
+        wanted = bool(item.exemplar)
         for metric, labels, value in item.increments:
             key = (metric, labels)
             buckets = _BUCKETS.get(metric)
@@ -126,7 +131,7 @@ class Ledger:
                 daily[key] = (self._daily.get(key, 0.0) if current is None else current) + value
             elif not buckets:
                 current = counters.get(key)
-                counters[key] = (self._counters.get(key, 0.0) if current is None else current) + value
+                counters[key] = (stored_counters.get(key, 0.0) if current is None else current) + value
             else:
                 hist = histograms.get(key)
                 if hist is None:
@@ -136,10 +141,11 @@ class Ledger:
                 index = bisect_left(buckets, value)
                 hist.buckets[index] += 1
                 hist.sum += value
-                if item.exemplar:
+                if wanted:
                     if exemplar is None:  # one copy for the generation's exemplars (never changed once made)
                         exemplar = dict(item.exemplar)
-                    overlay.exemplars[(key, index)] = Exemplar(exemplar, value)
+                    # Exemplar(exemplar, value) without its Python-level constructor (8 a generation).
+                    exemplars[(key, index)] = _new_tuple(Exemplar, (exemplar, value, None))
 
     def apply(self, overlay: Overlay) -> None:
         # Values are replaced, never mutated in place (the overlay holds copies): a renderer may keep
