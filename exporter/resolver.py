@@ -240,13 +240,14 @@ class Resolver:
                 self._children[result.outcome] = children
             children[0].inc()
             # The health dashboard's lookup-duration panel shows exemplars: each links to its attempt's trace.
-            children[1].observe(duration, exemplar_labels(pending.id, trace_id))
+            exemplar = exemplar_labels(pending.id, trace_id)  # also the generation's (never changed once made)
+            children[1].observe(duration, exemplar)
             if self._admission is not None and result.record is not None and not await self._admit_labels(
                 result.record, pending
             ):
                 return  # the fleet's caps cannot be asked: nothing written, the id is looked up again
             paused = self._paused_until
-            self._settle(self._decide(pending, result, trace_id))
+            self._settle(self._decide(pending, result, exemplar))
             if self._paused_until > paused:  # the limit is the account's: all pause
                 self._in_background(self._coordination.pause(self._paused_until - self._clock.time()))
         finally:
@@ -262,7 +263,7 @@ class Resolver:
             record_exception=True,
         )
 
-    def _decide(self, pending: PendingId, result: LookupResult, trace_id: str | None) -> Settlement:
+    def _decide(self, pending: PendingId, result: LookupResult, exemplar: Mapping[str, str]) -> Settlement:
         """The policy's settlement of `result`, with what goes around it: the auth gauge and log, pausing."""
         outcome = result.outcome
         if outcome is Outcome.UNAUTHORIZED:
@@ -281,10 +282,10 @@ class Resolver:
             log.warning("malformed response for %s (request id %s): %s", pending.id, result.request_id, result.detail)
         decision = decide(pending, result, self._clock.time(), self._config, rng=self._rng, draining=self.draining)
         if isinstance(decision, Count):
-            return Resolved(pending.id, self._contribution(decision.record, pending, trace_id))
+            return Resolved(pending.id, self._contribution(decision.record, pending, exemplar))
         if isinstance(decision, GiveUp):
             metering = decision.metering
-            counted = None if metering is None else self._contribution(metering, pending, trace_id)
+            counted = None if metering is None else self._contribution(metering, pending, exemplar)
             return Abandon(pending.id, decision.reason, counted)
         if decision.pause_until is not None:
             self._pause(decision.pause_until)
@@ -322,11 +323,9 @@ class Resolver:
                 limiter.refuse(label, value)
         return True
 
-    def _contribution(self, record: GenerationRecord, pending: PendingId, trace_id: str | None) -> Contribution:
+    def _contribution(self, record: GenerationRecord, pending: PendingId, exemplar: Mapping[str, str]) -> Contribution:
         extra: Mapping[str, str] = dict(pending.labels)
-        return contribution(
-            record, extra, self._ledger.shape, self._ledger.limiter, exemplar_labels(pending.id, trace_id)
-        )
+        return contribution(record, extra, self._ledger.shape, self._ledger.limiter, exemplar)
 
     def _pause(self, until: float) -> None:
         self._paused_until = max(self._paused_until, until)
