@@ -52,11 +52,15 @@ CLAIM_FRACTION = 4
 
 
 def exemplar_labels(generation_id: str, trace_id: str | None) -> dict[str, str]:
+    """The exemplar's labels, the last dropped first while they are over OpenMetrics' 128 characters."""
     labels = {"generation_id": generation_id}
+    size = len("generation_id") + len(generation_id)
     if trace_id is not None:
         labels["trace_id"] = trace_id
-    while labels and sum(len(k) + len(v) for k, v in labels.items()) > EXEMPLAR_MAX_CHARS:
-        labels.popitem()
+        size += len("trace_id") + len(trace_id)
+    while labels and size > EXEMPLAR_MAX_CHARS:
+        name, value = labels.popitem()
+        size -= len(name) + len(value)
     return labels
 
 

@@ -11,6 +11,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.trace import StatusCode
 
 from exporter.config import TracingConfig
+from exporter.resolver import exemplar_labels
 from exporter.simulate.api import Faults
 from exporter.telemetry import tracer_provider
 from exporter.web import HttpServer, Request, Response
@@ -205,3 +206,14 @@ async def test_a_lookup_cancelled_at_shutdown_is_an_error_span(
     assert event_attributes["exception.escaped"] == "True"
     attributes = dict(span.attributes or {})
     assert attributes == {"zenmux.generation.id": generation_id, "zenmux.attempt": 1, "zenmux.source": "app-log"}
+
+
+def test_exemplar_labels_stay_within_openmetrics_128_characters() -> None:
+    trace_id = "ab" * 16
+    assert exemplar_labels("gen-1", trace_id) == {"generation_id": "gen-1", "trace_id": trace_id}
+    assert exemplar_labels("gen-1", None) == {"generation_id": "gen-1"}
+    # 13 + 75 + 8 + 32 = 128: both fit; one more character and the trace id goes first.
+    assert exemplar_labels("g" * 75, trace_id) == {"generation_id": "g" * 75, "trace_id": trace_id}
+    assert exemplar_labels("g" * 76, trace_id) == {"generation_id": "g" * 76}
+    assert exemplar_labels("g" * 115, None) == {"generation_id": "g" * 115}
+    assert exemplar_labels("g" * 116, trace_id) == {}
