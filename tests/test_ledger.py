@@ -278,3 +278,21 @@ def test_the_exemplars_of_one_generation_carry_its_labels() -> None:
     assert [key[0][0] for key, labels in by_series.items() if labels == {"generation_id": "g1"}] == [
         "zenmux_first_token_latency_seconds"
     ]
+
+
+def test_label_tuples_are_kept_only_while_every_value_is_named() -> None:
+    """A generation whose labels were all named reuses its label tuples (the limiter is not asked again); one with
+    a value folded into "other" asks again, so every such generation is counted as an overflow."""
+    shape = LedgerShape(("feature",))
+    limiter = AskedLimiter()
+    first = contribution(record("a/one"), {"feature": "chat"}, shape, limiter, {})
+    asked = len(limiter.asked)
+    again = contribution(record("a/one"), {"feature": "chat"}, shape, limiter, {})
+    assert len(limiter.asked) == asked  # kept: nothing asked
+    assert again.increments == first.increments
+    for i in range(9):  # fills the model cap (10)
+        contribution(record(f"b/{i}"), {}, shape, limiter, {})
+    for _ in range(3):
+        folded = contribution(record("c/over"), {}, shape, limiter, {})
+        assert folded.increments[0].labels[0] == OTHER
+    assert limiter.overflows["model"] == 3
