@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -375,33 +374,3 @@ async def test_a_writer_faster_than_the_read_at_stop_does_not_hold_the_stop(
     await tail.drain()
     assert tail.state.pending == total
     assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
-
-
-async def test_chunks_parsed_ahead_in_a_thread_are_each_read_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(file_source, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(file_source, "CHUNKS_PER_POLL", 4)
-    threads: set[int] = set()
-
-    def record_thread(parse: LinesParser) -> LinesParser:
-        def parse_and_record(data: bytes) -> Any:
-            threads.add(threading.get_ident())
-            return parse(data)
-
-        return parse_and_record
-
-    log = tmp_path / "app.log"
-    append_lines(log, lines("id", 1000))  # ~25 chunks
-    tail = await Tail.open(tmp_path, max_pending=10_000, parse=record_thread)
-    assert await tail.source.poll() and await tail.source.poll()  # 8 chunks, 6 of them parsed ahead
-    assert len(threads) > 1  # the pipeline ran: some chunks were parsed off the event loop's thread
-    position = await reading(tail.state, "app")
-    assert position is not None
-    with log.open("rb") as handle:
-        assert tail.state.pending == handle.read(position.offset).count(b"\n")  # saved with what it covers
-    tail = await reopen(tail, tmp_path, max_pending=10_000)  # killed between two polls
-    await tail.drain()
-    assert tail.state.pending == 1000
-    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
-    assert [await tail.state.status(f"id{i}") for i in range(1000)] == [0] * 1000

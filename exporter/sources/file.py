@@ -74,15 +74,6 @@ class _Open:
         return self.path.suffix in OPENERS
 
 
-@dataclass
-class _Ahead:
-    """The whole lines at `offset`, read while the chunk before them was being written, and their parse."""
-
-    offset: int
-    lines: bytes
-    parsing: asyncio.Future[list[Sighting | str]]
-
-
 class FileSource:
     """Reads new lines from one file path, in chunks, and hands them to the ingest with the generation's new
     checkpoint.
@@ -516,25 +507,15 @@ class FileSource:
         `verify` (the file at the path): each chunk counts only if the file still holds what was read before
         it once the chunk is read: truncated and refilled past the offset during the read, the chunk would be
         the middle of the new file. Then it returns True and the next poll takes the truncation.
-
-        While a chunk's ids are written, the next chunk is read and its whole lines are parsed in a thread
-        (SQLite lets go of the GIL while it writes, so the two overlap on a second core). That chunk is taken
-        in turn like any other -- verified, and consumed only once the previous one is saved -- or dropped.
         """
         current = self._current
         assert current is not None
         chunks = 0
-        ahead: _Ahead | None = None
         while final or chunks < CHUNKS_PER_POLL:
             if not final and self._ingest.full:
                 return False  # backpressure: the ids stay in the file until the queue has room
             chunks += 1
-            parsing: asyncio.Future[list[Sighting | str]] | None = None
-            if ahead is not None and ahead.offset == current.offset:
-                chunk, parsing = ahead.lines, ahead.parsing
-            else:
-                chunk = await self._read_chunk(current)
-            ahead = None
+            chunk = await self._read_chunk(current)
             if not chunk:
                 return False
             if verify and self._truncated(current):
@@ -542,10 +523,7 @@ class FileSource:
                 return True
             cut = chunk.rfind(b"\n")
             if cut >= 0:
-                lines = chunk[: cut + 1]
-                if not current.compressed and (final or chunks < CHUNKS_PER_POLL):
-                    ahead = self._read_ahead(current, current.offset + len(lines))
-                await self._consume(lines, parsing)
+                await self._consume(chunk[: cut + 1])
             elif final:
                 await self._consume(chunk)
             elif len(chunk) == CHUNK_BYTES or len(chunk) > self._config.max_line_bytes:
@@ -553,16 +531,6 @@ class FileSource:
             else:
                 return False  # a partial line: wait for the rest
         return True
-
-    def _read_ahead(self, current: _Open, offset: int) -> _Ahead | None:
-        """The whole lines of the chunk at `offset`, being parsed in a thread; None when it holds none yet."""
-        current.handle.seek(offset)
-        chunk = current.handle.read(CHUNK_BYTES)
-        cut = chunk.rfind(b"\n")
-        if cut < 0:
-            return None  # a partial or overlong line: read in turn
-        lines = chunk[: cut + 1]
-        return _Ahead(offset, lines, asyncio.get_running_loop().run_in_executor(None, self._parse, lines))
 
     async def _read_chunk(self, current: _Open) -> bytes:
         if not current.compressed:
@@ -592,8 +560,7 @@ class FileSource:
         current.offset += len(consumed)
         current.tail = (current.tail[-TAIL_BYTES:] + consumed[-TAIL_BYTES:])[-TAIL_BYTES:]
 
-    async def _consume(self, data: bytes, parsing: asyncio.Future[list[Sighting | str]] | None = None) -> None:
-        """Submits the ids of `data` (whole lines, parsed here or by `parsing`) with the checkpoint past it."""
+    async def _consume(self, data: bytes) -> None:
         current = self._current
         assert current is not None
         self._advance(data)
@@ -603,8 +570,7 @@ class FileSource:
             self._skipping = False
             cut = data.find(b"\n")  # what precedes it is the tail of an overlong line, already counted
             data = data[cut + 1 :] if cut >= 0 else b""
-            parsing = None  # (parsed whole: not what counts)
-        parsed = await parsing if parsing is not None else self._parse(data) if data else []
+        parsed = self._parse(data) if data else []
         await self._ingest.submit(self.name, parsed, self._checkpoint(), bounded=False)
 
 
