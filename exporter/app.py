@@ -221,7 +221,7 @@ class Exporter:
                 self.udp_sources.append(udp)
                 self._source_tasks.append(self._watch(udp.serve(self._stop_sources), f"source {source.name}"))
             else:
-                tail = FileSource(source, lines_parser_for(source), ingest, self.state, self.metrics)
+                tail = FileSource(source, lines_parser_for(source), ingest, self.state, self.metrics, clock=self.clock)
                 # "start_at: end" means the end as of start-up (or as of when the database answers).
                 opened = self.state.problem is None and await self._open_source(tail)
                 self.file_sources.append(tail)

@@ -141,6 +141,9 @@ class FileSourceConfig(_SourceCommon):
     # (what a file still on disk holds keeps its checkpoint).
     checkpoints_kept: int = setting(256, minimum=1, maximum=100_000)
     checkpoints_max_age_seconds: float = setting(7 * 24 * 3600.0, exclusive_minimum=True, maximum=10 * 365 * 86400.0)
+    # On stop, what the writer left is read for this long at most: a writer appending faster than we read must
+    # not hold SIGTERM. What is not read then is read at the next start, from the saved position.
+    final_read_seconds: float = setting(2.0, maximum=HOUR)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -209,6 +209,20 @@ def _member_to_line_end(key: str, value: str) -> re.Pattern[str]:
 BULK_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def has_longer_line(text: str, limit: int) -> bool:
+    """Whether a line of `text` (without its newline) is longer than `limit` characters.
+
+    Measuring every line (a split of the whole buffer) cost ~5 % of file ingest. A line over `limit` covers
+    a whole aligned block of `limit // 2` characters, so when each such block holds a newline (a few fast
+    searches per megabyte) no line is that long; only a buffer with a block without newline is measured.
+    """
+    block = max(limit // 2, 1)
+    for start in range(0, len(text) - block + 1, block):
+        if text.find("\n", start, start + block) < 0:
+            return max(map(len, text.split("\n"))) > limit
+    return False
+
+
 def flat_json_lines(id_field: str, labels: dict[str, str], line_by_line: LinesParser, max_line_bytes: int) -> (
         LinesParser):
     """Whole buffers of flat JSON lines, with a handful of C-level passes instead of a dozen calls per line.
@@ -246,7 +260,7 @@ def flat_json_lines(id_field: str, labels: dict[str, str], line_by_line: LinesPa
         if any(count not in (0, lines) for _, _, count in counted):
             return None  # a label on some lines only, or more often than once a line
         present = [(name, member) for name, member, count in counted if count]
-        if len(text) > max_line_bytes and max(map(len, text.split("\n"))) > max_line_bytes:
+        if len(text) > max_line_bytes and has_longer_line(text, max_line_bytes):
             return None
         ids = id_member.findall(text)
         if len(ids) != lines:

@@ -8,10 +8,13 @@ import fcntl
 import json
 import os
 import sqlite3
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from operator import itemgetter
 from pathlib import Path
+
+import orjson
 
 from exporter.contribution import DAILY_METRICS
 from exporter.coordination import Coordination, LocalCoordination
@@ -347,16 +350,16 @@ class StateStore:
         fresh = self._fresh(admitted)
         # Rows of one label set are inserted by one statement that reads the ids from a JSON array and skips
         # those already finished: SQLite does the per-id work, Python none.
-        by_labels: dict[Labels, list[str]] = {}
+        by_labels: dict[Labels, list[str]] = defaultdict(list)
         label_sets = set(map(itemgetter(1), fresh.values()))
         if len(label_sets) == 1:  # one label set (every UDP id, most files): no Python loop over the ids
             by_labels[label_sets.pop()] = list(map(itemgetter(0), fresh.values()))
         else:
             for generation_id, labels in fresh.values():
-                by_labels.setdefault(labels, []).append(generation_id)
+                by_labels[labels].append(generation_id)  # (a defaultdict: ~1/3 less than setdefault)
         with self._transaction():
             for labels, ids in by_labels.items():
-                ids_json = json.dumps(ids)
+                ids_json = orjson.dumps(ids).decode()  # (~5x less CPU than json.dumps; a blob is not JSON to SQLite)
                 cursor = self._db.execute(
                     "INSERT INTO queue (id, source, labels, first_seen, due) SELECT value, ?, ?, ?, ? "
                     "FROM json_each(?) WHERE NOT EXISTS (SELECT 1 FROM finished WHERE finished.id = value)",

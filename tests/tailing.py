@@ -40,8 +40,11 @@ class Tail:
         self.state = StateStore(tmp_path / "state.db", max_pending=max_pending)
         self.config = FileSourceConfig(**{"name": "app", "path": str(self.log), "start_at": "beginning", **config})
         metrics = SelfMetrics(self.registry)
-        self.ingest = Ingest(self.state, metrics, ManualClock(), billing_delay_seconds=0)
-        self.source = FileSource(self.config, parse(lines_parser_for(self.config)), self.ingest, self.state, metrics)
+        self.clock = ManualClock()
+        self.ingest = Ingest(self.state, metrics, self.clock, billing_delay_seconds=0)
+        self.source = FileSource(
+            self.config, parse(lines_parser_for(self.config)), self.ingest, self.state, metrics, clock=self.clock
+        )
 
     @classmethod
     async def open(

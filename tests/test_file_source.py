@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -330,3 +331,46 @@ async def test_a_truncation_during_a_read_is_not_taken_for_more_of_the_old_file(
     assert statuses == [0] * 400
     assert tail.metric("zenmux_exporter_file_rotations_total", kind="copytruncate_recovered") == 1
     assert tail.metric("zenmux_exporter_ids_rejected_total", reason="not_json") == 0  # no line read from its middle
+
+
+async def test_a_writer_faster_than_the_read_at_stop_does_not_hold_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_source, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(file_source, "CHUNKS_PER_POLL", 1)
+    clock: list[ManualClock] = []
+    appended: list[str] = []
+
+    def keep_writing(parse: LinesParser) -> LinesParser:
+        # The writer appends two chunks' worth while we parse one, and each chunk takes 0.1 s (the injected
+        # clock): the read at stop never catches up. It gives up after 400 chunks, so a stop that does not
+        # stop still ends (and the test fails instead of hanging).
+        def parse_and_write(data: bytes) -> Any:
+            if len(appended) < 400 * 100:
+                batch = lines(f"late{len(appended)}-", 100)
+                append_lines(tmp_path / "app.log", batch)
+                appended.extend(batch)
+            clock[0].advance(0.1)
+            return parse(data)
+
+        return parse_and_write
+
+    tail = await Tail.open(tmp_path, max_pending=100_000, parse=keep_writing, final_read_seconds=2.0)
+    clock.append(tail.clock)
+    append_lines(tail.log, lines("early", 50))
+    stop = asyncio.Event()
+    stop.set()
+    await tail.source.run(stop)  # stopped at once: only the read of what the writer left
+    assert 2.0 <= tail.clock.now - 1_800_000_000.0 < 2.2  # ~20 chunks of 0.1 s, not 400
+    position = await reading(tail.state, "app")
+    assert position is not None
+    with tail.log.open("rb") as handle:
+        read = handle.read(position.offset)
+    assert read.endswith(b"\n") and position.offset < tail.log.stat().st_size
+    # What the saved position covers is queued, nothing past it.
+    assert tail.state.pending == read.count(b"\n")
+    total = 50 + len(appended)
+    tail = await reopen(tail, tmp_path, max_pending=100_000)  # the next start reads the rest, once
+    await tail.drain()
+    assert tail.state.pending == total
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0

@@ -17,6 +17,7 @@ from exporter.ids import (
     LinesParser,
     Sighting,
     flat_json_lines,
+    has_longer_line,
     json_parser,
     lines_parser,
     lines_parser_for,
@@ -180,3 +181,10 @@ def flat_buffer(draw: st.DrawFn) -> tuple[bytes, dict[str, str]]:
 def test_flat_buffers_are_taken_in_bulk_with_the_same_answers(case: tuple[bytes, dict[str, str]]) -> None:
     data, labels = case
     assert bulk_only(labels, 65536)(data) == line_by_line(labels, 65536)(data)
+
+
+@settings(max_examples=500, deadline=None)
+@given(lengths=st.lists(st.integers(0, 100), min_size=1, max_size=12), limit=st.integers(0, 80))
+def test_the_long_line_check_agrees_with_measuring_every_line(lengths: list[int], limit: int) -> None:
+    text = "\n".join("x" * length for length in lengths)
+    assert has_longer_line(text, limit) == (max(lengths) > limit)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from exporter.clock import Clock, SystemClock
 from exporter.config import FileSourceConfig
 from exporter.ids import LINE_TOO_LONG, LinesParser, Sighting
 from exporter.ingest import Ingest
@@ -83,9 +84,17 @@ class FileSource:
     """
 
     def __init__(
-        self, config: FileSourceConfig, parse: LinesParser, ingest: Ingest, state: Store, metrics: SelfMetrics
+        self,
+        config: FileSourceConfig,
+        parse: LinesParser,
+        ingest: Ingest,
+        state: Store,
+        metrics: SelfMetrics,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.name = config.name
+        self._clock = clock or SystemClock()  # bounds the read at stop (final_read_seconds)
         self._path = Path(config.path)
         self._config = config
         self._fingerprint = config.fingerprint_bytes
@@ -114,7 +123,8 @@ class FileSource:
         self._resume_pending = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Polls until `stop`, then reads what the writer left before closing (open_initial() comes first)."""
+        """Polls until `stop`, then reads what the writer left, for final_read_seconds at most, before closing
+        (open_initial() comes first)."""
         base = self._config.poll_interval_seconds
         interval = base
         while not stop.is_set():
@@ -130,10 +140,23 @@ class FileSource:
             interval = base if self._progress() != before else min(interval * 2, base * QUIET_BACKOFF)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-        with contextlib.suppress(StateError):  # unsaved lines are read again at the next start
-            while await self.poll():  # what the writer left before we were stopped
-                pass
+        await self._read_out()
         self.close()
+
+    async def _read_out(self) -> None:
+        """What the writer left before we were stopped, until the deadline: a writer appending faster than we
+        read would hold the stop for ever. Each checkpoint is saved with the ids it covers, so whatever is not
+        read now is read at the next start, from there."""
+        deadline = self._clock.time() + self._config.final_read_seconds
+        with contextlib.suppress(StateError):  # unsaved lines are read again at the next start
+            while await self.poll():
+                if self._clock.time() >= deadline:
+                    current = self._current
+                    log.info("%s: stopped reading after %.1fs with more to read%s; the rest is read at the next "
+                             "start", self.name, self._config.final_read_seconds,
+                             "" if current is None else f" ({current.path} from byte {current.offset})")
+                    return
+                await asyncio.sleep(0)  # scrapes and probes go on answering while we read
 
     async def _recover(self, stop: asyncio.Event, err: StateError) -> None:
         """A state write failed (disk full, read-only): none of it was saved, so after a pause every generation
