@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from exporter.sources import file as file_source
+from exporter.sources import rotated
 from exporter.sources.rotated import digest
 from tests.support import append_lines, json_line
 from tests.tailing import Logrotate, Tail, compress, copytruncate, lines, reopen
@@ -329,5 +330,37 @@ async def test_empty_rotated_files_hold_no_generation(tmp_path: Path) -> None:
     append_lines(tail.log, lines("live", 3))
     await settle()
     ids = [json.loads(line)["generation_id"] for line in lines("first", 5) + lines("live", 3)]
+    assert await statuses(tail, ids) == [0] * len(ids)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+@pytest.mark.parametrize("how", ["rename", "copytruncate"])
+async def test_a_rotation_while_the_scan_looks_hides_no_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The log rotated between the scan's listing of the directory and its opening of the log: the rotated
+    file is in no listing, the log the scan opens holds a new generation. The lines of the one being read that
+    only the rotated file holds were left for the next rotation's scan (none came: the fleet crash test waited
+    for them until it timed out), and that generation was said to be gone."""
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    append_lines(tail.log, lines("unread", 3))  # written, then the log rotated before the source polled
+    real = rotated.candidates
+    rotations: list[str] = []
+
+    def listing_then_rotation(log: Path, pattern: str) -> tuple[list[Path], int]:
+        found = real(log, pattern)
+        if not rotations:  # the writer's logrotate runs just after the scan listed the directory
+            rotations.append(how)
+            Logrotate(tail.log).rotate(how, "")
+            append_lines(tail.log, lines("new", 2))
+        return found
+
+    monkeypatch.setattr(rotated, "candidates", listing_then_rotation)
+    tail = await reopen(tail, tmp_path)  # a restart's scan (a rescan while the log is read takes the same path)
+    await tail.drain()
+    assert rotations == [how]
+    ids = [json.loads(line)["generation_id"] for line in lines("read", 5) + lines("unread", 3) + lines("new", 2)]
     assert await statuses(tail, ids) == [0] * len(ids)
     assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
