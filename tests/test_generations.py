@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from exporter.sources import file as file_source
 from exporter.sources import rotated
 from exporter.sources.rotated import digest
-from tests.support import append_lines, json_line
+from tests.support import append_lines, json_line, wait_until
 from tests.tailing import Logrotate, Tail, compress, copytruncate, lines, reopen
 
 ROTATIONS = {
@@ -363,4 +364,37 @@ async def test_a_rotation_while_the_scan_looks_hides_no_generation(
     assert rotations == [how]
     ids = [json.loads(line)["generation_id"] for line in lines("read", 5) + lines("unread", 3) + lines("new", 2)]
     assert await statuses(tail, ids) == [0] * len(ids)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+async def test_a_file_left_for_later_is_looked_at_again_soon_whatever_was_left_before(tmp_path: Path) -> None:
+    """The look again after a file the scan could not take yet waits RESCAN_SECONDS, doubling while the same
+    files stay left (never a scan per poll). An empty rotated log, left at every scan (it may be the log renamed
+    away, still written), had doubled it to RESCAN_MAX_SECONDS: a copy gzip was still writing, found later,
+    waited a minute for its look, its lines with it."""
+    tail = await Tail.open(tmp_path)
+    logrotate = Logrotate(tail.log)
+    append_lines(tail.log, lines("first", 3))
+    await tail.drain()
+    logrotate.rotate("rename", "")
+    logrotate.rotate("rename", "")  # the log was empty: an empty plain file, left for later at every scan
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    for _ in range(7):
+        tail.source._rescan_at = 0.0  # each look again finds the empty file again: the wait doubles
+        await tail.drain()
+    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+    append_lines(tail.log, lines("unread", 4))
+    copytruncate(tail.log, tmp_path / "app.log.copy")
+    packed = compress(tmp_path / "app.log.copy")
+    whole = packed.read_bytes()
+    packed.write_bytes(whole[:10])  # gzip has written its header so far (and the plain copy is gone)
+    await tail.drain()
+    packed.write_bytes(whole)
+
+    async def read() -> bool:
+        await tail.source.poll()
+        return tail.state.pending == 12
+
+    await wait_until(read, timeout=file_source.RESCAN_SECONDS * 5, what="the copy's lines read")
     assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0

@@ -109,6 +109,7 @@ class FileSource:
         self._rescan_at: float | None = None
         self._history_told: set[Path] = set()
         self._rescan_delay = RESCAN_SECONDS
+        self._deferred: set[Path] = set()  # the files the last scan left for later
         # A failed write left the source closed: it continues from the saved checkpoints once the database
         # answers again, never from byte 0 of the file now at the path.
         self._resume_pending = False
@@ -208,10 +209,15 @@ class FileSource:
             raise
         self._targets = found.targets
         if found.deferred:
+            # The wait doubles while the same files are left (an empty rotated log stays so for good): a file
+            # not left before (a copy gzip is writing, with lines never read) is looked at after the first one.
+            if not self._deferred.issuperset(found.deferred):
+                self._rescan_delay = RESCAN_SECONDS
             self._rescan_at = time.monotonic() + self._rescan_delay
             self._rescan_delay = min(self._rescan_delay * 2, RESCAN_MAX_SECONDS)
         else:
             self._rescan_at, self._rescan_delay = None, RESCAN_SECONDS
+        self._deferred = set(found.deferred)
         await self._next_target(at_end=at_end)
 
     async def _learn(self, found: Scan, truncated: int | None, maybe: bool) -> None:
