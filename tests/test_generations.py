@@ -398,3 +398,26 @@ async def test_a_file_left_for_later_is_looked_at_again_soon_whatever_was_left_b
 
     await wait_until(read, timeout=file_source.RESCAN_SECONDS * 5, what="the copy's lines read")
     assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+async def test_a_log_created_after_the_scan_that_found_none_is_read_at_once(tmp_path: Path) -> None:
+    """The log renamed away and created again later (logrotate's `nocreate`, the application reopening its log
+    when told): the scan after the renamed file was read found no log. Once the log is there it is read at the
+    next poll, not when files left for later are due (an empty rotated log had made that a minute away)."""
+    (tmp_path / "app.log").touch()
+    tail = await Tail.open(tmp_path)
+    Logrotate(tail.log).rotate("rename", "")  # the log was empty: an empty plain file, left for later at every scan
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    for _ in range(7):
+        tail.source._rescan_at = 0.0  # each look again finds the empty file again: the wait doubles
+        await tail.drain()
+    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+    tail.log.rename(tmp_path / "app.log.old")  # no log until the application creates it
+    tail.source._rescan_at = 0.0  # a look again comes meanwhile: it finds no log
+    await tail.drain()
+    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+    append_lines(tail.log, lines("new", 3))
+    await tail.drain()
+    ids = [json.loads(line)["generation_id"] for line in lines("read", 5) + lines("new", 3)]
+    assert await statuses(tail, ids) == [0] * len(ids)

@@ -110,6 +110,7 @@ class FileSource:
         self._history_told: set[Path] = set()
         self._rescan_delay = RESCAN_SECONDS
         self._deferred: set[Path] = set()  # the files the last scan left for later
+        self._log_absent = False  # the last scan found no file at the log's path
         # A failed write left the source closed: it continues from the saved checkpoints once the database
         # answers again, never from byte 0 of the file now at the path.
         self._resume_pending = False
@@ -196,6 +197,7 @@ class FileSource:
         the generation of a truncated log (`maybe`: unless the log still holds it), reported as recovered when
         a copy holds it."""
         self.close()
+        self._log_absent = stat_or_none(self._path) is None
         history = FileHistory(self._horizon, tuple(self._checkpoints.values()))
         found = await asyncio.to_thread(
             scan, self._path, self._config.rotated_glob, history, self._fingerprint, start_at_end=self._start_at_end
@@ -396,8 +398,11 @@ class FileSource:
         if self._current is None and self._resume_pending:
             await self._resume()  # a StateError here: the database is still away, run() waits and retries
         if self._current is None:
-            # The log appeared after start-up, or a scan left files to look at again: scan (not every poll).
-            if not self._loaded or stat_or_none(self._path) is None or not self._rescan_due():
+            # The log appeared after start-up (or after the last scan, which found none: renamed away, not yet
+            # created again): scan now. A scan left files to look at again: scan when due (not every poll).
+            if not self._loaded or stat_or_none(self._path) is None:
+                return False
+            if not self._log_absent and not self._rescan_due():
                 return False
             await self._scan()
             if self._current is None:
