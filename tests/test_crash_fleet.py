@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gzip
 import json
 import os
 import random
@@ -158,6 +159,60 @@ def read_fleet(url: str) -> tuple[dict[str, int], dict[str, tuple[int, int]], in
     return ids, positions, 0 if queued is None else int(queued[0])
 
 
+def holders(logs: Path, ids: set[str]) -> dict[str, list[str]]:
+    """Which files of a log directory (plain or gzip) hold each of `ids`."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(logs.iterdir()):
+        opener = gzip.open if path.suffix == ".gz" else open
+        try:
+            with opener(path, "rt", encoding="utf-8", errors="replace") as handle:
+                text = handle.read()
+        except (OSError, EOFError) as err:
+            found.setdefault("<unreadable>", []).append(f"{path.name}: {err}")
+            continue
+        for generation_id in ids:
+            if generation_id in text:
+                found.setdefault(generation_id, []).append(path.name)
+    return found
+
+
+def diagnosis(url: str, writers: list[FleetWriter], members: list[Member], file_ids: set[str]) -> str:
+    """What the fleet was waiting for, when it waited too long: each log's files and checkpoints, the logged
+    ids never read and the files holding them, the queue's rows (claims, leases, due times), who was alive."""
+    out: list[str] = []
+    with psycopg.connect(url, connect_timeout=5) as db:
+        now = db.execute("SELECT extract(epoch FROM now())").fetchone()
+        clock = 0.0 if now is None else float(now[0])
+        ids = {row[0]: int(row[1]) for row in db.execute("SELECT id, status FROM generations")}
+        for writer in writers:
+            out.append(f"{writer.instance}: files (name inode size mtime):")
+            for path in sorted(writer.logs.iterdir()):
+                stat = path.stat()
+                out.append(f"  {path.name} {stat.st_ino} {stat.st_size} {stat.st_mtime:.3f}")
+            out.append(f"{writer.instance}: checkpoints (generation inode offset finished mtime):")
+            for row in db.execute(
+                "SELECT generation, inode, \"offset\", finished, mtime_ns FROM checkpoints WHERE instance = %s "
+                "ORDER BY generation", (writer.instance,),
+            ):
+                out.append(f"  {row[0]} {row[1]} {row[2]} {row[3]} {int(row[4]) / 1e9:.3f}")
+            unread = (file_ids & set(writer.all_ids)) - ids.keys()
+            where = holders(writer.logs, unread)
+            out.append(f"{writer.instance}: {len(unread)} logged ids never read, held by: "
+                       + "; ".join(f"{i} in {where.get(i)}" for i in sorted(unread)[:20]))
+        queued = db.execute(
+            "SELECT id, source, due, attempts, claimed_by, lease_until FROM queue ORDER BY due LIMIT 20"
+        ).fetchall()
+        total = db.execute("SELECT count(*) FROM queue").fetchone()
+        out.append(f"queue: {0 if total is None else total[0]} rows (id source due-now attempts claimed_by "
+                   "lease_until-now):")
+        out.extend(f"  {r[0]} {r[1]} {r[2] - clock:.3f} {r[3]} {r[4]} {r[5] - clock:.3f}" for r in queued)
+        statuses = db.execute("SELECT status, count(*) FROM generations GROUP BY status").fetchall()
+        out.append(f"generations by status: {dict(statuses)}")
+    out.append("members: " + ", ".join(
+        f"{m.name}={'alive' if m.process is not None and m.process.poll() is None else 'dead'}" for m in members))
+    return "\n".join(out)
+
+
 async def test_a_fleet_counts_exactly_once_through_kill_9_of_any_member(
     tmp_path: Path, pg_url: str, postgres: Cluster, soak: bool
 ) -> None:
@@ -265,7 +320,14 @@ async def test_a_fleet_counts_exactly_once_through_kill_9_of_any_member(
                     text = await metrics_text(exposer.metrics_port, client)
                     return text is not None and value(text, "zenmux_generations_total") == len(ids)
 
-                await wait_until(caught_up, timeout=120 if soak else 60, what="every received id resolved")
+                try:
+                    await wait_until(caught_up, timeout=120 if soak else 60, what="every received id resolved")
+                except AssertionError as err:
+                    text = await metrics_text(exposer.metrics_port, client)
+                    shown = None if text is None else value(text, "zenmux_generations_total")
+                    found = await asyncio.to_thread(diagnosis, pg_url, writers, members, run.file_ids)
+                    raise AssertionError(f"{err} (seed {seed}; the leader {exposer.name} shows "
+                                         f"zenmux_generations_total {shown})\n{found}") from None
                 text = await metrics_text(exposer.metrics_port, client)
                 assert text is not None
                 ids, _, _ = await asyncio.to_thread(read_fleet, pg_url)

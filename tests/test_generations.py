@@ -9,13 +9,15 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from exporter.sources import file as file_source
+from exporter.sources import rotated
 from exporter.sources.rotated import digest
-from tests.support import append_lines, json_line
+from tests.support import append_lines, json_line, wait_until
 from tests.tailing import Logrotate, Tail, compress, copytruncate, lines, reopen
 
 ROTATIONS = {
@@ -331,3 +333,91 @@ async def test_empty_rotated_files_hold_no_generation(tmp_path: Path) -> None:
     ids = [json.loads(line)["generation_id"] for line in lines("first", 5) + lines("live", 3)]
     assert await statuses(tail, ids) == [0] * len(ids)
     assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+@pytest.mark.parametrize("how", ["rename", "copytruncate"])
+async def test_a_rotation_while_the_scan_looks_hides_no_generation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The log rotated between the scan's listing of the directory and its opening of the log: the rotated
+    file is in no listing, the log the scan opens holds a new generation. The lines of the one being read that
+    only the rotated file holds were left for the next rotation's scan (none came: the fleet crash test waited
+    for them until it timed out), and that generation was said to be gone."""
+    tail = await Tail.open(tmp_path)
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    append_lines(tail.log, lines("unread", 3))  # written, then the log rotated before the source polled
+    real = rotated.candidates
+    rotations: list[str] = []
+
+    def listing_then_rotation(log: Path, pattern: str) -> tuple[list[Path], int]:
+        found = real(log, pattern)
+        if not rotations:  # the writer's logrotate runs just after the scan listed the directory
+            rotations.append(how)
+            Logrotate(tail.log).rotate(how, "")
+            append_lines(tail.log, lines("new", 2))
+        return found
+
+    monkeypatch.setattr(rotated, "candidates", listing_then_rotation)
+    tail = await reopen(tail, tmp_path)  # a restart's scan (a rescan while the log is read takes the same path)
+    await tail.drain()
+    assert rotations == [how]
+    ids = [json.loads(line)["generation_id"] for line in lines("read", 5) + lines("unread", 3) + lines("new", 2)]
+    assert await statuses(tail, ids) == [0] * len(ids)
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+async def test_a_file_left_for_later_is_looked_at_again_soon_whatever_was_left_before(tmp_path: Path) -> None:
+    """The look again after a file the scan could not take yet waits RESCAN_SECONDS, doubling while the same
+    files stay left (never a scan per poll). An empty rotated log, left at every scan (it may be the log renamed
+    away, still written), had doubled it to RESCAN_MAX_SECONDS: a copy gzip was still writing, found later,
+    waited a minute for its look, its lines with it."""
+    tail = await Tail.open(tmp_path)
+    logrotate = Logrotate(tail.log)
+    append_lines(tail.log, lines("first", 3))
+    await tail.drain()
+    logrotate.rotate("rename", "")
+    logrotate.rotate("rename", "")  # the log was empty: an empty plain file, left for later at every scan
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    for _ in range(7):
+        tail.source._rescan_at = 0.0  # each look again finds the empty file again: the wait doubles
+        await tail.drain()
+    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+    append_lines(tail.log, lines("unread", 4))
+    copytruncate(tail.log, tmp_path / "app.log.copy")
+    packed = compress(tmp_path / "app.log.copy")
+    whole = packed.read_bytes()
+    packed.write_bytes(whole[:10])  # gzip has written its header so far (and the plain copy is gone)
+    await tail.drain()
+    packed.write_bytes(whole)
+
+    async def read() -> bool:
+        await tail.source.poll()
+        return tail.state.pending == 12
+
+    await wait_until(read, timeout=file_source.RESCAN_SECONDS * 5, what="the copy's lines read")
+    assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
+
+
+async def test_a_log_created_after_the_scan_that_found_none_is_read_at_once(tmp_path: Path) -> None:
+    """The log renamed away and created again later (logrotate's `nocreate`, the application reopening its log
+    when told): the scan after the renamed file was read found no log. Once the log is there it is read at the
+    next poll, not when files left for later are due (an empty rotated log had made that a minute away)."""
+    (tmp_path / "app.log").touch()
+    tail = await Tail.open(tmp_path)
+    Logrotate(tail.log).rotate("rename", "")  # the log was empty: an empty plain file, left for later at every scan
+    append_lines(tail.log, lines("read", 5))
+    await tail.drain()
+    for _ in range(7):
+        tail.source._rescan_at = 0.0  # each look again finds the empty file again: the wait doubles
+        await tail.drain()
+    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+    tail.log.rename(tmp_path / "app.log.old")  # no log until the application creates it
+    tail.source._rescan_at = 0.0  # a look again comes meanwhile: it finds no log
+    await tail.drain()
+    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+    append_lines(tail.log, lines("new", 3))
+    await tail.drain()
+    ids = [json.loads(line)["generation_id"] for line in lines("read", 5) + lines("new", 3)]
+    assert await statuses(tail, ids) == [0] * len(ids)

@@ -118,6 +118,8 @@ class FileSource:
         self._rescan_at: float | None = None
         self._history_told: set[Path] = set()
         self._rescan_delay = RESCAN_SECONDS
+        self._deferred: set[Path] = set()  # the files the last scan left for later
+        self._log_absent = False  # the last scan found no file at the log's path
         # A failed write left the source closed: it continues from the saved checkpoints once the database
         # answers again, never from byte 0 of the file now at the path.
         self._resume_pending = False
@@ -218,6 +220,7 @@ class FileSource:
         the generation of a truncated log (`maybe`: unless the log still holds it), reported as recovered when
         a copy holds it."""
         self.close()
+        self._log_absent = stat_or_none(self._path) is None
         history = FileHistory(self._horizon, tuple(self._checkpoints.values()))
         found = await asyncio.to_thread(
             scan, self._path, self._config.rotated_glob, history, self._fingerprint, start_at_end=self._start_at_end
@@ -231,10 +234,15 @@ class FileSource:
             raise
         self._targets = found.targets
         if found.deferred:
+            # The wait doubles while the same files are left (an empty rotated log stays so for good): a file
+            # not left before (a copy gzip is writing, with lines never read) is looked at after the first one.
+            if not self._deferred.issuperset(found.deferred):
+                self._rescan_delay = RESCAN_SECONDS
             self._rescan_at = time.monotonic() + self._rescan_delay
             self._rescan_delay = min(self._rescan_delay * 2, RESCAN_MAX_SECONDS)
         else:
             self._rescan_at, self._rescan_delay = None, RESCAN_SECONDS
+        self._deferred = set(found.deferred)
         await self._next_target(at_end=at_end)
 
     async def _learn(self, found: Scan, truncated: int | None, maybe: bool) -> None:
@@ -413,8 +421,11 @@ class FileSource:
         if self._current is None and self._resume_pending:
             await self._resume()  # a StateError here: the database is still away, run() waits and retries
         if self._current is None:
-            # The log appeared after start-up, or a scan left files to look at again: scan (not every poll).
-            if not self._loaded or stat_or_none(self._path) is None or not self._rescan_due():
+            # The log appeared after start-up (or after the last scan, which found none: renamed away, not yet
+            # created again): scan now. A scan left files to look at again: scan when due (not every poll).
+            if not self._loaded or stat_or_none(self._path) is None:
+                return False
+            if not self._log_absent and not self._rescan_due():
                 return False
             await self._scan()
             if self._current is None:

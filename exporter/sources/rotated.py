@@ -26,6 +26,8 @@ TAIL_BYTES = 4096
 HEAD_BYTES = 4096
 # Rotated siblings examined, newest first (a directory of old logs).
 MAX_CANDIDATES = 64
+# Scans taken in a row while rotations change the directory under them (see scan()).
+SCAN_ATTEMPTS = 3
 # Compressed copies are read through these; other compressed suffixes are not candidates.
 OPENERS: dict[str, Callable[..., object]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".lzma": lzma.open}
 UNREADABLE_SUFFIXES = (".zst", ".zip")
@@ -144,6 +146,11 @@ class Scan:
         """Rotated files oldest first, the log itself last."""
         self.targets.sort(key=lambda t: (t.file.live, t.file.stat.st_mtime_ns, str(t.file.path)))
 
+    def close(self) -> None:
+        """Closes the files it left open (a scan not taken)."""
+        for target in (*self.targets, *self.partials):
+            target.file.handle.close()
+
 
 def scan(
     live: Path,
@@ -153,8 +160,42 @@ def scan(
     *,
     start_at_end: bool,
 ) -> Scan:
+    """Which files of the log the source must read, and from where (_scan_once), taken while the directory
+    holds still. Blocking (it may decompress): run it off the event loop.
+
+    A rotation between the listing of the directory and the opening of the log hides the generation being
+    read: renamed away (or copied, then truncated) after the listing, it is in no file the scan opened, and what
+    it held past its checkpoint waited for the next rotation's scan (or was lost, were the rotated file
+    compressed by then). So the directory is listed again once every file is open, and the scan taken again
+    if a file came, went or changed its inode meanwhile (at most SCAN_ATTEMPTS times: then the last one holds,
+    and the next rotation is seen by the source as any rotation is)."""
+    attempts = 1
+    while True:
+        before = _identities(live, pattern)
+        result = _scan_once(live, pattern, history, fingerprint_bytes, start_at_end=start_at_end)
+        if attempts == SCAN_ATTEMPTS or _identities(live, pattern) == before:
+            return result
+        result.close()
+        attempts += 1
+
+
+def _identities(live: Path, pattern: str) -> set[tuple[str, int, int]]:
+    """(name, device, inode) of the log and of every rotated file that may be a candidate: what a rotation
+    changes (appending to a file does not)."""
+    paths = [live, *candidates(live, pattern)[0]]
+    return {(str(path), stat.st_dev, stat.st_ino) for path in paths if (stat := stat_or_none(path)) is not None}
+
+
+def _scan_once(
+    live: Path,
+    pattern: str,
+    history: FileHistory,
+    fingerprint_bytes: int,
+    *,
+    start_at_end: bool,
+) -> Scan:
     """Which files of the log `live` (and of its rotated siblings matching `pattern`) the source must read, and
-    from where. Blocking (it may decompress): run it off the event loop.
+    from where, as the directory is seen once.
 
     A file belongs to the checkpoint whose head digest its first bytes match and whose tail digest the bytes
     before that checkpoint's offset match (the longest such checkpoint). A generation read to its end is not
