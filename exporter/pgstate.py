@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Taken (in the migrating transaction) by whoever migrates, so replicas starting together migrate once.
 MIGRATE_LOCK = 0x7A6D7801
 CONNECT_TIMEOUT_SECONDS = 5
@@ -67,7 +67,8 @@ RECONNECT_MAX_SECONDS = 30.0
 # The queue is the hot table (every id is inserted, claimed and deleted once): autovacuum runs on it after 1 %
 # of its rows changed instead of 20 %, without cost delay, and pages keep room for HOT updates of claims.
 # Ledger rows carry the transaction that changed them last (xid8): an exposer reads the rows changed since its
-# previous read's snapshot horizon, so a settlement committed late is never missed.
+# previous read's snapshot horizon, so a settlement committed late is never missed. (Version 4 drops the index
+# on `changed` below: see MIGRATIONS[4].)
 SCHEMA = """
 CREATE TABLE queue (
     id text PRIMARY KEY,
@@ -126,6 +127,11 @@ CREATE VIEW generations (id, status, source, labels, first_seen, due, attempts, 
 # Version 3: one checkpoint per generation of a file source's log (and the source's horizon) instead of one
 # position per source; a position becomes the source's first checkpoint, unfinished, with no horizon yet.
 # instances: which live process holds each instance name.
+# Version 4: the ledger's updates are HOT (heap-only: the new row version goes on the same page, no index entry
+# is written): no index on `changed` (an exposer's read of the changes scans the ledger once a second: its rows
+# are bounded by the fleet's label value caps) and pages half empty, room for each row's next version. Every
+# settle updates a row per series it touches: WAL per settle fell from ~4.5 to ~2 records a row, and the upsert's
+# server time by about half in a micro-benchmark (500 series). Pages already full get their room as rows move.
 MIGRATIONS = {
     2: """
 CREATE FUNCTION zenmux_now() RETURNS float8 LANGUAGE sql STABLE PARALLEL SAFE
@@ -175,6 +181,10 @@ INSERT INTO checkpoints
            "offset", false, device, inode, 0
     FROM positions;
 DROP TABLE positions;
+""",
+    4: """
+DROP INDEX IF EXISTS ledger_by_change;
+ALTER TABLE ledger SET (fillfactor = 50);
 """,
 }
 
