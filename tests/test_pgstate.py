@@ -362,6 +362,38 @@ async def test_a_version_1_database_is_migrated_in_place(open_store: OpenStore, 
     assert row == (SCHEMA_VERSION,)
 
 
+async def test_a_version_3_database_is_migrated_in_place_to_hot_updates(open_store: OpenStore, pg_url: str) -> None:
+    """Schema 4 drops the index on the ledger's `changed` column and leaves the ledger's and the queue's pages half
+    empty (HOT updates); a version 3 database keeps its ledger, and an exposer still reads only what changed since
+    its last read."""
+    a = await open_store("a")
+    await a.enqueue("src", [Sighting("x"), Sighting("y")], now=0, due=0)
+    await a.settle([Resolved("x", one_generation(1.0))], ledger(), now=1)
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as db:  # back to version 3
+        await db.execute("CREATE INDEX ledger_by_change ON ledger (changed)")
+        await db.execute("ALTER TABLE ledger RESET (fillfactor)")
+        await db.execute("ALTER TABLE queue SET (fillfactor = 80)")
+        await db.execute("DELETE FROM schema_version")
+        await db.execute("INSERT INTO schema_version VALUES (3)")
+    exposer = await open_store("exposer")
+    book = ledger()
+    book.load(await exposer.ledger_changes())
+    assert book.value("zenmux_cost_usd") == 1.0 and book.value("zenmux_generations") == 1
+    assert await exposer.ledger_changes() == []  # nothing changed since
+    await a.settle([Resolved("y", one_generation(2.0))], ledger(), now=2)
+    changed = await exposer.ledger_changes()
+    assert {metric for metric, _, _ in changed} >= {"zenmux_cost_usd", "zenmux_generations"}
+    book.load(changed)
+    assert book.value("zenmux_cost_usd") == 3.0 and book.value("zenmux_generations") == 2
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as db:
+        indexes = await (await db.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'ledger'")).fetchall()
+        ledger_options = await (await db.execute("SELECT reloptions FROM pg_class WHERE relname = 'ledger'")).fetchone()
+        queue_options = await (await db.execute("SELECT reloptions FROM pg_class WHERE relname = 'queue'")).fetchone()
+        version = await (await db.execute("SELECT max(version) FROM schema_version")).fetchone()
+    assert indexes == [("ledger_pkey",)] and ledger_options == (["fillfactor=50"],) and version == (SCHEMA_VERSION,)
+    assert queue_options is not None and "fillfactor=50" in queue_options[0]
+
+
 async def test_positions_of_the_first_schema_become_checkpoints(open_store: OpenStore, pg_url: str) -> None:
     """A database the previous release created (schema 1: one position per instance and source) is migrated in
     place: each position becomes its source's first checkpoint, unfinished, with no horizon yet."""
