@@ -20,6 +20,7 @@ from exporter.ingest import Ingest
 from exporter.sources.rotated import (
     DECOMPRESS_ERRORS,
     OPENERS,
+    SCAN_ATTEMPTS,
     TAIL_BYTES,
     Scan,
     Target,
@@ -229,14 +230,14 @@ class FileSource:
         try:
             await self._learn(found, truncated, maybe)
         except BaseException:
-            for target in found.targets:
-                target.file.handle.close()
+            found.close()
             raise
         self._targets = found.targets
-        if found.deferred:
+        if found.deferred or found.unsettled:
             # The wait doubles while the same files are left (an empty rotated log stays so for good): a file
-            # not left before (a copy gzip is writing, with lines never read) is looked at after the first one.
-            if not self._deferred.issuperset(found.deferred):
+            # not left before (a copy gzip is writing, with lines never read), or a directory that kept changing
+            # while it was scanned, is looked at after the first one.
+            if found.unsettled or not self._deferred.issuperset(found.deferred):
                 self._rescan_delay = RESCAN_SECONDS
             self._rescan_at = time.monotonic() + self._rescan_delay
             self._rescan_delay = min(self._rescan_delay * 2, RESCAN_MAX_SECONDS)
@@ -267,11 +268,15 @@ class FileSource:
             self._checkpoints[checkpoint.generation] = checkpoint
         for target in found.partials:
             await self._tell_partial(target, found)
-        if not found.deferred:  # (a file left for later may hold an unfinished generation)
+        if found.unsettled:
+            log.info("%s: %s's directory changed under %d scans in a row (rotations): looking again in %.0fs",
+                     self.name, self._path, SCAN_ATTEMPTS, RESCAN_SECONDS)
+        # A file left for later, or a scan the directory changed under, may hold an unfinished generation.
+        if not found.deferred and not found.unsettled:
             await self._tell_gone(found, truncated)
         found.order()  # a partial file taken for a new generation joined the targets
         await self._retain(found)
-        if truncated is not None:
+        if truncated is not None and not found.unsettled:
             self._report_truncation(truncated, found, maybe)
 
     async def _tell_gone(self, found: Scan, truncated: int | None) -> None:

@@ -137,6 +137,8 @@ class Scan:
     conflicts: list[tuple[Path, int]] = field(default_factory=list)
     # Known copies found under a new name or compressed: their checkpoints' place hints, to save.
     moved: list[Checkpoint] = field(default_factory=list)
+    # The directory changed under every one of SCAN_ATTEMPTS scans: a generation may be hidden (not gone).
+    unsettled: bool = False
     # Files shorter than what was read of the generation whose first bytes they share, and no other file of it:
     # a copy taken before the source read on, or a generation with a fixed header (the source asks its ids).
     partials: list[Target] = field(default_factory=list)
@@ -167,13 +169,17 @@ def scan(
     read: renamed away (or copied, then truncated) after the listing, it is in no file the scan opened, and what
     it held past its checkpoint waited for the next rotation's scan (or was lost, were the rotated file
     compressed by then). So the directory is listed again once every file is open, and the scan taken again
-    if a file came, went or changed its inode meanwhile (at most SCAN_ATTEMPTS times: then the last one holds,
-    and the next rotation is seen by the source as any rotation is)."""
+    if a file came, went or changed its inode meanwhile. After SCAN_ATTEMPTS such scans the last one is taken,
+    marked `unsettled`: its files are read, but a generation it does not see is not taken for gone, and the
+    source looks again soon."""
     attempts = 1
     while True:
         before = _identities(live, pattern)
         result = _scan_once(live, pattern, history, fingerprint_bytes, start_at_end=start_at_end)
-        if attempts == SCAN_ATTEMPTS or _identities(live, pattern) == before:
+        if _identities(live, pattern) == before:
+            return result
+        if attempts == SCAN_ATTEMPTS:
+            result.unsettled = True
             return result
         result.close()
         attempts += 1
