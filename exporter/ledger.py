@@ -56,6 +56,9 @@ class Overlay:
 
 
 _new_tuple = tuple.__new__
+# Exemplars are made without NamedTuple's Python constructor while Exemplar has the shape we know; another
+# prometheus_client release may add a field, and then its constructor fills it.
+_KNOWN_EXEMPLAR = Exemplar._fields == ("labels", "value", "timestamp")
 
 # Each business metric's buckets (empty for a counter); the DAILY_* rows are not in it.
 _BUCKETS = {name: spec.buckets for name, spec in SPECS.items()}
@@ -145,7 +148,10 @@ class Ledger:
                     if exemplar is None:  # one copy for the generation's exemplars (never changed once made)
                         exemplar = dict(item.exemplar)
                     # Exemplar(exemplar, value) without its Python-level constructor (8 a generation).
-                    exemplars[(key, index)] = _new_tuple(Exemplar, (exemplar, value, None))
+                    exemplars[(key, index)] = (
+                        _new_tuple(Exemplar, (exemplar, value, None)) if _KNOWN_EXEMPLAR
+                        else Exemplar(exemplar, value)
+                    )
 
     def apply(self, overlay: Overlay) -> None:
         # Values are replaced, never mutated in place (the overlay holds copies): a renderer may keep
