@@ -172,17 +172,16 @@ def scan(
     if a file came, went or changed its inode meanwhile. After SCAN_ATTEMPTS such scans the last one is taken,
     marked `unsettled`: its files are read, but a generation it does not see is not taken for gone, and the
     source looks again soon."""
+    before = _identities(live, pattern)
     attempts = 1
     while True:
-        before = _identities(live, pattern)
         result = _scan_once(live, pattern, history, fingerprint_bytes, start_at_end=start_at_end)
-        if _identities(live, pattern) == before:
-            return result
-        if attempts == SCAN_ATTEMPTS:
-            result.unsettled = True
+        after = _identities(live, pattern)  # (taken before the next attempt lists: its "before")
+        if after == before or attempts == SCAN_ATTEMPTS:
+            result.unsettled = after != before
             return result
         result.close()
-        attempts += 1
+        before, attempts = after, attempts + 1
 
 
 def _identities(live: Path, pattern: str) -> set[tuple[str, int, int]]:
