@@ -401,6 +401,15 @@ async def test_a_rotation_under_every_scan_hides_no_generation(tmp_path: Path, m
     assert tail.metric("zenmux_exporter_ids_duplicate_total") == 0
 
 
+async def rescan_until_the_wait_is_long(tail: Tail) -> None:
+    """Looks again, as due, until the wait before the next look has doubled past 30 s: each look finds the same
+    empty rotated file left for later."""
+    for _ in range(7):
+        tail.source._rescan_at = 0.0
+        await tail.drain()
+    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+
+
 async def test_a_file_left_for_later_is_looked_at_again_soon_whatever_was_left_before(tmp_path: Path) -> None:
     """The look again after a file the scan could not take yet waits RESCAN_SECONDS, doubling while the same
     files stay left (never a scan per poll). An empty rotated log, left at every scan (it may be the log renamed
@@ -414,10 +423,7 @@ async def test_a_file_left_for_later_is_looked_at_again_soon_whatever_was_left_b
     logrotate.rotate("rename", "")  # the log was empty: an empty plain file, left for later at every scan
     append_lines(tail.log, lines("read", 5))
     await tail.drain()
-    for _ in range(7):
-        tail.source._rescan_at = 0.0  # each look again finds the empty file again: the wait doubles
-        await tail.drain()
-    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+    await rescan_until_the_wait_is_long(tail)
     append_lines(tail.log, lines("unread", 4))
     copytruncate(tail.log, tmp_path / "app.log.copy")
     packed = compress(tmp_path / "app.log.copy")
@@ -443,10 +449,7 @@ async def test_a_log_created_after_the_scan_that_found_none_is_read_at_once(tmp_
     Logrotate(tail.log).rotate("rename", "")  # the log was empty: an empty plain file, left for later at every scan
     append_lines(tail.log, lines("read", 5))
     await tail.drain()
-    for _ in range(7):
-        tail.source._rescan_at = 0.0  # each look again finds the empty file again: the wait doubles
-        await tail.drain()
-    assert tail.source._rescan_at is not None and tail.source._rescan_at - time.monotonic() > 30
+    await rescan_until_the_wait_is_long(tail)
     tail.log.rename(tmp_path / "app.log.old")  # no log until the application creates it
     tail.source._rescan_at = 0.0  # a look again comes meanwhile: it finds no log
     await tail.drain()
