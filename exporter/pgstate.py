@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 from exporter.contribution import DAILY_METRICS, LabelValues
 from exporter.coordination import Coordination, SharedCoordination
 from exporter.ids import Labels, Sighting
-from exporter.ledger import Ledger, Overlay, _number_json
+from exporter.ledger import Ledger, Overlay, number_json
 from exporter.store import (
     ABANDONED,
     DONE,
@@ -345,12 +345,12 @@ def _ledger_document(overlay: Overlay) -> str:
     {"metric", "labels", "counter", "buckets", "total"} objects, put together from cached pieces (~500 series
     a batch: building the objects and dumping them was ~2 ms a batch)."""
     rows = [
-        f'{_series_json(metric, labels)}, "counter": {_number_json(value)}, "buckets": null, "total": null}}'
+        f'{_series_json(metric, labels)}, "counter": {number_json(value)}, "buckets": null, "total": null}}'
         for (metric, labels), value in itertools.chain(overlay.counters.items(), overlay.daily.items())
     ]
     rows += [
         f'{_series_json(metric, labels)}, "counter": null, "buckets": [{", ".join(map(repr, hist.buckets))}], '
-        f'"total": {_number_json(hist.sum)}}}'
+        f'"total": {number_json(hist.sum)}}}'
         for (metric, labels), hist in overlay.histograms.items()
     ]
     return f"[{', '.join(rows)}]" if rows else ""
